@@ -1,0 +1,1 @@
+"""Torch-free edge runtime of hidiff (numpy, onnxruntime and the native ``_packed`` kernels)."""

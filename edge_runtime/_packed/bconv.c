@@ -1,0 +1,213 @@
+/* Python glue of the binary convolution: prepared weights (a capsule) and bconv2d. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+
+#include "glue.h"
+
+/* ---- prepared weights ------------------------------------------------------------------ */
+
+#define CAPSULE_NAME "edge_runtime._packed.PreparedWeights"
+
+static void capsule_free(PyObject *cap)
+{
+    free_prepared(PyCapsule_GetPointer(cap, CAPSULE_NAME));
+}
+
+/* Prepared weights from packed OHWI words (new prepared_t, or NULL with an exception). */
+static prepared_t *prepare_from(PyObject *w_obj, int cin, int kh, int kw, int pi)
+{
+    Py_buffer wv;
+    const Py_ssize_t wd = (cin + 31) / 32;
+    if (cin < 1 || kh < 1 || kw < 1) {
+        PyErr_Format(PyExc_ValueError, "need cin, kh, kw >= 1 (got %d, %d, %d)", cin, kh, kw);
+        return NULL;
+    }
+    if ((long long)cin * kh * kw > (1LL << 24)) {
+        PyErr_SetString(PyExc_ValueError, "cin * kh * kw must be <= 2**24 (exact float32)");
+        return NULL;
+    }
+    if (get_buffer(w_obj, &wv, "w", 'i', 0) < 0)
+        return NULL;
+    if (wv.ndim != 4 || wv.shape[1] != kh || wv.shape[2] != kw || wv.shape[3] != wd ||
+        wv.shape[0] < 1 || wv.shape[0] > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError,
+                     "w must be packed OHWI (Cout >= 1, kh=%d, kw=%d, ceil(cin/32)=%zd)", kh, kw,
+                     wd);
+        PyBuffer_Release(&wv);
+        return NULL;
+    }
+    prepared_t *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = prepare_weights(wv.buf, (int)wv.shape[0], cin, kh, kw, pi, &PATHS[pi]);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&wv);
+    if (!p)
+        PyErr_NoMemory();
+    return p;
+}
+
+PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"w", "cin", "kh", "kw", "path", NULL};
+    PyObject *w_obj, *path_obj = NULL;
+    int cin, kh, kw_;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiii|O:prepare", kwlist, &w_obj, &cin, &kh, &kw_,
+                                     &path_obj))
+        return NULL;
+    const int pi = resolve_path(path_obj);
+    if (pi < 0)
+        return NULL;
+    prepared_t *p = prepare_from(w_obj, cin, kh, kw_, pi);
+    if (!p)
+        return NULL;
+    PyObject *cap = PyCapsule_New(p, CAPSULE_NAME, capsule_free);
+    if (!cap)
+        free_prepared(p);
+    return cap;
+}
+
+PyObject *py_prepared_info(PyObject *self, PyObject *cap)
+{
+    prepared_t *p = PyCapsule_GetPointer(cap, CAPSULE_NAME);
+    if (!p)
+        return NULL;
+    return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i}", "path", PATHS[p->path].name, "cout", p->cout,
+                         "cin", p->cin, "kh", p->kh, "kw", p->kw);
+}
+
+/* ---- bconv2d ---------------------------------------------------------------------------- */
+
+static int opt_vector(PyObject *obj, Py_buffer *v, const char *what, Py_ssize_t n)
+{
+    if (obj == NULL || obj == Py_None) {
+        v->obj = NULL;
+        v->buf = NULL;
+        return 0;
+    }
+    if (get_buffer(obj, v, what, 'f', 0) < 0)
+        return -1;
+    if (v->ndim != 1 || v->shape[0] != n) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd,) (one value per output channel)",
+                     what, n);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Py_buffer *v)
+{
+    if (v->obj)
+        PyBuffer_Release(v);
+    v->obj = NULL;
+}
+
+PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "w", "cin", "kh", "kw", "stride_h", "stride_w", "pad_h",
+                             "pad_w", "dil_h", "dil_w", "pad_value", "scale", "bias",
+                             "thresholds", "out", "path", "threads", NULL};
+    PyObject *x_obj, *w_obj, *pv_obj, *sc_obj = NULL, *bi_obj = NULL, *th_obj = NULL;
+    PyObject *out_obj = NULL, *path_obj = NULL;
+    int cin, kh, kw_, sh, sw, ph, pw, dh, dw, threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiiiiiiiiO|OOOOOi:bconv2d", kwlist, &x_obj,
+                                     &w_obj, &cin, &kh, &kw_, &sh, &sw, &ph, &pw, &dh, &dw,
+                                     &pv_obj, &sc_obj, &bi_obj, &th_obj, &out_obj, &path_obj,
+                                     &threads))
+        return NULL;
+    prepared_t *prep = NULL, *owned = NULL;
+    if (PyCapsule_IsValid(w_obj, CAPSULE_NAME)) {
+        prep = PyCapsule_GetPointer(w_obj, CAPSULE_NAME);
+        if (prep->cin != cin || prep->kh != kh || prep->kw != kw_)
+            return PyErr_Format(PyExc_ValueError,
+                                "prepared weights are for cin=%d, kernel %dx%d, not cin=%d, %dx%d",
+                                prep->cin, prep->kh, prep->kw, cin, kh, kw_);
+        if (path_obj && path_obj != Py_None) {
+            const int pi = resolve_path(path_obj);
+            if (pi < 0)
+                return NULL;
+            if (pi != prep->path)
+                return PyErr_Format(PyExc_ValueError, "weights were prepared for path '%s', not %R",
+                                    PATHS[prep->path].name, path_obj);
+        }
+    }
+    const double pv = PyFloat_AsDouble(pv_obj);
+    if (pv == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (pv != 0.0 && pv != 1.0)
+        return PyErr_Format(PyExc_ValueError, "pad_value must be 1.0 or 0.0, got %R", pv_obj);
+    if (cin < 1 || kh < 1 || kw_ < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 ||
+        pw < 0 || threads < 1)
+        return PyErr_Format(PyExc_ValueError,
+                            "need cin, kh, kw, strides, dilations, threads >= 1 and paddings "
+                            ">= 0 (got cin=%d kernel=%dx%d stride=%d,%d pad=%d,%d dil=%d,%d "
+                            "threads=%d)", cin, kh, kw_, sh, sw, ph, pw, dh, dw, threads);
+    if (!prep) {
+        const int pi = resolve_path(path_obj);
+        if (pi < 0)
+            return NULL;
+        prep = owned = prepare_from(w_obj, cin, kh, kw_, pi);
+        if (!prep)
+            return NULL;
+    }
+
+    Py_buffer xv = {0}, scv = {0}, biv = {0}, thv = {0}, ov = {0};
+    PyObject *res = NULL;
+    const Py_ssize_t wd = (cin + 31) / 32;
+    if (get_buffer(x_obj, &xv, "x", 'i', 0) < 0)
+        goto fail;
+    if (xv.ndim != 4 || xv.shape[3] != wd) {
+        PyErr_Format(PyExc_ValueError,
+                     "x must be packed NHWC (N, H, W, ceil(cin/32) = %zd), got %d axes", wd,
+                     xv.ndim);
+        goto fail;
+    }
+    const Py_ssize_t n = xv.shape[0], h = xv.shape[1], w = xv.shape[2], cout = prep->cout;
+    const Py_ssize_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    const Py_ssize_t wo = (w + 2 * pw - dw * (kw_ - 1) - 1) / sw + 1;
+    if (h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw_ - 1) - 1 < 0 || ho < 1 ||
+        wo < 1) {
+        PyErr_Format(PyExc_ValueError, "empty output: input %zdx%zd, kernel %dx%d, stride %d,%d,"
+                     " padding %d,%d, dilation %d,%d", h, w, kh, kw_, sh, sw, ph, pw, dh, dw);
+        goto fail;
+    }
+    if (n * (h + 2 * ph) * (w + 2 * pw) * wd > INT32_MAX || n * ho > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "input too large");
+        goto fail;
+    }
+    if (opt_vector(sc_obj, &scv, "scale", cout) < 0 || opt_vector(bi_obj, &biv, "bias", cout) < 0
+        || opt_vector(th_obj, &thv, "thresholds", cout) < 0)
+        goto fail;
+    const int packed_out = thv.obj != NULL;
+    const Py_ssize_t oshape[4] = {n, ho, wo, packed_out ? (cout + 31) / 32 : cout};
+    res = output(out_obj, &ov, 4, oshape, packed_out ? 'i' : 'f');
+    if (!res)
+        goto fail;
+    bconv_args a = {
+        .x = xv.buf, .n = (int)n, .h = (int)h, .w = (int)w, .cin = cin, .prep = prep,
+        .cout = (int)cout, .kh = kh, .kw = kw_, .sh = sh, .sw = sw, .ph = ph, .pw = pw,
+        .dh = dh, .dw = dw, .pad_zero = pv == 0.0, .scale = scv.buf, .bias = biv.buf,
+        .thr = thv.buf, .out = ov.buf, .ho = (int)ho, .wo = (int)wo, .threads = threads,
+        .row = PATHS[prep->path].row,
+    };
+    int status = 0;
+    if (n > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        status = bconv_run(&a);
+        Py_END_ALLOW_THREADS
+    }
+    if (status < 0) {
+        PyErr_NoMemory();
+        Py_CLEAR(res);
+    }
+fail:
+    release(&xv);
+    free_prepared(owned);
+    release(&scv);
+    release(&biv);
+    release(&thv);
+    release(&ov);
+    return res;
+}
+

@@ -1,0 +1,321 @@
+/* Path-independent part of the binary convolution: spatial padding of the packed input, weight
+ * repacking into the cout-vector layout, padding corrections for pad_value 0, the row loop and
+ * the optional thread split.  No Python API here (runs without the GIL). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#define HIDIFF_THREADS 1
+#else
+#define HIDIFF_THREADS 0
+#endif
+
+static inline int popcount32(uint32_t v)
+{
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    return (int)((((v + (v >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
+static const uint8_t POPCOUNT4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+
+typedef struct {
+    const bconv_args *a;
+    conv_desc d;
+    const uint32_t *xpad;
+    int hp, wp, wd;
+    const int32_t *wpc;    /* [kh*kw][cpad] weight popcount per tap (pad_value 0 only) */
+    const int32_t *col01;  /* [wo][2] first and one-past-last valid kernel column */
+    size_t out_pixel_bytes;
+    int vblock;            /* channel vectors per pass over the rows (weights stay in L2) */
+} job_t;
+
+/* Valid kernel taps [*lo, *hi) of output coordinate o along an axis of input size n. */
+static void valid_range(int o, int stride, int pad, int dil, int k, int n, int *lo, int *hi)
+{
+    *lo = k;
+    *hi = 0;
+    for (int i = 0; i < k; i++) {
+        const int pos = o * stride - pad + i * dil;
+        if (pos >= 0 && pos < n) {
+            if (i < *lo)
+                *lo = i;
+            *hi = i + 1;
+        }
+    }
+    if (*hi <= *lo)
+        *lo = *hi = 0;
+}
+
+/* pad_value 0: per output pixel of a row whose valid kernel rows are [lo, hi), the number of
+ * counted taps times cin (kval) and the weight popcounts of the padded taps (corr). */
+static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_t *corr)
+{
+    const bconv_args *a = j->a;
+    const int cpad = j->d.cpad, kh = a->kh, kw = a->kw;
+    memset(corr, 0, sizeof(int32_t) * (size_t)a->wo * (size_t)cpad);
+    for (int ow = 0; ow < a->wo; ow++) {
+        const int c0 = j->col01[2 * ow], c1 = j->col01[2 * ow + 1];
+        kval[ow] = (hi - lo) * (c1 - c0) * a->cin;
+        int32_t *cr = corr + (size_t)ow * cpad;
+        for (int i = 0; i < kh; i++)
+            for (int t = 0; t < kw; t++) {
+                if (i >= lo && i < hi && t >= c0 && t < c1)
+                    continue;
+                const int32_t *wt = j->wpc + (size_t)(i * kw + t) * cpad;
+                for (int c = 0; c < cpad; c++)
+                    cr[c] += wt[c];
+            }
+    }
+}
+
+static int run_rows(const job_t *j, int r0, int r1)
+{
+    const bconv_args *a = j->a;
+    const conv_desc *d = &j->d;
+    const int wo = a->wo, cpad = d->cpad, kh = a->kh, kw = a->kw;
+    int32_t *kval = malloc(sizeof(int32_t) * (size_t)wo);
+    int32_t *corr = a->pad_zero ? malloc(sizeof(int32_t) * (size_t)wo * (size_t)cpad) : NULL;
+    int32_t *scratch = malloc(sizeof(int32_t) * (size_t)wo * (size_t)cpad);
+    if (!kval || !scratch || (a->pad_zero && !corr)) {
+        free(kval);
+        free(corr);
+        free(scratch);
+        return -1;
+    }
+    for (int ow = 0; ow < wo; ow++)
+        kval[ow] = kh * kw * a->cin;
+    int cached_lo = -1, cached_hi = -1;
+    conv_row row;
+    row.kval = kval;
+    row.corr = corr;
+    row.scratch = scratch;
+    const int nvec = cpad / j->a->prep->lanes;
+    for (int v0 = 0; v0 < nvec; v0 += j->vblock) {
+        row.v0 = v0;
+        row.v1 = nvec - v0 < j->vblock ? nvec : v0 + j->vblock;
+        for (int r = r0; r < r1; r++) {
+            const int n = r / a->ho, oh = r % a->ho;
+            if (a->pad_zero) {
+                int lo, hi;
+                valid_range(oh, a->sh, a->ph, a->dh, kh, a->h, &lo, &hi);
+                if (lo != cached_lo || hi != cached_hi) {
+                    cached_lo = lo;
+                    cached_hi = hi;
+                    zero_pad_terms(j, lo, hi, kval, corr);
+                }
+            }
+            row.x = j->xpad + (size_t)(n * j->hp + oh * a->sh) * (size_t)j->wp * (size_t)j->wd;
+            row.out = (char *)a->out + (size_t)r * (size_t)wo * j->out_pixel_bytes;
+            a->row(d, &row);
+        }
+    }
+    free(kval);
+    free(corr);
+    free(scratch);
+    return 0;
+}
+
+#if HIDIFF_THREADS
+typedef struct {
+    const job_t *job;
+    int r0, r1, status, spawned;
+    pthread_t tid;
+} chunk_t;
+
+static void *chunk_main(void *arg)
+{
+    chunk_t *c = arg;
+    c->status = run_rows(c->job, c->r0, c->r1);
+    return NULL;
+}
+#endif
+
+/* All n * ho output rows, split into `threads` contiguous chunks (the caller's thread runs the
+ * first; a thread that cannot be started runs inline). */
+static int run_all(const job_t *j)
+{
+    const int nrows = j->a->n * j->a->ho;
+    int nt = j->a->threads < 1 ? 1 : j->a->threads;
+    if (nt > nrows)
+        nt = nrows;
+#if HIDIFF_THREADS
+    if (nt > 1) {
+        chunk_t *ch = calloc((size_t)nt, sizeof *ch);
+        if (!ch)
+            return -1;
+        for (int t = 0; t < nt; t++) {
+            ch[t].job = j;
+            ch[t].r0 = (int)((long long)nrows * t / nt);
+            ch[t].r1 = (int)((long long)nrows * (t + 1) / nt);
+            if (t > 0)
+                ch[t].spawned = pthread_create(&ch[t].tid, NULL, chunk_main, &ch[t]) == 0;
+        }
+        int status = 0;
+        for (int t = 0; t < nt; t++) {
+            if (ch[t].spawned)
+                pthread_join(ch[t].tid, NULL);
+            else
+                chunk_main(&ch[t]);
+            if (ch[t].status < 0)
+                status = -1;
+        }
+        free(ch);
+        return status;
+    }
+#endif
+    return run_rows(j, 0, nrows);
+}
+
+prepared_t *prepare_weights(const uint32_t *w, int cout, int cin, int kh, int kw, int path,
+                            const path_desc *pd)
+{
+    prepared_t *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    const int L = pd->lanes, wd = (cin + 31) / 32, kk = kh * kw;
+    const int cpad = (cout + L - 1) / L * L;
+    const size_t tw = (size_t)kk * wd;
+    *p = (prepared_t){.path = path, .cout = cout, .cin = cin, .kh = kh, .kw = kw, .wd = wd,
+                      .cpad = cpad, .tw = (int)tw, .lanes = L, .layout = pd->layout};
+    p->wpc = calloc((size_t)kk * cpad, sizeof(int32_t));
+    if (pd->layout == LAYOUT_LUT)
+        p->w = calloc((size_t)cpad * tw * 128, 1);
+    else
+        p->w = calloc((size_t)cpad * tw, sizeof(uint32_t));
+    if (!p->wpc || !p->w) {
+        free_prepared(p);
+        return NULL;
+    }
+    for (int c = 0; c < cout; c++)
+        for (int t = 0; t < kk; t++)
+            for (int k = 0; k < wd; k++)
+                p->wpc[(size_t)t * cpad + c] += popcount32(w[((size_t)c * kk + t) * wd + k]);
+    for (int c = 0; c < cout; c++) {
+        const size_t g = (size_t)(c / L), l = (size_t)(c % L);
+        for (size_t t = 0; t < tw; t++) {
+            const uint32_t word = w[(size_t)c * tw + t];
+            if (pd->layout == LAYOUT_WORDS) {
+                ((uint32_t *)p->w)[(g * tw + t) * L + l] = word;
+                continue;
+            }
+            /* byte 4*i + j of a row holds channel j * L/4 + i (see kernel_portable.c) */
+            const size_t b = 4 * (l % (size_t)(L / 4)) + l / (size_t)(L / 4);
+            uint8_t *lut = (uint8_t *)p->w + (g * tw + t) * 128 * L;
+            for (int n = 0; n < 8; n++) {
+                const uint32_t nib = (word >> (4 * n)) & 15u;
+                for (uint32_t v = 0; v < 16; v++)
+                    lut[((size_t)n * 16 + v) * L + b] = POPCOUNT4[v ^ nib];
+            }
+        }
+    }
+    return p;
+}
+
+void free_prepared(prepared_t *p)
+{
+    if (p) {
+        free(p->w);
+        free(p->wpc);
+        free(p);
+    }
+}
+
+int bconv_run(const bconv_args *a)
+{
+    const prepared_t *pw = a->prep;
+    const int wd = pw->wd, kk = a->kh * a->kw, cpad = pw->cpad;
+    const int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    j.hp = hp;
+    j.wp = wp;
+    j.wd = wd;
+    j.out_pixel_bytes = a->thr ? sizeof(uint32_t) * (size_t)((a->cout + 31) / 32)
+                               : sizeof(float) * (size_t)a->cout;
+
+    uint32_t *xpad = NULL;
+    int32_t *segs = NULL, *col01 = NULL;
+    float *vec = NULL;
+    int status = -1;
+
+    if (a->ph || a->pw) {
+        xpad = calloc((size_t)a->n * hp * wp * wd, sizeof(uint32_t));
+        if (!xpad)
+            goto done;
+        const size_t row_words = (size_t)a->w * wd;
+        for (int n = 0; n < a->n; n++)
+            for (int y = 0; y < a->h; y++)
+                memcpy(xpad + ((size_t)(n * hp + y + a->ph) * wp + a->pw) * wd,
+                       a->x + (size_t)(n * a->h + y) * row_words, row_words * sizeof(uint32_t));
+    }
+    j.xpad = xpad ? xpad : a->x;
+
+    segs = malloc(sizeof(int32_t) * (2 * (size_t)kk + (size_t)pw->tw));
+    vec = malloc(sizeof(float) * 3 * (size_t)cpad);
+    col01 = malloc(sizeof(int32_t) * 2 * (size_t)a->wo);
+    if (!segs || !vec || !col01)
+        goto done;
+    for (int c = 0; c < cpad; c++) {
+        const int in = c < a->cout;
+        vec[c] = in && a->scale ? a->scale[c] : 1.0f;
+        vec[cpad + c] = in && a->bias ? a->bias[c] : 0.0f;
+        vec[2 * cpad + c] = in && a->thr ? a->thr[c] : 0.0f;
+    }
+    for (int ow = 0; ow < a->wo; ow++)
+        valid_range(ow, a->sw, a->pw, a->dw, a->kw, a->w, &col01[2 * ow], &col01[2 * ow + 1]);
+
+    /* contiguous runs of patch words, in weight order (kernel row, kernel column, word): kept as
+     * [nseg] offsets followed by [nseg] lengths */
+    int nseg = 0;
+    int32_t *len = segs + kk;
+    for (int i = 0; i < a->kh; i++)
+        for (int t = 0; t < a->kw; t++) {
+            const int32_t off = (int32_t)(((size_t)i * a->dh * wp + (size_t)t * a->dw) * wd);
+            if (nseg > 0 && segs[nseg - 1] + len[nseg - 1] == off) {
+                len[nseg - 1] += wd;
+            } else {
+                segs[nseg] = off;
+                len[nseg] = wd;
+                nseg++;
+            }
+        }
+
+    int32_t *tw_off = segs + 2 * kk;
+    for (int s = 0, t = 0; s < nseg; s++)
+        for (int k = 0; k < len[s]; k++)
+            tw_off[t++] = segs[s] + k;
+
+    j.d = (conv_desc){
+        .wd = wd, .cout = a->cout, .cpad = cpad, .wo = a->wo, .step = a->sw * wd,
+        .tw = pw->tw, .nseg = nseg, .seg_off = segs, .seg_len = len, .tw_off = tw_off, .w = pw->w,
+        .scale = vec, .bias = vec + cpad, .thr = a->thr ? vec + 2 * cpad : NULL,
+        .out_words = (a->cout + 31) / 32,
+    };
+    j.wpc = pw->wpc;
+    j.col01 = col01;
+    /* Passes over the rows with at most ~512 KiB of prepared weights each (L2-resident); the
+     * popcount paths keep multiples of 4 vectors (their channel blocking). */
+    const size_t vec_bytes = (size_t)pw->tw * pw->lanes * (pw->layout == LAYOUT_LUT ? 128 : 4);
+    const int nvec = cpad / pw->lanes;
+    j.vblock = (int)((512u << 10) / vec_bytes);
+    if (j.vblock >= 4)
+        j.vblock -= j.vblock % 4;
+    if (j.vblock < 1)
+        j.vblock = 1;
+    if (j.vblock > nvec)
+        j.vblock = nvec;
+    if (a->thr)
+        memset(a->out, 0, (size_t)a->n * a->ho * a->wo * j.out_pixel_bytes);
+    status = run_all(&j);
+done:
+    free(xpad);
+    free(segs);
+    free(col01);
+    free(vec);
+    return status;
+}

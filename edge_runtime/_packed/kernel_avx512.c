@@ -1,0 +1,128 @@
+/* AVX-512 path: 16 output channels per zmm (32-bit lanes), VPOPCNTD.
+ *
+ * Register blocking: P output pixels x G channel vectors of accumulators; per patch word the G
+ * weight vectors are loaded once and each pixel's input word is broadcast once.  The loop runs
+ * over channel groups (outer) and pixels (inner) so the group's weights stay in L1.
+ */
+#include "kernels.h"
+
+#if HIDIFF_X86
+#include <immintrin.h>
+#include <string.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+#define INL static inline __attribute__((always_inline))
+#define L 16
+#define PMAX 8 /* pixels per block: 4 with 3-4 channel vectors, 8 with 1-2 */
+#define GMAX 4
+
+INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, const int P,
+                    const int G)
+{
+    __m512i acc[PMAX][GMAX];
+    for (int p = 0; p < P; p++)
+        for (int g = 0; g < G; g++)
+            acc[p][g] = _mm512_setzero_si512();
+    const size_t wstride = (size_t)d->tw * L;
+    const uint32_t *wp = (const uint32_t *)d->w + (size_t)cv0 * wstride;
+    const uint32_t *xb = r->x + (size_t)ow * d->step;
+    const int step = d->step;
+    for (int s = 0; s < d->nseg; s++) {
+        const uint32_t *xs = xb + d->seg_off[s];
+        const int len = d->seg_len[s];
+        for (int k = 0; k < len; k++) {
+            __m512i wv[GMAX];
+            for (int g = 0; g < G; g++)
+                wv[g] = _mm512_loadu_si512((const void *)(wp + g * wstride + (size_t)k * L));
+            for (int p = 0; p < P; p++) {
+                const __m512i xv = _mm512_set1_epi32((int)xs[p * step + k]);
+                for (int g = 0; g < G; g++)
+                    acc[p][g] = _mm512_add_epi32(
+                        acc[p][g], _mm512_popcnt_epi32(_mm512_xor_si512(xv, wv[g])));
+            }
+        }
+        wp += (size_t)len * L;
+    }
+    for (int g = 0; g < G; g++) {
+        const int c0 = (cv0 + g) * L;
+        const int left = d->cout - c0;
+        const __mmask16 valid = left >= L ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __m512 sc = _mm512_loadu_ps(d->scale + c0);
+        const __m512 bi = _mm512_loadu_ps(d->bias + c0);
+        for (int p = 0; p < P; p++) {
+            __m512i a = acc[p][g];
+            if (r->corr) {
+                const int32_t *corr = r->corr + (size_t)(ow + p) * d->cpad + c0;
+                a = _mm512_sub_epi32(a, _mm512_loadu_si512((const void *)corr));
+            }
+            const __m512i yi = _mm512_sub_epi32(_mm512_set1_epi32(r->kval[ow + p]),
+                                                _mm512_slli_epi32(a, 1));
+            const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(yi), sc), bi);
+            if (d->thr) {
+                const __mmask16 m =
+                    _mm512_cmp_ps_mask(y, _mm512_loadu_ps(d->thr + c0), _CMP_LT_OQ) & valid;
+                const uint16_t bits = (uint16_t)m;
+                uint32_t *o = (uint32_t *)r->out + (size_t)(ow + p) * d->out_words;
+                memcpy((char *)o + c0 / 8, &bits, sizeof bits);
+            } else {
+                float *o = (float *)r->out + (size_t)(ow + p) * d->cout + c0;
+                if (left >= L)
+                    _mm512_storeu_ps(o, y);
+                else
+                    _mm512_mask_storeu_ps(o, valid, y);
+            }
+        }
+    }
+}
+
+#define DEF(P, G)                                                                              \
+    static T512 void blk_##P##_##G(const conv_desc *d, const conv_row *r, int ow, int cv0)     \
+    {                                                                                          \
+        block(d, r, ow, cv0, P, G);                                                            \
+    }
+DEF(4, 4) DEF(4, 3) DEF(8, 2) DEF(8, 1)
+DEF(1, 4) DEF(1, 3) DEF(1, 2) DEF(1, 1)
+#undef DEF
+
+typedef void (*blk_fn)(const conv_desc *, const conv_row *, int, int);
+static const blk_fn BLK_P[GMAX] = {blk_8_1, blk_8_2, blk_4_3, blk_4_4};
+static const int NPIX[GMAX] = {8, 8, 4, 4};
+static const blk_fn BLK_1[GMAX] = {blk_1_1, blk_1_2, blk_1_3, blk_1_4};
+
+T512 void row_avx512(const conv_desc *d, const conv_row *r)
+{
+    for (int cv = r->v0; cv < r->v1; cv += GMAX) {
+        const int g = r->v1 - cv < GMAX ? r->v1 - cv : GMAX;
+        const int np = NPIX[g - 1];
+        int ow = 0;
+        for (; ow + np <= d->wo; ow += np)
+            BLK_P[g - 1](d, r, ow, cv);
+        for (; ow < d->wo; ow++)
+            BLK_1[g - 1](d, r, ow, cv);
+    }
+}
+
+T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c)
+{
+    const int wd = (c + 31) / 32;
+    const __m512 zero = _mm512_setzero_ps();
+    for (size_t i = 0; i < rows; i++) {
+        const float *xr = x + i * (size_t)c;
+        uint32_t *o = out + i * (size_t)wd;
+        for (int w = 0; w < wd; w++) {
+            const int left = c - 32 * w;
+            const __mmask16 k0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 k1 =
+                left >= 32 ? 0xFFFF : (left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u));
+            const __m512 a = _mm512_maskz_loadu_ps(k0, xr + 32 * w);
+            const __m512 b = _mm512_maskz_loadu_ps(k1, xr + 32 * w + 16);
+            const uint32_t lo = _mm512_mask_cmp_ps_mask(k0, a, zero, _CMP_LT_OQ);
+            const uint32_t hi = _mm512_mask_cmp_ps_mask(k1, b, zero, _CMP_LT_OQ);
+            o[w] = lo | (hi << 16);
+        }
+    }
+}
+
+HIDIFF_DEFINE_PACK_NCHW(pack_nchw_avx512, T512)
+
+#endif

@@ -1,0 +1,235 @@
+"""The native packed binary-conv kernels (edge_runtime._packed) against the NumPy oracle.
+
+Every kernel path this CPU supports is forced in turn; the integer result must equal
+``reference.binary_conv2d`` exactly, the packing ``reference.bitpack`` exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference.binary_conv import binary_conv2d as ref_conv2d
+from reference.bitpack import bitpack
+
+try:
+    from edge_runtime import _packed
+    from edge_runtime import packed as K
+except ImportError as exc:  # a build problem, never a silent skip
+    pytest.fail(
+        f"native extension edge_runtime._packed is not built ({exc}): run "
+        "`python setup.py build_ext --inplace` or `pip install -e .`",
+        pytrace=False,
+    )
+
+PATHS = K.available_paths()
+CHANNELS = [1, 31, 32, 33, 65, 100]
+OUT_CHANNELS = [1, 5, 16, 17, 33, 70]
+SPECIAL = np.array([-1e-300, -0.0, 0.0, 1e-300, np.nan, -np.inf, np.inf, -1.5, 2.0])
+# y = float32(int) * scale + bias is computed in float32 like NumPy does (two roundings), so it
+# should match exactly; this tolerance only absorbs a compiler that contracts to an FMA.
+FLOAT_RTOL = 1e-6
+FLOAT_ATOL = 1e-5
+
+
+def _ints(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Integers -2..2 as float32: frequent exact zeros (sign(0) = +1)."""
+    return rng.integers(-2, 3, size=shape).astype(np.float32)
+
+
+@st.composite
+def conv_cases(draw):
+    kh, kw = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3, 5]))
+    stride = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
+    dilation = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    size = []
+    for k, d, p in zip((kh, kw), dilation, padding, strict=True):
+        smallest = max(1, d * (k - 1) + 1 - 2 * p)
+        size.append(draw(st.integers(smallest, smallest + 5)))
+    return {
+        "batch": draw(st.sampled_from([1, 2])),
+        "cin": draw(st.sampled_from(CHANNELS)),
+        "cout": draw(st.sampled_from(OUT_CHANNELS)),
+        "kernel": (kh, kw),
+        "size": tuple(size),
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "pad_value": draw(st.sampled_from([1.0, 0.0])),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _make(case):
+    rng = np.random.default_rng(case["seed"])
+    x = _ints(rng, (case["batch"], case["cin"], *case["size"]))
+    w = _ints(rng, (case["cout"], case["cin"], *case["kernel"]))
+    geometry = {k: case[k] for k in ("stride", "padding", "dilation", "pad_value")}
+    return rng, x, w, geometry
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=200, deadline=None)
+@given(case=conv_cases())
+def test_conv_matches_reference_exactly(path, case):
+    _, x, w, geometry = _make(case)
+    expected = ref_conv2d(x, w, **geometry)
+    got = K.binary_conv2d(x, w, path=path, **geometry)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=80, deadline=None)
+@given(case=conv_cases())
+def test_scale_bias_and_packed_output(path, case):
+    rng, x, w, geometry = _make(case)
+    cout = case["cout"]
+    integer = ref_conv2d(x, w, **geometry).transpose(0, 2, 3, 1)  # NHWC
+    scale = rng.uniform(0.01, 2.0, cout).astype(np.float32)
+    bias = rng.normal(0.0, 3.0, cout).astype(np.float32)
+    thresholds = rng.integers(-4, 5, cout).astype(np.float32)  # integers: exact ties y == thr
+    stride, padding, dilation = geometry["stride"], geometry["padding"], geometry["dilation"]
+    layer = K.PackedBinaryConv(w, stride=stride, padding=padding, dilation=dilation,
+                               pad_value=geometry["pad_value"], scale=scale, bias=bias,
+                               path=path)
+    x_words = K.pack_nchw(x, path=path)
+    expected = integer * scale + bias
+    np.testing.assert_allclose(layer(x_words), expected, rtol=FLOAT_RTOL, atol=FLOAT_ATOL)
+
+    plain = K.PackedBinaryConv(w, stride=stride, padding=padding, dilation=dilation,
+                               pad_value=geometry["pad_value"], thresholds=thresholds, path=path)
+    np.testing.assert_array_equal(plain.forward_packed(x_words), bitpack(integer - thresholds))
+    two = K.PackedBinaryConv(w, stride=stride, padding=padding, dilation=dilation,
+                             pad_value=geometry["pad_value"], path=path, threads=2)
+    np.testing.assert_array_equal(two(x_words), integer)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=100, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    channels=st.integers(1, 100),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_packing_matches_bitpack(path, shape, channels, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*shape, channels)).astype(dtype)
+    special = rng.random(x.shape) < 0.2
+    x[special] = rng.choice(SPECIAL, size=int(special.sum())).astype(dtype)
+    expected = bitpack(x)
+    got = K.pack_nhwc(x, path=path)
+    assert got.dtype == np.int32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    if len(shape) == 3:  # treat x as NHWC and pack its NCHW transpose
+        nchw = np.ascontiguousarray(np.moveaxis(x, -1, 1))
+        np.testing.assert_array_equal(K.pack_nchw(nchw, path=path), expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cin,kernel", [(31, 5), (100, 5), (256, 3), (520, 1)])
+def test_extreme_counts(path, cin, kernel):
+    """All bits differ (or agree) on every tap: no per-byte/lane accumulator may overflow."""
+    x = -np.ones((1, cin, 6, 7), np.float32)
+    w = np.ones((3, cin, kernel, kernel), np.float32)
+    w[1] = -1.0
+    for pad_value in (1.0, 0.0):
+        expected = ref_conv2d(x, w, padding=2, pad_value=pad_value)
+        got = K.binary_conv2d(x, w, padding=2, pad_value=pad_value, path=path)
+        np.testing.assert_array_equal(got, expected)
+    assert expected[0, 1].max() == kernel * kernel * cin  # all agree (tap fully inside)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_large_layers_split_channels_into_passes(path):
+    """Prepared weights beyond ~512 KiB are processed in several passes over the rows."""
+    rng = np.random.default_rng(5)
+    for cin, cout in [(256, 300), (8192, 70)]:
+        x, w = _ints(rng, (1, cin, 4, 5)), _ints(rng, (cout, cin, 3, 3))
+        for pad_value in (1.0, 0.0):
+            expected = ref_conv2d(x, w, padding=1, pad_value=pad_value)
+            got = K.binary_conv2d(x, w, padding=1, pad_value=pad_value, path=path)
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_weights_layout_is_ohwi_bitpack():
+    w = _ints(np.random.default_rng(0), (7, 40, 3, 2))
+    np.testing.assert_array_equal(K.pack_weights(w), bitpack(np.moveaxis(w, 1, -1)))
+
+
+def test_paths_and_default_path():
+    assert PATHS[-1] == "portable" and K.current_path() == PATHS[0]
+    try:
+        for path in PATHS:
+            K.set_path(path)
+            assert K.current_path() == path
+    finally:
+        K.set_path(None)
+    assert K.current_path() == PATHS[0]
+    for name in ["neon", "AVX2", ""]:
+        with pytest.raises(ValueError, match="allowed values"):
+            K.set_path(name)
+
+
+def test_prepared_weights_and_out_buffer():
+    rng = np.random.default_rng(3)
+    x, w = _ints(rng, (1, 33, 6, 5)), _ints(rng, (9, 33, 3, 3))
+    words, xw = K.pack_weights(w), K.pack_nchw(x)
+    expected = ref_conv2d(x, w, padding=1).transpose(0, 2, 3, 1)
+    for path in PATHS:
+        prepared = _packed.prepare(words, 33, 3, 3, path=path)
+        assert _packed.prepared_info(prepared)["path"] == path
+        out = np.full((1, 6, 5, 9), np.nan, np.float32)
+        res = _packed.bconv2d(xw, prepared, 33, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, out=out)
+        assert res is out
+        np.testing.assert_array_equal(out, expected)
+        for other in (p for p in PATHS if p != path):
+            with pytest.raises(ValueError, match="prepared for path"):
+                _packed.bconv2d(xw, prepared, 33, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, path=other)
+        with pytest.raises(ValueError, match="prepared weights are for"):
+            _packed.bconv2d(xw, prepared, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1.0)
+
+
+def test_bad_arguments_raise_value_error():
+    rng = np.random.default_rng(4)
+    x, w = _ints(rng, (1, 8, 5, 5)), _ints(rng, (4, 8, 3, 3))
+    xw, ww = K.pack_nchw(x), K.pack_weights(w)
+    geometry = (1, 1, 0, 0, 1, 1)
+
+    def raw(*args, **kwargs):
+        return _packed.bconv2d(*args, **kwargs)
+
+    bad_calls = [
+        lambda: K.binary_conv2d(x, w, path="neon"),
+        lambda: K.binary_conv2d(x, w, pad_value=0.5),
+        lambda: K.binary_conv2d(x, w, stride=0),
+        lambda: K.binary_conv2d(x, w, padding=-1),
+        lambda: K.binary_conv2d(x, w, dilation=(1, 0)),
+        lambda: K.binary_conv2d(x, w[:, :7]),  # channel mismatch
+        lambda: K.binary_conv2d(x[:, :, :2, :2], w),  # empty output
+        lambda: K.binary_conv2d(x, w, scale=np.ones(3)),
+        lambda: K.binary_conv2d(x[0], w),
+        lambda: K.PackedBinaryConv(w, threads=0),
+        lambda: K.PackedBinaryConv(w).forward_packed(xw),  # no thresholds
+        lambda: K.PackedBinaryConv.from_packed(ww, 40),  # 40 channels need 2 words
+        lambda: raw(xw, ww, 8, 3, 3, *geometry, 1.0, path="avx1024"),
+        lambda: raw(xw, ww, 8, 3, 3, *geometry, 2.0),
+        lambda: raw(xw, ww, 8, 3, 2, *geometry, 1.0),  # kernel does not match w
+        lambda: raw(xw, ww, 40, 3, 3, *geometry, 1.0),  # word count does not match cin
+        lambda: raw(xw.astype(np.float32), ww, 8, 3, 3, *geometry, 1.0),  # not words
+        lambda: raw(xw[..., ::2, :], ww, 8, 3, 3, *geometry, 1.0),  # not contiguous
+        lambda: raw(xw, ww, 8, 3, 3, *geometry, 1.0, out=np.empty((1, 3, 3, 5), np.float32)),
+        lambda: raw(xw, ww, 8, 3, 3, *geometry, 1.0, out=np.empty((1, 3, 3, 4), np.float64)),
+        lambda: raw(xw, ww, 8, 3, 3, *geometry, 1.0, thresholds=np.zeros(5, np.float32)),
+        lambda: raw(xw, ww, 8, 3, 3, 1, 1, 0, 0, 1, 1, 1.0, threads=0),
+        lambda: _packed.pack(np.zeros((2, 3), np.int32)),
+        lambda: K.pack_nchw(np.zeros((2, 3, 4))),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(ValueError):
+            call()
+            pytest.fail(f"bad call #{i} did not raise")
