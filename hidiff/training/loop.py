@@ -1,0 +1,296 @@
+"""``train(...)``: alternate-collaborative training of a segmentor and the binary refiner.
+
+See :func:`train`. The pieces: :mod:`.setup` (arguments, data, split), :mod:`.steps` (one
+iteration, method §6), :mod:`.batches` (data order), :mod:`.checkpoint` / :mod:`.model_dir` (the
+model folder), :mod:`.train_log` / :mod:`.plot` (logs), :mod:`.distributed` (torchrun).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hidiff.training.checkpoint import capture_global_rng, save_checkpoint
+from hidiff.training.distributed import (
+    DistContext,
+    broadcast_object,
+    gather_objects,
+    parameter_digest,
+    setup_distributed,
+    teardown_distributed,
+    unwrap,
+)
+from hidiff.training.model_dir import (
+    CHECKPOINT,
+    CURVE_PNG,
+    HEADER_FILES,
+    TRAIN_LOG,
+    remove_stale_temp_files,
+    write_model_files,
+)
+from hidiff.training.plot import plot_training_curve
+from hidiff.training.run_state import RunState, build_state, run_synchronised
+from hidiff.training.setup import RunSpec, TrainArgs, prepare_run
+from hidiff.training.steps import train_step
+from hidiff.training.train_log import TrainLog
+from hidiff.training.validation import segmentor_dice
+
+__all__ = ["TrainResult", "train"]
+
+LOSS_KEYS = ("loss_refiner", "loss_refiner_fp", "loss_seg", "loss_seg_diff", "loss_segmentor")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a :func:`train` call did.
+
+    ``step``: completed iterations (all sessions); ``start_step``: where this call began (> 0
+    after a resume); ``stopped_by``: ``"max_steps"`` or ``"max_minutes"``; ``elapsed_s``: this
+    call's training seconds; ``last_losses``: the losses of the last iteration; ``val_dice``: the
+    last validation Dice of the segmentor alone (None without ``val_every``).
+    """
+
+    out: Path
+    step: int
+    start_step: int
+    stopped_by: str
+    elapsed_s: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+    val_dice: float | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT
+
+    @property
+    def log(self) -> Path:
+        return self.out / TRAIN_LOG
+
+
+def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
+          max_steps: int | None = None, max_minutes: float | None = None,
+          batch_size: int | None = None, lr: float = 1e-4, seed: int = 0,
+          pretrain_steps: int = 0, train_fp_twin: bool = True, lambda_diff: float = 1.0,
+          resume: bool = False, log_every: int = 10, checkpoint_every: int = 100,
+          val_every: int | None = None, num_workers: int = 0, progress: bool = True,
+          limit_cases: int | None = None, weight_decay: float = 0.01,
+          grad_clip: float | None = 1.0, device: str | None = None) -> TrainResult:
+    """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
+
+    Args:
+        dataset: reader name (``kvasir-seg``, ``chase-db1``, ``drive``, ``cvc-clinicdb``,
+            ``generic``); ``data``: the dataset folder. The committed split's ``train`` subset
+            is trained on (``hidiff.data.default_split``).
+        preset: model preset (``paper``, ``cpu-base``, ``cpu-small``, ``tiny``).
+        out: the model folder; must be new or empty unless ``resume``.
+        max_steps: total iterations (counting those before a resume); ``max_minutes``: wall
+            clock of this call. Training stops at whichever comes first; give at least one.
+        batch_size: per process (default by preset: paper 32, others 8).
+        lr, weight_decay, grad_clip: AdamW and gradient-norm clipping (None: no clipping), the
+            same for every network.
+        seed: seeds model init, data order, augmentation and the diffusion draws (per rank).
+        pretrain_steps: the first iterations train the segmentor on L_seg alone.
+        train_fp_twin: also train the full-precision twin refiner in the refiner phase.
+        lambda_diff: weight of L_diff in the segmentor phase (0 = no collaboration).
+        resume: continue ``out`` from its checkpoint (optimizer, RNG states and data position
+            included, so the continuation equals an uninterrupted run). The stored trajectory
+            arguments (batch size, lr, seed, ...) win over the ones given (with a warning).
+        log_every / checkpoint_every: iterations between log records / checkpoints (a
+            checkpoint is also written at the end, however the run stops).
+        val_every: iterations between validation Dice measurements of the segmentor alone on
+            the val split (its first ``limit_cases`` cases when that is set); None: never.
+        num_workers: DataLoader worker processes. progress: show a tqdm bar (rank 0).
+        limit_cases: train on the first N train-split cases only (tests, demos).
+        device: ``"cpu"``, ``"cuda"``...; None: CUDA when available.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
+    by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
+    problems, ``ModelDirError`` for the folder) before anything is written; a run failing before
+    its first checkpoint removes what it wrote (the folder too, if it created it).
+    """
+    args = TrainArgs(dataset=dataset, data=str(data), preset=preset, out=str(out),
+                     max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
+                     lr=lr, seed=seed, pretrain_steps=pretrain_steps,
+                     train_fp_twin=train_fp_twin, lambda_diff=lambda_diff, resume=resume,
+                     log_every=log_every, checkpoint_every=checkpoint_every,
+                     val_every=val_every, num_workers=num_workers, progress=progress,
+                     limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
+                     device=device)
+    args.check()
+    ctx = setup_distributed(device)
+    try:
+        spec = run_synchronised(lambda: prepare_run(args), ctx)
+        return _Session(spec, ctx).run()
+    finally:
+        teardown_distributed(ctx)
+
+
+class _Session:
+    """One call of :func:`train` on one rank."""
+
+    def __init__(self, spec: RunSpec, ctx: DistContext) -> None:
+        self.spec, self.ctx, self.args = spec, ctx, spec.args
+        self.out = spec.out
+        self.created_folder = False
+        self.saved_step: int | None = None  # step of the last checkpoint this call wrote
+        self.state: RunState = build_state(spec, ctx)
+        self.log = TrainLog(None)
+        self.val_dice: float | None = None
+        self.last_epoch = 0
+        self.bar = None
+
+    # -- files ----------------------------------------------------------------------------------
+    def _start_files(self) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.args.resume:
+            remove_stale_temp_files(self.out)
+            self.log = TrainLog.resume(self.out / TRAIN_LOG, self.state.step)
+            self.val_dice = self.log.last("val_dice")
+            return
+        self.created_folder = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_model_files(self.out, config=self.spec.config, dataset_info=self.spec.info,
+                          split=self.spec.split,
+                          extra={"preset": self.args.preset, "dataset": self.args.dataset})
+        self.log = TrainLog(self.out / TRAIN_LOG)
+
+    def _discard_files(self) -> None:
+        """After a failure before the first checkpoint of a fresh run: remove what we wrote."""
+        if not self.ctx.is_main or self.args.resume or self.saved_step is not None:
+            return
+        if self.created_folder:
+            shutil.rmtree(self.out, ignore_errors=True)
+        elif self.out.is_dir():
+            for name in (*HEADER_FILES, TRAIN_LOG, CURVE_PNG, CHECKPOINT):
+                (self.out / name).unlink(missing_ok=True)
+
+    def _checkpoint(self) -> None:
+        st = self.state
+        per_rank = gather_objects({**capture_global_rng(), "diffusion": st.draws.get_state()},
+                                  self.ctx)
+        digests = None
+        if self.ctx.enabled:
+            digest = parameter_digest(st.nets.segmentor, st.nets.refiner, st.nets.refiner_fp)
+            digests = gather_objects(digest, self.ctx)
+        if not self.ctx.is_main:
+            self.saved_step = st.step  # every rank must agree on whether a final one is due
+            return
+        nets, opts = st.nets, st.opts
+        save_checkpoint(self.out / CHECKPOINT, {
+            "step": st.step,
+            "segmentor": unwrap(nets.segmentor).state_dict(),
+            "refiner": unwrap(nets.refiner).state_dict(),
+            "refiner_fp": None if nets.refiner_fp is None
+            else unwrap(nets.refiner_fp).state_dict(),
+            "optimizers": {
+                "segmentor": opts.segmentor.state_dict(),
+                "refiner": opts.refiner.state_dict(),
+                "refiner_fp": None if opts.refiner_fp is None else opts.refiner_fp.state_dict(),
+            },
+            "rng": per_rank,
+            "world_size": self.ctx.world_size,
+            "train_args": self.args.to_dict(),
+            "elapsed_s": st.elapsed_before + (time.monotonic() - self.t0),
+        })
+        self.saved_step = st.step
+        if digests is not None and self.log.records and self.log.records[-1]["step"] == st.step:
+            self.log.update_last(param_sha256_by_rank=digests)
+        elif digests is not None:
+            self.log.append({"step": st.step, "param_sha256_by_rank": digests})
+        self._plot()
+
+    def _plot(self) -> None:
+        if self.ctx.is_main:
+            title = f"{self.args.dataset}, preset {self.args.preset}"
+            plot_training_curve(self.log.records, self.out / CURVE_PNG, title=title)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _validate(self) -> float | None:
+        if self.spec.val_set is None or not self.ctx.is_main:
+            return None
+        self.val_dice = segmentor_dice(unwrap(self.state.nets.segmentor), self.spec.val_set)
+        return self.val_dice
+
+    def _record(self, epoch: int, logs: dict[str, float], val: float | None) -> dict[str, Any]:
+        st = self.state
+        phase = "pretrain" if st.step <= self.args.pretrain_steps else "alternate"
+        record: dict[str, Any] = {"step": st.step, "phase": phase, "epoch": epoch, **logs,
+                                  "lr": st.opts.segmentor.param_groups[0]["lr"],
+                                  "elapsed_s": round(st.elapsed_before
+                                                     + time.monotonic() - self.t0, 3)}
+        if val is not None:
+            record["val_dice"] = val
+            record["val_cases"] = len(self.spec.val_set)
+        return record
+
+    def _time_up(self) -> bool:
+        limit = self.args.max_minutes
+        up = limit is not None and time.monotonic() - self.t0 >= 60.0 * limit
+        return bool(broadcast_object(up, self.ctx))
+
+    def run(self) -> TrainResult:
+        args, st = self.args, self.state
+        self.t0 = time.monotonic()
+        start = st.step
+        try:
+            run_synchronised(self._start_files, self.ctx)
+            if start == 0 and args.val_every is not None and self.ctx.is_main:
+                self.log.append({"step": 0, "val_dice": self._validate(),
+                                 "val_cases": len(self.spec.val_set)})
+            stopped_by, logs = self._loop()
+            if self.ctx.is_main and st.step > start and self.log.last("step") != st.step:
+                val = self._validate() if args.val_every is not None else None
+                self.log.append(self._record(self.last_epoch, logs, val))
+            if self.saved_step != st.step:
+                self._checkpoint()
+            else:
+                self._plot()
+        except BaseException:
+            self._discard_files()
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return TrainResult(self.out, st.step, start, stopped_by, time.monotonic() - self.t0,
+                           {k: logs[k] for k in LOSS_KEYS if k in logs}, self.val_dice)
+
+    def _loop(self) -> tuple[str, dict[str, float]]:
+        from tqdm.auto import tqdm
+
+        args, st, ctx = self.args, self.state, self.ctx
+        self.bar = tqdm(total=args.max_steps, initial=st.step, desc="train", unit="it",
+                        disable=not (args.progress and ctx.is_main), dynamic_ncols=True)
+        logs: dict[str, float] = {}
+        while True:
+            if args.max_steps is not None and st.step >= args.max_steps:
+                return "max_steps", logs
+            if self._time_up():
+                return "max_minutes", logs
+            epoch, batch = next(st.batches)
+            self.last_epoch = epoch
+            x = batch["image"].to(ctx.device, non_blocking=True)
+            y0 = batch["mask"].to(ctx.device, non_blocking=True)
+            logs = train_step(st.nets, st.opts, st.diffusion, st.draws, x, y0, st.settings,
+                              pretrain=st.step < args.pretrain_steps)
+            st.step += 1
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise FloatingPointError(f"non-finite loss at step {st.step}: {logs}")
+            self.bar.update(1)
+            self.bar.set_postfix({k.removeprefix("loss_"): f"{logs[k]:.4f}"
+                                  for k in ("loss_segmentor", "loss_refiner", "loss_refiner_fp")
+                                  if k in logs}, refresh=False)
+            last = args.max_steps is not None and st.step >= args.max_steps
+            val = None
+            if args.val_every is not None and (st.step % args.val_every == 0 or last):
+                val = self._validate()
+            if ctx.is_main and (st.step % args.log_every == 0 or st.step == 1 or last
+                                or val is not None):
+                self.log.append(self._record(epoch, logs, val))
+            if st.step % args.checkpoint_every == 0:
+                self._checkpoint()
+

@@ -1,0 +1,198 @@
+"""Everything a run needs before its first step: checked arguments, data, split, output folder.
+
+Nothing is written here; :mod:`hidiff.training.loop` creates the folder only after all of this
+succeeded (on every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hidiff.config import ModelConfig, preset
+from hidiff.data.info import DatasetInfo
+from hidiff.data.readers import get_reader
+from hidiff.data.splits import Split, default_split
+from hidiff.data.torch_dataset import SegmentationDataset
+from hidiff.training.checkpoint import load_checkpoint
+from hidiff.training.model_dir import (
+    CHECKPOINT,
+    ModelDirError,
+    read_config,
+    read_dataset_info,
+    read_model_header,
+    read_split,
+)
+
+__all__ = ["DEFAULT_BATCH_SIZE", "RunSpec", "TrainArgs", "model_dataset_info", "prepare_run"]
+
+DEFAULT_BATCH_SIZE = {"paper": 32, "cpu-base": 8, "cpu-small": 8, "tiny": 8}
+FALLBACK_BATCH_SIZE = 8
+# Arguments that define the trajectory: on resume the stored values are used.
+TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
+              "train_fp_twin", "lambda_diff", "limit_cases")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """The arguments of :func:`hidiff.training.train` (see its docstring)."""
+
+    dataset: str
+    data: str
+    preset: str
+    out: str
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int | None = None
+    lr: float = 1e-4
+    seed: int = 0
+    pretrain_steps: int = 0
+    train_fp_twin: bool = True
+    lambda_diff: float = 1.0
+    resume: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 100
+    val_every: int | None = None
+    num_workers: int = 0
+    progress: bool = True
+    limit_cases: int | None = None
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """``ValueError`` for values out of range (names and the allowed range)."""
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError("give max_steps or max_minutes (or both): training needs a stop")
+        for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "val_every",
+                     "limit_cases"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None); got {value!r}")
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} must be an integer >= 1; got None")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0; got {self.max_minutes!r}")
+        for name in ("pretrain_steps", "num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        for name in ("lambda_diff", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None; got {self.grad_clip!r}")
+
+
+@dataclass
+class RunSpec:
+    """The resolved run: arguments in force, model, data and where to resume from."""
+
+    args: TrainArgs
+    out: Path
+    config: ModelConfig
+    info: DatasetInfo
+    split: Split
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset | None
+    checkpoint: dict[str, Any] | None  # the checkpoint to resume from
+
+
+def model_dataset_info(info: DatasetInfo, image_size: int) -> DatasetInfo:
+    """The dataset's preprocessing at the model's input size (resize target and tile size)."""
+    return info.replace(size=image_size, tile=image_size,
+                        overlap=min(info.overlap, image_size // 4))
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ModelDirError(out, "exists and is a file; --out must be a folder (new or empty)")
+    if resume:
+        read_model_header(out)
+        if not (out / CHECKPOINT).is_file():
+            raise ModelDirError(out / CHECKPOINT, "is missing: nothing to resume (train first or "
+                                                  "pass the right folder)")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ModelDirError(out, "already exists and is not empty: pass resume=True (--resume) "
+                                 "to continue the model in it, or choose a new folder")
+
+
+def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> TrainArgs:
+    for name in ("dataset", "preset"):
+        if str(stored.get(name)) != str(getattr(args, name)):
+            raise ValueError(f"{out} was trained with {name}={stored.get(name)!r}, not "
+                             f"{getattr(args, name)!r}; pass the same {name} to resume")
+    changes = {}
+    for name in TRAJECTORY:
+        if name not in stored:
+            continue
+        given = getattr(args, name)
+        if given != stored[name] and not (name == "batch_size" and given is None):
+            warnings.warn(f"resuming {out}: {name}={given!r} ignored, the run continues with "
+                          f"its stored {name}={stored[name]!r}", stacklevel=3)
+        changes[name] = stored[name]
+    return dataclasses.replace(args, **changes)
+
+
+def _limit_split(split: Split, train_ids: list[str], limit: int | None) -> Split:
+    if limit is None:
+        return split
+    subsets = {**split.subsets, "train": list(train_ids)}
+    rule = f"{split.rule}; training limited to its first {len(train_ids)} train ids"
+    return dataclasses.replace(split, rule=rule, subsets=subsets)
+
+
+def prepare_run(args: TrainArgs) -> RunSpec:
+    """Check everything and load the data; raises ``ValueError``/``DataError`` early.
+
+    Order: preset and dataset names, the output folder, then the data on disk.
+    """
+    args.check()
+    reader = get_reader(args.dataset)  # ValueError listing the datasets
+    args = dataclasses.replace(args, dataset=reader.name)
+    preset(args.preset)  # ValueError listing the presets
+    out = Path(args.out)
+    _check_out(out, args.resume)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(out / CHECKPOINT)
+        args = _resolve_resumed(args, dict(checkpoint.get("train_args") or {}), out)
+        config, info, split = read_config(out), read_dataset_info(out), read_split(out)
+        _, cases = reader.open(args.data)
+        train_cases = split.select(cases, "train")
+    else:
+        raw_info, cases = reader.open(args.data)  # DataError naming the folder
+        config = preset(args.preset, num_classes=raw_info.num_classes,
+                        in_channels=raw_info.channels)
+        info = model_dataset_info(raw_info, config.image_size)
+        split = default_split(reader.name, cases)
+        train_cases = split.select(cases, "train")[: args.limit_cases]
+        split = _limit_split(split, [c.case_id for c in train_cases], args.limit_cases)
+        if args.batch_size is None:
+            size = DEFAULT_BATCH_SIZE.get(args.preset, FALLBACK_BATCH_SIZE)
+            args = dataclasses.replace(args, batch_size=size)
+    if args.batch_size is None:
+        args = dataclasses.replace(args, batch_size=FALLBACK_BATCH_SIZE)
+    if not train_cases:
+        raise ValueError(f"the {reader.name} split has no training cases")
+    size = config.image_size
+    train_set = SegmentationDataset(train_cases, info, train=True, size=size, crop=size,
+                                    seed=args.seed, cache=True)
+    val_set = None
+    if args.val_every is not None:
+        val_cases = split.select(cases, "val")[: args.limit_cases] if "val" in split.names else []
+        if not val_cases:
+            raise ValueError(f"val_every is set but the {reader.name} split has no val cases")
+        val_set = SegmentationDataset(val_cases, info, train=False, size=size, crop=size,
+                                      seed=args.seed, cache=True)
+    return RunSpec(args, out, config, info, split, train_set, val_set, checkpoint)

@@ -1,0 +1,201 @@
+"""One training iteration of alternate-collaborative training (method §6).
+
+Refiner phase: the segmentor is frozen (``no_grad`` and eval mode, so batch-norm statistics are
+not updated); its prior ``p = prior_from_logits(logits)`` and detached features are inputs. For
+``t ~ U{1..T}`` and ``y_t = q_sample(y0, p, t, u)`` (``t`` and ``u`` from an explicit generator),
+``L_diff = diffusion_loss(sigmoid(refiner(x, y_t, p, features, t)))`` with the network evaluated
+once; the refiner's optimizer steps. The full-precision twin, when present, gets the same inputs
+(same ``t``, ``y_t``) and its own optimizer.
+
+Segmentor phase: the refiner is frozen (``requires_grad`` off, eval mode, no step); the segmentor
+in train mode minimises ``L_seg + lambda_diff * L_diff`` where ``L_diff`` runs through the frozen
+refiner with the prior and features *not* detached, so the diffusion loss reaches the segmentor
+through them (``y_t`` is drawn from the detached prior: sampling has no gradient).
+
+A pre-training step trains the segmentor on ``L_seg`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hidiff.diffusion import BernoulliDiffusion, diffusion_loss
+from hidiff.seg_loss import segmentation_loss
+from hidiff.segmentor import prior_from_logits
+from hidiff.training.distributed import unwrap
+
+__all__ = ["DiffusionDraws", "Networks", "Optimizers", "StepSettings", "frozen",
+           "pretrain_step", "refiner_phase", "segmentor_phase", "train_step"]
+
+
+@dataclass
+class Networks:
+    """The trained networks (each possibly wrapped in DistributedDataParallel)."""
+
+    segmentor: nn.Module
+    refiner: nn.Module
+    refiner_fp: nn.Module | None = None
+
+
+@dataclass
+class Optimizers:
+    segmentor: torch.optim.Optimizer
+    refiner: torch.optim.Optimizer
+    refiner_fp: torch.optim.Optimizer | None = None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    lambda_diff: float = 1.0
+    lambda_focal: float = 1.0
+    parameterization: str = "eps"
+    grad_clip: float | None = 1.0
+
+
+class DiffusionDraws:
+    """The diffusion randomness of training: ``t ~ U{1..T}`` and the uniforms ``u`` of
+    ``q_sample``, from one explicit CPU generator (so draws do not depend on the device)."""
+
+    def __init__(self, num_steps: int, seed: int) -> None:
+        self.num_steps = int(num_steps)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(seed))
+
+    def draw(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``t`` (N,) int64 on CPU in 1..T and ``u`` shaped like ``like`` on its device."""
+        n = like.shape[0]
+        t = torch.randint(1, self.num_steps + 1, (n,), generator=self.generator)
+        u = torch.rand(tuple(like.shape), generator=self.generator, dtype=torch.float32)
+        return t, u.to(device=like.device, dtype=like.dtype)
+
+    def get_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """The plain module in eval mode with ``requires_grad`` off; both restored on exit."""
+    core = unwrap(module)
+    was_training = core.training
+    flags = [(p, p.requires_grad) for p in core.parameters()]
+    core.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield core
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        core.train(was_training)
+
+
+def _optimise(loss: Tensor, module: nn.Module, optimizer: torch.optim.Optimizer,
+              grad_clip: float | None) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    optimizer.step()
+    return float(norm)
+
+
+def _refiner_loss(refiner: nn.Module, diffusion: BernoulliDiffusion, settings: StepSettings,
+                  x: Tensor, y0: Tensor, y_t: Tensor, prior: Tensor,
+                  features: tuple[Tensor, ...], t: Tensor):
+    t_net = diffusion.original_steps(t).to(x.device)
+    output = torch.sigmoid(refiner(x, y_t, prior, features, t_net))  # evaluated once
+    return diffusion_loss(diffusion, output, y0=y0, y_t=y_t, prior=prior, t=t,
+                          parameterization=settings.parameterization,
+                          lambda_focal=settings.lambda_focal)
+
+
+def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
+                  draws: DiffusionDraws, x: Tensor, y0: Tensor,
+                  settings: StepSettings) -> dict[str, float]:
+    """Train the refiner (and its FP twin) on the frozen segmentor's outputs."""
+    with frozen(nets.segmentor) as seg, torch.no_grad():
+        out = seg(x)
+        prior = prior_from_logits(out.logits)
+        features = tuple(f.detach() for f in out.features)
+    t, u = draws.draw(y0)
+    y_t = diffusion.q_sample(y0, prior, t, u)
+    logs: dict[str, float] = {}
+    pairs = [("refiner", nets.refiner, opts.refiner)]
+    if nets.refiner_fp is not None and opts.refiner_fp is not None:
+        pairs.append(("refiner_fp", nets.refiner_fp, opts.refiner_fp))
+    for name, net, opt in pairs:
+        net.train()
+        loss = _refiner_loss(net, diffusion, settings, x, y0, y_t, prior, features, t)
+        logs[f"grad_norm_{name}"] = _optimise(loss.total, net, opt, settings.grad_clip)
+        logs[f"loss_{name}"] = float(loss.total.detach())
+        if name == "refiner":
+            logs["loss_refiner_kl"] = float(loss.kl.detach())
+            logs["loss_refiner_focal"] = float(loss.focal.detach())
+    return logs
+
+
+def segmentor_losses(nets: Networks, diffusion: BernoulliDiffusion, draws: DiffusionDraws,
+                     x: Tensor, y0: Tensor, settings: StepSettings
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, L_seg, L_diff)`` of the segmentor phase, graph attached (refiner frozen).
+
+    Call inside ``frozen(nets.refiner)``; the segmentor runs in train mode.
+    """
+    nets.segmentor.train()
+    out = nets.segmentor(x)
+    prior = prior_from_logits(out.logits)
+    l_seg = segmentation_loss(out.logits, y0)
+    t, u = draws.draw(y0)
+    y_t = diffusion.q_sample(y0, prior.detach(), t, u)
+    refiner = unwrap(nets.refiner)
+    if settings.lambda_diff == 0.0:  # no collaboration: L_diff only for the log
+        with torch.no_grad():
+            l_diff = _refiner_loss(refiner, diffusion, settings, x, y0, y_t, prior.detach(),
+                                   tuple(f.detach() for f in out.features), t).total
+        return l_seg, l_seg, l_diff
+    l_diff = _refiner_loss(refiner, diffusion, settings, x, y0, y_t, prior, out.features,
+                           t).total
+    return l_seg + settings.lambda_diff * l_diff, l_seg, l_diff
+
+
+def segmentor_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
+                    draws: DiffusionDraws, x: Tensor, y0: Tensor,
+                    settings: StepSettings) -> dict[str, float]:
+    """Train the segmentor on L_seg + lambda_diff * L_diff through the frozen refiner."""
+    with frozen(nets.refiner):
+        total, l_seg, l_diff = segmentor_losses(nets, diffusion, draws, x, y0, settings)
+        norm = _optimise(total, nets.segmentor, opts.segmentor, settings.grad_clip)
+    return {"loss_segmentor": float(total.detach()), "loss_seg": float(l_seg.detach()),
+            "loss_seg_diff": float(l_diff.detach()), "grad_norm_segmentor": norm}
+
+
+def pretrain_step(nets: Networks, opts: Optimizers, x: Tensor, y0: Tensor,
+                  settings: StepSettings) -> dict[str, float]:
+    """Segmentor only, on L_seg."""
+    nets.segmentor.train()
+    l_seg = segmentation_loss(nets.segmentor(x).logits, y0)
+    norm = _optimise(l_seg, nets.segmentor, opts.segmentor, settings.grad_clip)
+    value = float(l_seg.detach())
+    return {"loss_segmentor": value, "loss_seg": value, "grad_norm_segmentor": norm}
+
+
+def train_step(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
+               draws: DiffusionDraws, x: Tensor, y0: Tensor, settings: StepSettings,
+               *, pretrain: bool = False) -> dict[str, float]:
+    """One iteration: a pre-training step, or the refiner phase then the segmentor phase."""
+    if pretrain:
+        return pretrain_step(nets, opts, x, y0, settings)
+    logs = refiner_phase(nets, opts, diffusion, draws, x, y0, settings)
+    logs.update(segmentor_phase(nets, opts, diffusion, draws, x, y0, settings))
+    return logs

@@ -1,0 +1,133 @@
+"""Bad input fails early with a clear message and writes nothing; broken model folders are
+named in the error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hidiff.training.loop as loop
+from hidiff.config import preset
+from hidiff.data import DataError, DatasetInfo, load_split
+from hidiff.training import FORMAT_VERSION, ModelDirError, load_model_dir, train
+from hidiff.training.model_dir import write_model_files
+
+pytestmark = pytest.mark.data
+
+
+def _train(root, out, **kw):
+    args = dict(dataset="kvasir-seg", data=root, preset="tiny", out=out, max_steps=1,
+                limit_cases=4, batch_size=2, progress=False)
+    return train(**{**args, **kw})
+
+
+def test_unknown_preset_lists_the_presets(kvasir_root, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'cpu-small'.*'tiny'"):
+        _train(kvasir_root, tmp_path / "m", preset="huge")
+    assert not (tmp_path / "m").exists()
+
+
+def test_unknown_dataset_lists_the_datasets(kvasir_root, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset 'kvasir'.*chase-db1.*kvasir-seg"):
+        _train(kvasir_root, tmp_path / "m", dataset="kvasir")
+    assert not (tmp_path / "m").exists()
+
+
+def test_out_is_a_file(kvasir_root, tmp_path):
+    out = tmp_path / "model"
+    out.write_text("keep me")
+    with pytest.raises(ModelDirError, match="exists and is a file"):
+        _train(kvasir_root, out)
+    assert out.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_empty_data_folder_is_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        _train(empty, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_argument_errors(kvasir_root, tmp_path):
+    with pytest.raises(ValueError, match="max_steps or max_minutes"):
+        _train(kvasir_root, tmp_path / "m", max_steps=None)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        _train(kvasir_root, tmp_path / "m", batch_size=0)
+    assert not (tmp_path / "m").exists()
+
+
+def test_non_empty_out_needs_resume_and_resume_needs_a_checkpoint(kvasir_root, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(ModelDirError, match="not empty: pass resume=True"):
+        _train(kvasir_root, out)
+    with pytest.raises(ModelDirError, match="hidiff_model.json is missing"):
+        _train(kvasir_root, out, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_failure_before_the_first_checkpoint_removes_the_folder(kvasir_root, tmp_path,
+                                                                monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "train_step", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(kvasir_root, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    existing = tmp_path / "given"  # a folder the user made is kept, emptied of our files
+    existing.mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(kvasir_root, existing)
+    assert existing.is_dir() and not list(existing.iterdir())
+
+
+def test_max_minutes_stop_still_checkpoints(kvasir_root, tmp_path):
+    result = _train(kvasir_root, tmp_path / "m", max_steps=None, max_minutes=1e-4)
+    assert result.stopped_by == "max_minutes"
+    assert load_model_dir(tmp_path / "m").step == result.step
+
+
+def test_cli_reports_bad_input_with_exit_status_2(kvasir_root, tmp_path, cli):
+    proc = cli.run(cli.args(kvasir_root, tmp_path / "m", "--max-steps", "1") + ["--preset",
+                                                                                "nope"])
+    assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def header_only(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_model_files(folder, config=preset("tiny"), dataset_info=DatasetInfo(name="x"),
+                      split=load_split("kvasir-seg"))
+    return folder
+
+
+def test_load_model_dir_errors_name_the_file(tmp_path, header_only):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        load_model_dir(tmp_path / "nowhere")
+    with pytest.raises(ModelDirError, match=r"model[/\\]checkpoint.pt is missing: train first"):
+        load_model_dir(header_only)
+    (header_only / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelDirError, match=r"checkpoint.pt is corrupt"):
+        load_model_dir(header_only)
+    torch.save({"step": 1}, header_only / "checkpoint.pt")
+    with pytest.raises(ModelDirError, match="not a hidiff checkpoint"):
+        load_model_dir(header_only)
+    (header_only / "config.json").write_text("{broken")
+    with pytest.raises(ModelDirError, match=r"config.json is corrupt"):
+        load_model_dir(header_only)
+
+
+def test_unknown_format_version_is_refused(header_only):
+    path = header_only / "hidiff_model.json"
+    header = json.loads(path.read_text())
+    assert header["format_version"] == FORMAT_VERSION == 1
+    path.write_text(json.dumps({**header, "format_version": 2}))
+    with pytest.raises(ModelDirError, match="format_version 2"):
+        load_model_dir(header_only)

@@ -1,0 +1,110 @@
+"""Checkpoint / resume: a run cut in two (first half in a subprocess) equals the uninterrupted
+run exactly; a run killed with SIGKILL resumes from its last checkpoint with a valid folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from hidiff.training import load_model_dir, train
+from hidiff.training.checkpoint import load_checkpoint
+from hidiff.training.train_log import read_log
+
+pytestmark = pytest.mark.data
+
+N = 3  # resume point; 8 cases / batch 4 = 2 batches per epoch, so N is mid-epoch
+RUN = dict(dataset="kvasir-seg", preset="tiny", batch_size=4, limit_cases=8, pretrain_steps=1,
+           seed=5, log_every=1, progress=False)
+CLI_RUN = ("--batch-size", "4", "--limit-cases", "8", "--pretrain-steps", "1", "--seed", "5",
+           "--log-every", "1")
+
+
+def _losses(record):
+    return {k: v for k, v in record.items() if k.startswith(("loss_", "grad_norm_"))}
+
+
+def _assert_same_tensors(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(kvasir_root, tmp_path, one_thread,
+                                                             cli):
+    full = train(data=kvasir_root, out=tmp_path / "a", max_steps=2 * N, checkpoint_every=100,
+                 **RUN)
+    assert full.step == 2 * N
+
+    cut = tmp_path / "b"
+    proc = cli.run(cli.args(kvasir_root, cut, "--max-steps", str(N), "--checkpoint-every",
+                            str(N), *CLI_RUN))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(cut / "checkpoint.pt")["step"] == N
+    resumed = train(data=kvasir_root, out=cut, max_steps=2 * N, checkpoint_every=100,
+                    resume=True, **RUN)
+    assert (resumed.start_step, resumed.step) == (N, 2 * N)
+
+    log_a, log_b = read_log(tmp_path / "a" / "train_log.jsonl"), read_log(cut / "train_log.jsonl")
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == list(range(1, 2 * N + 1))
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert _losses(ra) == _losses(rb), ra["step"]  # exact, step N + 1 included
+    assert log_b[N]["step"] == N + 1 and _losses(log_b[N])["loss_refiner"] > 0
+
+    ckpt_a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    ckpt_b = load_checkpoint(cut / "checkpoint.pt")
+    for key in ("step", "segmentor", "refiner", "refiner_fp", "optimizers"):
+        _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
+    _assert_same_tensors(ckpt_a["rng"][0]["diffusion"], ckpt_b["rng"][0]["diffusion"], "rng")
+
+
+def _wait_for_checkpoint(proc, path, timeout=180.0):
+    start = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()}")
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            pytest.fail("no checkpoint within the time limit")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_run_then_resume(kvasir_root, tmp_path, one_thread, cli):
+    out = tmp_path / "killed"
+    proc = cli.popen(cli.args(kvasir_root, out, "--max-steps", "1000", "--checkpoint-every",
+                              "2", *CLI_RUN))
+    try:
+        _wait_for_checkpoint(proc, out / "checkpoint.pt")
+        time.sleep(1.0)  # well inside the run: mid-step, maybe mid-write of the next files
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    model = load_model_dir(out)  # every file is complete (atomic writes)
+    saved = model.step
+    assert saved >= 2 and saved % 2 == 0
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        json.loads(line)
+
+    result = train(data=kvasir_root, out=out, max_steps=saved + 2, checkpoint_every=2,
+                   resume=True, **RUN)
+    assert (result.start_step, result.step) == (saved, saved + 2)
+    steps = [r["step"] for r in read_log(out / "train_log.jsonl")]
+    assert steps == list(range(1, saved + 3))  # lost steps after the checkpoint were dropped
+    assert load_model_dir(out).step == saved + 2
+    assert not list(out.glob(".*.tmp"))
