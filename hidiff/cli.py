@@ -1,0 +1,232 @@
+"""The ``hidiff`` command line: ``train``, ``evaluate``, ``predict``, ``describe``.
+
+Each subcommand is a thin wrapper over a documented function:
+
+==========  ================================================  ===============================
+command     function                                          prints / writes
+==========  ================================================  ===============================
+train       :func:`hidiff.training.train`                     the model folder ``--out DIR``
+evaluate    :func:`hidiff.evaluation.evaluate`                the three-predictor table;
+                                                              ``DIR/eval/<split>/``
+predict     :func:`hidiff.predict.predict_paths`              PNG masks in ``-o OUT``
+describe    :func:`hidiff.describe.describe`                  parameter / MAC table
+==========  ================================================  ===============================
+
+Adding a subcommand is one function decorated with :func:`subcommand`: it receives the
+subparsers' ``add_parser`` result to fill in, and returns the handler ``(args) -> int``.
+
+Exit codes: 0 success; 2 user error (bad arguments, missing or unreadable files, invalid data:
+``ValueError`` incl. ``DataError``/``ModelDirError``, ``FileNotFoundError`` and the like), printed
+as ``hidiff <command>: error: <message>`` without a traceback; 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+__all__ = ["build_parser", "main", "subcommand"]
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], Handler]]] = []
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError)
+
+
+def subcommand(name: str, help_text: str):
+    """Register ``define(parser) -> handler`` as the subcommand ``name``."""
+
+    def register(define: Callable[[argparse.ArgumentParser], Handler]):
+        _COMMANDS.append((name, help_text, define))
+        return define
+
+    return register
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+@subcommand("train", "train a segmentor + binary refiner (and FP twin) into a model folder")
+def _train(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--dataset", required=True,
+                   help="dataset layout: kvasir-seg, cvc-clinicdb, drive, chase-db1, generic")
+    p.add_argument("--data", required=True, help="the dataset folder")
+    p.add_argument("--preset", required=True, help="model preset (see `hidiff describe`)")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--max-steps", type=_positive, help="stop after this many iterations")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.add_argument("--batch-size", type=_positive)
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pretrain-steps", type=_non_negative,
+                   help="segmentor-only iterations before the alternating phase")
+    p.add_argument("--no-fp-twin", action="store_true",
+                   help="do not train the full-precision twin refiner")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--limit-cases", type=_positive, help="use only the first N training cases")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+    def run(args: argparse.Namespace) -> int:
+        from hidiff.training import train
+
+        options = {
+            "max_steps": args.max_steps, "max_minutes": args.max_minutes,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "pretrain_steps": args.pretrain_steps, "limit_cases": args.limit_cases,
+        }
+        result = train(
+            dataset=args.dataset, data=args.data, preset=args.preset, out=args.out,
+            train_fp_twin=not args.no_fp_twin, resume=args.resume, progress=not args.quiet,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+        if result is not None and not args.quiet:
+            print(f"{result.out}: step {result.step} (stopped by {result.stopped_by}), "
+                  f"{result.elapsed_s:.1f} s this run")
+        return 0
+
+    return run
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+
+@subcommand("evaluate", "compare segmentor alone / + binary refiner / + FP refiner on a split")
+def _evaluate(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder written by train")
+    p.add_argument("--data", help="the dataset folder (default: the one used for training)")
+    p.add_argument("--split", default="test", help="subset of the model's split (default test)")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
+    p.add_argument("--limit", type=_positive, help="only the first N cases of the subset")
+    p.add_argument("--overlays", type=_non_negative, default=4,
+                   help="overlay PNGs of the first N cases (default 4)")
+    p.add_argument("--out", help="output folder (default MODEL_DIR/eval/<split>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from hidiff.evaluation import evaluate, format_table
+
+        summary = evaluate(args.model_dir, data=args.data, split=args.split, steps=args.steps,
+                           seed=args.seed, out=args.out, overlays=args.overlays,
+                           limit=args.limit, progress=not args.quiet)
+        print(format_table(summary))
+        print(f"written: {summary['out_dir']}/per_case.json, summary.json"
+              + (", overlays/" if summary["overlays"] else ""))
+        return 0
+
+    return run
+
+
+# -- predict --------------------------------------------------------------------------------------
+
+
+@subcommand("predict", "write PNG masks for image files or folders")
+def _predict(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder written by train")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files and/or folders")
+    p.add_argument("-o", "--out", required=True, help="output folder for <stem>.png masks")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
+    p.add_argument("--refiner", choices=("binary", "fp", "none"), default="binary",
+                   help="binary (HiDiff, default), fp (full-precision twin), none (segmentor)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+
+    def run(args: argparse.Namespace) -> int:
+        from hidiff.predict import predict_paths
+
+        written = predict_paths(args.model_dir, args.inputs, out=args.out, steps=args.steps,
+                                seed=args.seed, refiner=args.refiner, progress=not args.quiet)
+        if not args.quiet:
+            print(f"wrote {len(written)} mask(s) to {args.out}")
+        return 0
+
+    return run
+
+
+# -- describe -------------------------------------------------------------------------------------
+
+
+@subcommand("describe", "parameters and multiply-accumulates of the model presets")
+def _describe(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--preset", action="append", dest="presets", metavar="NAME",
+                   help="preset to describe (repeatable; default: all)")
+    p.add_argument("--num-classes", type=_positive, default=1, help="K (default 1)")
+
+    def run(args: argparse.Namespace) -> int:
+        from hidiff.config import list_presets, preset
+        from hidiff.describe import describe
+
+        names = args.presets or list(list_presets())
+        configs = [preset(name, num_classes=args.num_classes) for name in names]
+        print("\n\n".join(describe(c) for c in configs))
+        return 0
+
+    return run
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hidiff",
+        description="HiDiff medical image segmentation: a segmentor proposes a mask, a binarized "
+                    "Bernoulli diffusion refiner refines it in a few steps.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, define in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=define(p))
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands of packages that build on ``hidiff`` (``export`` adds ``export`` and
+    ``verify-export``), registered under the ``hidiff.commands`` entry-point group so that
+    ``hidiff`` never imports them (imports point one way: export -> hidiff)."""
+    for ep in sorted(entry_points(group="hidiff.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hidiff`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as err:
+        print(f"hidiff {args.command}: error: {_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hidiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Torch inference: segmentor, then the binarized Bernoulli refiner for a few DDIM steps.
+
+    pipe = HiDiffPipeline(segmentor, refiner, config=config, dataset_info=info, refiner_fp=twin)
+    out = pipe.predict(x)                        # x: (N, C, H, W) normalised float32
+    out.mask                                     # (N, H, W) uint8 label map
+    pred = pipe.predict_image(image)             # image: HWC float in [0, 1], any size
+
+The batch path (:meth:`HiDiffPipeline.predict`, docs/architecture.md "Inference"):
+
+1. ``prior, features = segmentor(x)`` once (``prior`` = sigmoid / softmax of its logits);
+2. ``cache = refiner.precompute(x, prior, features)`` once;
+3. ``u = reference.draw_uniforms(seed, prior.shape, n)`` with n the number of sampling steps;
+   ``y = u[0] < prior``; for each kept step (decreasing original index ``s``):
+   ``out = sigmoid(refiner.forward_step(cache, y, s))`` and a scheduler step with ``u[k + 1]``;
+4. ``mask = y0_hat > 0.5`` (K = 1) or ``argmax`` over channels (K > 1).
+
+The network runs in float32; the diffusion arithmetic (y0_hat, the step mean and every ``u < mean``
+comparison) runs in float64 on the float32 network outputs, exactly as
+:func:`reference.reverse_process` does, so the NumPy oracle and the edge runtime, fed the same
+uniforms and the same network outputs, reproduce the samples bit for bit. The ``refiner`` argument
+picks ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` / ``"none"``: the
+segmentor alone, whose mask comes from the prior.
+
+The uniforms are drawn for the whole batch ``(N, K, H, W)``: an image's result depends on its
+position in the batch. :meth:`predict_image` (what evaluation and prediction use) always predicts
+one image per call, so its result depends only on the image, the steps and the seed.
+
+Whole images (:meth:`HiDiffPipeline.predict_image`) follow the dataset's preprocessing policy:
+
+- ``resize``: the image is resized (bilinear) to ``config.image_size`` square, predicted as a batch
+  of one, and the mask is resized back to the original size by nearest neighbour; ``prob`` and
+  ``prior`` are resized back bilinearly (for display; the mask is not re-thresholded from them).
+- ``tile``: the image is predicted at native resolution, cut by
+  :func:`hidiff.data.tiling.extract_tiles` into ``info.tile`` x ``info.tile`` tiles overlapping by
+  ``info.overlap`` pixels (zero-padded bottom/right when smaller than a tile). All tiles form one
+  batch for the uniforms (``draw_uniforms(seed, (n_tiles, K, tile, tile), n)``, tiles in the
+  row-major order of ``extract_tiles``); the network runs on ``tile_batch`` tiles at a time (the
+  uniforms do not depend on it; float32 kernels may round differently per batch size). The
+  probability maps (y0_hat, or the prior for the segmentor alone) are averaged where tiles overlap
+  (:func:`hidiff.data.tiling.stitch_tiles`) and the mask is taken from the stitched
+  probabilities. The normalised image is tiled (padding is therefore 0 in the
+  normalised space).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import reference
+from hidiff.config import ModelConfig
+from hidiff.data.info import DatasetInfo
+from hidiff.data.tiling import extract_tiles, stitch_tiles
+from hidiff.data.transforms import normalize, resize_image, resize_mask, to_chw
+from hidiff.scheduler import BernoulliScheduler, BernoulliSchedulerConfig
+from hidiff.segmentor import prior_from_logits
+
+__all__ = [
+    "REFINER_CHOICES",
+    "HiDiffPipeline",
+    "ImagePrediction",
+    "PipelineOutput",
+    "labels_from_prob",
+    "make_scheduler",
+]
+
+#: accepted values of the ``refiner`` argument; ``None`` and ``"none"`` mean the segmentor alone
+REFINER_CHOICES = ("binary", "fp", "none")
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """Result of :meth:`HiDiffPipeline.predict` for a batch.
+
+    ``mask``: (N, H, W) uint8 label map (0/1 for K = 1, class index for K > 1);
+    ``prob``: (N, K, H, W) float64, the final y0_hat (the prior itself for the segmentor alone);
+    ``prior``: (N, K, H, W) float32, the segmentor's prior p.
+    """
+
+    mask: Tensor
+    prob: Tensor
+    prior: Tensor
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """Result of :meth:`HiDiffPipeline.predict_image`, all at the image's original size.
+
+    ``mask``: (H, W) uint8 label map; ``prob`` / ``prior``: (K, H, W) float32.
+    """
+
+    mask: np.ndarray
+    prob: np.ndarray
+    prior: np.ndarray
+
+
+def labels_from_prob(prob: Tensor) -> Tensor:
+    """(N, K, H, W) probabilities -> (N, H, W) uint8: ``> 0.5`` for K = 1, argmax for K > 1."""
+    if prob.shape[1] == 1:
+        return (prob[:, 0] > 0.5).to(torch.uint8)
+    return prob.argmax(dim=1).to(torch.uint8)
+
+
+def make_scheduler(config: ModelConfig, steps: int | None = None) -> BernoulliScheduler:
+    """The sampler of ``config`` respaced to ``steps`` (default ``config.diffusion`` 's
+    ``num_sampling_steps``)."""
+    d = config.diffusion
+    scheduler = BernoulliScheduler(
+        BernoulliSchedulerConfig(
+            num_train_timesteps=d.num_steps,
+            schedule=d.schedule,
+            parameterization=config.refiner.parameterization,
+            sampler=d.sampler,
+        )
+    )
+    n = d.num_sampling_steps if steps is None else steps
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= d.num_steps:
+        raise ValueError(f"steps must be an int in 1..{d.num_steps} (the model's T); got {n!r}")
+    scheduler.set_timesteps(n)
+    return scheduler
+
+
+class HiDiffPipeline:
+    """Segmentor + refiner(s) of one model, in eval mode, for inference (see module docstring).
+
+    Args:
+        segmentor: a segmentor module (``forward(x) -> SegmentorOutput(logits, features)``).
+        refiner: the binary refiner (``precompute`` / ``forward_step``), or None.
+        config: the :class:`ModelConfig` the networks were built from.
+        dataset_info: preprocessing (policy, size / tile, normalisation) and labels.
+        refiner_fp: the full-precision twin refiner, or None.
+    """
+
+    def __init__(
+        self,
+        segmentor: nn.Module,
+        refiner: nn.Module | None,
+        *,
+        config: ModelConfig,
+        dataset_info: DatasetInfo,
+        refiner_fp: nn.Module | None = None,
+    ) -> None:
+        if dataset_info.channels != config.in_channels:
+            raise ValueError(
+                f"the dataset has {dataset_info.channels} image channels but the model expects "
+                f"{config.in_channels}"
+            )
+        if dataset_info.num_classes != config.num_classes:
+            raise ValueError(
+                f"the dataset has K = {dataset_info.num_classes} mask channels but the model has "
+                f"{config.num_classes}"
+            )
+        self.segmentor = segmentor.eval()
+        self.refiners: dict[str, nn.Module | None] = {
+            "binary": None if refiner is None else refiner.eval(),
+            "fp": None if refiner_fp is None else refiner_fp.eval(),
+        }
+        self.config = config
+        self.dataset_info = dataset_info
+
+    # -- choices ------------------------------------------------------------------------------
+    @property
+    def has_fp(self) -> bool:
+        return self.refiners["fp"] is not None
+
+    def refiner_module(self, refiner: str | None) -> nn.Module | None:
+        """The refiner for a ``refiner`` choice (None for the segmentor alone); ``ValueError``
+        for an unknown choice or one this model lacks."""
+        if refiner is None or refiner == "none":
+            return None
+        if refiner not in self.refiners:
+            raise ValueError(
+                f"refiner must be one of {', '.join(REFINER_CHOICES)} (or None); got {refiner!r}"
+            )
+        module = self.refiners[refiner]
+        if module is None:
+            what = "full-precision twin" if refiner == "fp" else "binary"
+            raise ValueError(f"this model has no {what} refiner")
+        return module
+
+    @property
+    def net_multiple(self) -> int:
+        """Input sizes must be multiples of this (the deepest stride of the two networks)."""
+        return max(2**self.config.segmentor.depth, self.config.refiner.strides[-1])
+
+    # -- the batch path -----------------------------------------------------------------------
+    def _segment(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out = self.segmentor(x)
+        return prior_from_logits(out.logits), tuple(out.features)
+
+    def _refine(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        prior: Tensor,
+        features: tuple[Tensor, ...],
+        uniforms: Tensor,
+        scheduler: BernoulliScheduler,
+    ) -> Tensor:
+        """y0_hat (float64) of the reverse process on one chunk; ``uniforms`` (n, N, K, H, W)."""
+        cache = module.precompute(x, prior, features)
+        prior64 = prior.double()
+        y = scheduler.initial_sample(prior64, uniforms[0])
+        n = len(scheduler.timesteps)
+        y0_hat = prior64
+        for k, step in enumerate(scheduler.timesteps.tolist()):
+            t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+            out = torch.sigmoid(module.forward_step(cache, y.to(x.dtype), t))
+            u = uniforms[k + 1] if k + 1 < n else None
+            res = scheduler.step(out.double(), step, y, prior=prior64, u=u)
+            y, y0_hat = res.prev_sample, res.pred_original_sample
+        return y0_hat
+
+    def predict(
+        self,
+        images: Tensor,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        refiner: str | None = "binary",
+        batch_size: int | None = None,
+    ) -> PipelineOutput:
+        """Predict a batch of normalised images ``(N, C, H, W)`` (H, W multiples of
+        :attr:`net_multiple`).
+
+        ``refiner``: ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` /
+        ``"none"`` (segmentor alone; ``steps`` and ``seed`` are then unused). ``steps``: number of
+        sampling steps (default: the config's), respaced evenly and always including T.
+        ``batch_size`` runs the networks on that many images at a time: the uniforms are the same,
+        but float32 kernels may round differently for another batch size, and a rounding change
+        can flip a Bernoulli draw that the binary refiner then amplifies.
+        """
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"images must be (N, {self.config.in_channels}, H, W); got {tuple(images.shape)}"
+            )
+        m = self.net_multiple
+        if images.shape[-1] % m or images.shape[-2] % m:
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} must be a multiple of {m} for this model"
+            )
+        module = self.refiner_module(refiner)
+        scheduler = make_scheduler(self.config, steps) if module is not None else None
+        images = images.float()
+        n_img = images.shape[0]
+        chunk = n_img if batch_size is None else max(1, int(batch_size))
+        uniforms = None
+        masks, probs, priors = [], [], []
+        with torch.no_grad():
+            for start in range(0, n_img, chunk):
+                x = images[start : start + chunk]
+                prior, features = self._segment(x)
+                if module is None:
+                    prob = prior.double()
+                else:
+                    if uniforms is None:
+                        shape = (n_img, *prior.shape[1:])
+                        uniforms = torch.from_numpy(
+                            reference.draw_uniforms(seed, shape, scheduler.num_draws)
+                        )
+                    u = uniforms[:, start : start + chunk]
+                    prob = self._refine(module, x, prior, features, u, scheduler)
+                masks.append(labels_from_prob(prob))
+                probs.append(prob)
+                priors.append(prior)
+        return PipelineOutput(torch.cat(masks), torch.cat(probs), torch.cat(priors))
+
+    # -- whole images -------------------------------------------------------------------------
+    def _to_input(self, image: np.ndarray) -> np.ndarray:
+        info = self.dataset_info
+        return to_chw(normalize(image, info.mean, info.std))
+
+    def predict_image(
+        self,
+        image: np.ndarray,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        refiner: str | None = "binary",
+        tile_batch: int = 8,
+    ) -> ImagePrediction:
+        """Predict one HWC float image in [0, 1] at its original size (see module docstring)."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3 or image.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"image must be HWC with {self.config.in_channels} channels; got shape "
+                f"{image.shape}"
+            )
+        height, width = image.shape[:2]
+        info = self.dataset_info
+        kw = dict(steps=steps, seed=seed, refiner=refiner)
+        if info.policy == "resize":
+            size = self.config.image_size
+            x = torch.from_numpy(self._to_input(resize_image(image, size)))[None]
+            out = self.predict(x, **kw)
+            mask = resize_mask(out.mask[0].numpy(), (height, width))
+            return ImagePrediction(
+                mask,
+                self._resize_maps(out.prob[0], height, width),
+                self._resize_maps(out.prior[0], height, width),
+            )
+        tile = info.tile
+        if tile % self.net_multiple:
+            raise ValueError(
+                f"tile size {tile} of the dataset must be a multiple of {self.net_multiple}"
+            )
+        normalised = normalize(image, info.mean, info.std)
+        tiles, starts = extract_tiles(normalised, tile, info.overlap)
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(tiles, -1, 1)))
+        out = self.predict(x, batch_size=tile_batch, **kw)
+        prob = stitch_tiles(out.prob.numpy(), starts, (height, width), channels_first=True)
+        prior = stitch_tiles(out.prior.numpy(), starts, (height, width), channels_first=True)
+        mask = labels_from_prob(torch.from_numpy(prob)[None])[0].numpy()
+        return ImagePrediction(mask, prob.astype(np.float32), prior.astype(np.float32))
+
+    @staticmethod
+    def _resize_maps(maps: Tensor, height: int, width: int) -> np.ndarray:
+        hwc = np.moveaxis(maps.float().numpy(), 0, -1)
+        return np.ascontiguousarray(np.moveaxis(resize_image(hwc, (height, width)), -1, 0))

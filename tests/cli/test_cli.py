@@ -1,0 +1,183 @@
+"""The ``hidiff`` command line end to end, in real subprocesses on real Kvasir-SEG files.
+
+``hidiff train`` (tiny preset, a few steps on four training cases) -> ``hidiff evaluate`` (two
+test cases) -> ``hidiff predict`` (two real images), plus the user errors: exit code 2, a message
+naming the file, nothing left behind. The commands run as ``python -m hidiff.cli`` from the
+repository root, so no installation is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from PIL import Image
+
+pytestmark = pytest.mark.data
+
+STEPS = 2  # sampling steps in evaluate/predict (speed)
+
+
+def hidiff(*args, timeout=240) -> subprocess.CompletedProcess:
+    """``python -m hidiff.cli ARGS`` from the repository root.
+
+    One intra-op thread (unless the caller set OMP_NUM_THREADS): the tiny networks gain nothing
+    from more, and spinning threads slow the run several-fold on a busy 2-core machine.
+    """
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "hidiff.cli", *map(str, args)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(kvasir_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "model"
+    _ok(hidiff("train", "--dataset", "kvasir-seg", "--data", kvasir_root, "--preset", "tiny",
+               "--out", out, "--max-steps", 3, "--batch-size", 2, "--limit-cases", 4,
+               "--seed", 1, "--quiet"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_images(kvasir_root, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    for path in sorted((kvasir_root / "images").glob("*.jpg"))[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_train_writes_the_model_folder(model_dir):
+    for name in ("hidiff_model.json", "config.json", "dataset.json", "split.json",
+                 "checkpoint.pt"):
+        assert (model_dir / name).is_file(), name
+    assert json.loads((model_dir / "config.json").read_text())["preset"] == "tiny"
+
+
+def test_evaluate_prints_the_three_predictor_table_and_writes_results(model_dir):
+    proc = _ok(hidiff("evaluate", model_dir, "--limit", 2, "--steps", STEPS, "--quiet"))
+    for row in ("segmentor alone", "HiDiff binary refiner", "HiDiff full-precision refiner"):
+        assert row in proc.stdout
+    for column in ("Dice", "IoU", "HD95", "recall", "accuracy"):
+        assert column in proc.stdout
+    out = model_dir / "eval" / "test"
+    per_case = json.loads((out / "per_case.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(per_case["cases"]) == 2 and per_case["steps"] == STEPS
+    case = per_case["cases"][0]
+    image = Image.open(case["image"])
+    assert case["size"] == [image.height, image.width]  # metrics at the original resolution
+    assert set(case["metrics"]) == {"segmentor", "hidiff_binary", "hidiff_fp"}
+    assert set(case["metrics"]["segmentor"]) == {"dice", "iou", "hd95", "recall", "accuracy"}
+    assert summary["n_cases"] == 2 and summary["seed"] == 0 and summary["steps"] == STEPS
+    for entry in summary["predictors"].values():
+        assert entry["available"] and entry["wall_time_s"] > 0
+        assert entry["metrics"]["dice"]["n"] == 2
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert [p.stem for p in overlays] == sorted(c["case_id"] for c in per_case["cases"])
+    assert Image.open(overlays[0]).width > 3 * Image.open(overlays[0]).height  # 4 panels
+
+
+def test_predict_writes_masks_of_the_original_size(model_dir, two_images, tmp_path):
+    out = tmp_path / "masks"
+    _ok(hidiff("predict", model_dir, two_images, "-o", out, "--steps", STEPS, "--quiet"))
+    inputs = sorted(two_images.glob("*.jpg"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".png" for p in inputs)
+    for path in inputs:
+        mask = Image.open(out / f"{path.stem}.png")
+        assert mask.size == Image.open(path).size and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    # a single file, the segmentor alone
+    single = tmp_path / "single"
+    _ok(hidiff("predict", model_dir, inputs[0], "-o", single, "--refiner", "none", "--quiet"))
+    assert [p.name for p in single.iterdir()] == [inputs[0].stem + ".png"]
+
+
+def _gray_png(path: Path) -> Path:
+    Image.fromarray(np.full((40, 50), 128, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "garbage jpg", "grayscale"])
+def test_predict_bad_input_exits_2_naming_the_file(model_dir, two_images, tmp_path, kind):
+    if kind == "empty folder":
+        bad = tmp_path / "empty"
+        bad.mkdir()
+        inputs = [bad]
+    elif kind == "garbage jpg":
+        bad = tmp_path / "broken.jpg"
+        bad.write_bytes(np.random.default_rng(0).bytes(2000))
+        inputs = [two_images, bad]  # good images first: still nothing may be written
+    else:
+        bad = _gray_png(tmp_path / "gray.png")
+        inputs = [bad]
+    out = tmp_path / "out"
+    proc = hidiff("predict", model_dir, *inputs, "-o", out)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("hidiff predict: error: ")
+    assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_evaluate_without_checkpoint_exits_2_naming_it(model_dir, tmp_path):
+    broken = tmp_path / "no_checkpoint"
+    broken.mkdir()
+    for path in model_dir.glob("*.json"):
+        shutil.copy(path, broken / path.name)
+    proc = hidiff("evaluate", broken)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("hidiff evaluate: error: ")
+    assert str(broken / "checkpoint.pt") in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_describe_prints_a_table():
+    proc = _ok(hidiff("describe", "--preset", "tiny"))
+    assert "preset 'tiny'" in proc.stdout
+    assert "params 1-bit" in proc.stdout and "refiner step (cached)" in proc.stdout
+
+
+def test_usage_errors_and_interrupt_in_process(monkeypatch, capsys):
+    from hidiff import cli
+
+    assert cli.main([]) == 2
+    assert cli.main(["predict", "somewhere"]) == 2  # -o and INPUT missing
+    assert cli.main(["describe", "--preset", "nope"]) == 2
+    assert "hidiff describe: error: unknown preset 'nope'" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hidiff.describe.describe", interrupted)
+    assert cli.main(["describe", "--preset", "tiny"]) == 130
+
+
+def test_predict_failing_midway_removes_the_folders_it_created(model_dir, two_images, tmp_path,
+                                                                monkeypatch):
+    from hidiff.pipeline import HiDiffPipeline
+    from hidiff.predict import predict_paths
+
+    def broken(self, image, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HiDiffPipeline, "predict_image", broken)
+    out = tmp_path / "new" / "masks"
+    with pytest.raises(KeyboardInterrupt):
+        predict_paths(model_dir, [two_images], out=out, progress=False)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        predict_paths(model_dir, [two_images], out=existing, progress=False)
+    assert existing.is_dir() and not any(existing.iterdir())
