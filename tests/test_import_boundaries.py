@@ -25,3 +25,10 @@ def test_reference_imports_with_numpy_only(module):
     blocked = ["torch", "scipy", "onnx", "onnxruntime", "hidiff", "export", "edge_runtime", "PIL"]
     proc = _import_with_blocked(module, blocked)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("module", ["hidiff", "hidiff.cli", "hidiff.pipeline", "hidiff.evaluation"])
+def test_hidiff_never_imports_export_or_edge_runtime(module):
+    # hidiff.cli finds `export`'s subcommands through an entry point, never by import
+    proc = _import_with_blocked(module, ["export", "edge_runtime"])
+    assert proc.returncode == 0, proc.stderr
