@@ -162,6 +162,32 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
 # -- describe -------------------------------------------------------------------------------------
 
 
+@subcommand("demo", "the main job: train a small HiDiff on Kvasir-SEG, evaluate, print the table")
+def _demo(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--data", help="the Kvasir-SEG folder (default: $HIDIFF_DATA/Kvasir-SEG or "
+                   "../shared/data/Kvasir-SEG)")
+    p.add_argument("--out", default="runs/demo", help="model folder to write (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=8.0, help="training budget (default 8)")
+    p.add_argument("--preset", default="cpu-small", help="model preset (default cpu-small)")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N test cases")
+    p.add_argument("--resume", action="store_true", help="continue a demo run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from hidiff.demo import run_demo
+
+        result = run_demo(data=args.data, out=args.out, minutes=args.minutes, preset=args.preset,
+                          steps=args.steps, seed=args.seed, limit=args.limit,
+                          resume=args.resume, progress=not args.quiet)
+        print(result.table)
+        print(f"model folder: {result.model_dir}")
+        return 0
+
+    return run
+
+
 @subcommand("describe", "parameters and multiply-accumulates of the model presets")
 def _describe(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--preset", action="append", dest="presets", metavar="NAME",

@@ -1,0 +1,85 @@
+"""The main job in one call: train a small HiDiff on Kvasir-SEG, evaluate it, print the table.
+
+``hidiff demo`` wraps :func:`run_demo`. On a 2-core CPU the default budget (8 minutes of training
+on the ``cpu-small`` preset, then the three predictors on the 100 test images) finishes in about
+12 minutes. The numbers are those of a model trained for minutes, not the paper's: see
+``benchmarks/results/accuracy.md`` for longer budgets.
+
+The dataset is read from ``--data``, else ``$HIDIFF_DATA/Kvasir-SEG``, else
+``../shared/data/Kvasir-SEG``. Kvasir-SEG is a public download (Jha et al., MMM 2020; search for
+"Kvasir-SEG" on the Simula datasets site): unpack it so that the folder holds ``images/<id>.jpg``
+and ``masks/<id>.jpg``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data.errors import DataError
+
+DEMO_PRESET = "cpu-small"
+DEMO_MINUTES = 8.0
+# Short CPU budgets: a larger step than the paper's 1e-4 (batch 32, hundreds of epochs) and a
+# segmentor warm-up so the refiner trains on an informative prior.
+DEMO_LR = 1e-3
+DEMO_PRETRAIN_STEPS = 60
+
+
+def default_kvasir_path() -> Path:
+    """``$HIDIFF_DATA/Kvasir-SEG`` if set, else ``../shared/data/Kvasir-SEG`` (from the cwd)."""
+    base = os.environ.get("HIDIFF_DATA")
+    return Path(base) / "Kvasir-SEG" if base else Path("..") / "shared" / "data" / "Kvasir-SEG"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    model_dir: Path
+    summary: dict[str, Any]
+    table: str
+
+
+def run_demo(
+    *,
+    data: str | Path | None = None,
+    out: str | Path = "runs/demo",
+    minutes: float = DEMO_MINUTES,
+    preset: str = DEMO_PRESET,
+    steps: int | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> DemoResult:
+    """Train ``preset`` on Kvasir-SEG for ``minutes`` into ``out``, evaluate the segmentor alone
+    and HiDiff with the binary and the full-precision refiner on the test split, and return the
+    summary and the printed table."""
+    from .evaluation import evaluate, format_table
+    from .training import train
+
+    root = Path(data) if data is not None else default_kvasir_path()
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        raise DataError(
+            root,
+            "not a Kvasir-SEG folder (expected images/<id>.jpg and masks/<id>.jpg); download "
+            "Kvasir-SEG (Jha et al., MMM 2020) and pass its folder with --data",
+        )
+    if minutes <= 0:
+        raise ValueError(f"minutes must be > 0; got {minutes}")
+    result = train(
+        dataset="kvasir-seg",
+        data=root,
+        preset=preset,
+        out=out,
+        max_minutes=minutes,
+        lr=DEMO_LR,
+        seed=seed,
+        pretrain_steps=DEMO_PRETRAIN_STEPS,
+        resume=resume,
+        progress=progress,
+    )
+    summary = evaluate(result.out, data=root, split="test", steps=steps, seed=seed, limit=limit,
+                       progress=progress)
+    return DemoResult(Path(result.out), summary, format_table(summary))
