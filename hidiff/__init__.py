@@ -11,14 +11,43 @@ The public surface (everything else is reachable through its module):
 - inference: :class:`HiDiffPipeline`
 """
 
-from .config import ModelConfig, list_presets, preset
-from .diffusion import BernoulliDiffusion
-from .layers import BinaryConv2d, BinaryLinear, TimeActivation, TimeBinarization
-from .pipeline import HiDiffPipeline
-from .quantizers import approx_sign, ste_sign
-from .refiner import BinaryRefiner
-from .scheduler import BernoulliScheduler, BernoulliSchedulerConfig
-from .segmentor import Segmentor, UNetSegmentor
+from __future__ import annotations
+
+import importlib
+
+# Public name -> defining module. Imported lazily (PEP 562) so that torch-free parts such as
+# ``hidiff.data`` can be imported without torch.
+_EXPORTS = {
+    "ModelConfig": "config",
+    "list_presets": "config",
+    "preset": "config",
+    "BernoulliDiffusion": "diffusion",
+    "BinaryConv2d": "layers",
+    "BinaryLinear": "layers",
+    "TimeActivation": "layers",
+    "TimeBinarization": "layers",
+    "HiDiffPipeline": "pipeline",
+    "approx_sign": "quantizers",
+    "ste_sign": "quantizers",
+    "BinaryRefiner": "refiner",
+    "BernoulliScheduler": "scheduler",
+    "BernoulliSchedulerConfig": "scheduler",
+    "Segmentor": "segmentor",
+    "UNetSegmentor": "segmentor",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hidiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 
