@@ -76,7 +76,8 @@ def run_dataset(args: argparse.Namespace, dataset: str, minutes: float) -> dict:
         ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
         train_steps, train_s = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
     evals = {}
-    for steps in args.steps_sweep:
+    sweep = args.steps_sweep if dataset == "kvasir-seg" else args.chase_steps_sweep
+    for steps in sweep:
         evals[steps] = evaluate(out, data=data, split="test", steps=steps, seed=args.seed,
                                 out=out / "eval" / f"test_steps{steps}", overlays=4,
                                 progress=not args.quiet)
@@ -133,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-sweep", default="10",
                    help="comma-separated sampling-step counts to evaluate (default 10)")
+    p.add_argument("--chase-steps-sweep", default="10",
+                   help="the same for CHASE_DB1 (whole tiled images: slower to evaluate)")
     p.add_argument("--reuse", action="store_true", help="re-evaluate existing model folders")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.steps_sweep = [int(s) for s in args.steps_sweep.split(",")]
+    args.chase_steps_sweep = [int(s) for s in args.chase_steps_sweep.split(",")]
     minutes = {"kvasir-seg": args.kvasir_minutes, "chase-db1": args.chase_minutes}
     t0 = time.time()
     results = [run_dataset(args, d, minutes[d]) for d in args.datasets.split(",")]
