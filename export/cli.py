@@ -37,6 +37,12 @@ def add_export_commands(subparsers) -> None:
     p.add_argument("--verify", action="store_true",
                    help="run the graphs in onnxruntime against the torch model; fail if they "
                         "differ beyond tolerance (nothing is written then)")
+    p.add_argument("--target", choices=("onnx", "lce"), default="onnx",
+                   help="onnx (default), or lce: also write refiner_step.tflite for the Larq "
+                        "Compute Engine (ARM edge devices)")
+    from export.lce.cli import add_lce_arguments
+
+    add_lce_arguments(p)
     p.set_defaults(handler=_run_export)
 
     text = "check an exported folder: files, onnxruntime vs torch / onnx.reference"
@@ -74,6 +80,11 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"{result.manifest_path}")
     if result.verification is not None:
         print(result.verification.format())
+    if args.target == "lce":
+        from export.lce.cli import run_lce_target
+
+        for line in run_lce_target(result.out_dir, result.out_dir, args):
+            print(line)
     return 0
 
 
