@@ -61,6 +61,79 @@ def row(name: str, summary: dict, predictor: str) -> str:
         f"| {name} | {predictor} | " + " | ".join(cells) + " | n/a |")
 
 
+def diagnose(model_dir: Path, data: Path, dataset: str, *, limit: int, seed: int) -> dict:
+    """Why does (or doesn't) the refiner beat the segmentor? On ``limit`` test cases compare the
+    binary refiner's mask with (a) the segmentor's mask ``prior > 0.5`` and (b) a plain Bernoulli
+    sample of the prior ``u < prior`` (what the reverse chain returns when the refiner predicts no
+    flips: with y0_hat = y_t the DDIM step keeps y_t), and measure how uncertain the prior is."""
+    import numpy as np
+
+    import reference
+    from hidiff.data import get_reader, load_case
+    from hidiff.evaluation import pipeline_from_model_dir
+
+    model, pipe = pipeline_from_model_dir(model_dir)
+    cases = model.split.select(get_reader(dataset).list_cases(data), "test")[:limit]
+    rows = []
+    for case in cases:
+        image, gt = load_case(case, model.dataset_info)
+        pred = pipe.predict_image(image, seed=seed, refiner="binary")
+        prior = np.asarray(pred.prior, dtype=np.float64).reshape(gt.shape)
+        sample = reference.draw_uniforms(seed, prior.shape, 1)[0] < prior
+        seg = prior > 0.5
+        ref = np.asarray(pred.mask, dtype=bool)
+        gtb = gt.astype(bool)
+        rows.append({
+            "dice_segmentor": reference.metrics.dice(seg, gtb),
+            "dice_prior_sample": reference.metrics.dice(sample, gtb),
+            "dice_binary_refiner": reference.metrics.dice(ref, gtb),
+            "refiner_agrees_with_segmentor": float(np.mean(ref == seg)),
+            "refiner_agrees_with_prior_sample": float(np.mean(ref == sample)),
+            "uncertain_fraction": float(np.mean((prior > 0.1) & (prior < 0.9))),
+        })
+    result = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]} | {"cases": len(rows)}
+    result["one_step"] = one_step_denoising(model, cases, seed=seed)
+    return result
+
+
+def one_step_denoising(model, cases, *, seed: int) -> dict:
+    """Pixel accuracy of y_t ~ q(y_t | y0, p) and of the refiner's one-step estimate
+    y0_hat = |y_t - eps_hat| > 0.5 on the given cases at the model's resolution, per step t:
+    whether the refiner denoises inputs drawn as in training."""
+    import numpy as np
+
+    from hidiff.data.io import load_case
+    from hidiff.data.transforms import normalize, resize_pair, to_chw
+    from hidiff.diffusion import BernoulliDiffusion
+    from hidiff.segmentor import prior_from_logits
+
+    size, info = model.config.image_size, model.dataset_info
+    xs, ys = [], []
+    for case in cases:
+        image, mask = resize_pair(*load_case(case, info), size)
+        xs.append(to_chw(normalize(image, info.mean, info.std)))
+        ys.append((mask > 0)[None].astype(np.float32))
+    x, y0 = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+    diffusion = BernoulliDiffusion.from_name(model.config.diffusion.schedule,
+                                             model.config.diffusion.num_steps)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    with torch.no_grad():
+        seg = model.segmentor(x)
+        prior = prior_from_logits(seg.logits)
+        for t in sorted({1, diffusion.num_steps // 2, diffusion.num_steps}):
+            steps = torch.full((x.shape[0],), t)
+            y_t = diffusion.q_sample(y0, prior, steps, torch.rand(y0.shape, generator=gen))
+            row = {"y_t": float((y_t == y0).float().mean())}
+            for name, net in (("binary", model.refiner), ("fp", model.refiner_fp)):
+                if net is not None:
+                    eps = torch.sigmoid(net(x, y_t, prior, seg.features, steps))
+                    row[name] = float((((y_t - eps).abs() > 0.5).float() == y0).float().mean())
+            out[str(t)] = row
+    out["segmentor"] = float(((prior > 0.5).float() == y0).float().mean())
+    return out
+
+
 def run_dataset(args: argparse.Namespace, dataset: str, minutes: float) -> dict:
     data = Path(args.data) / DATASETS[dataset]
     out = Path(args.out) / dataset
@@ -81,7 +154,10 @@ def run_dataset(args: argparse.Namespace, dataset: str, minutes: float) -> dict:
         evals[steps] = evaluate(out, data=data, split="test", steps=steps, seed=args.seed,
                                 out=out / "eval" / f"test_steps{steps}", overlays=4,
                                 progress=not args.quiet)
+    diag = diagnose(out, data, dataset, limit=args.diagnose_cases, seed=args.seed) \
+        if dataset == "kvasir-seg" else None
     return {"dataset": dataset, "model_dir": str(out), "train_steps": train_steps,
+            "diagnosis": diag,
             "train_seconds": train_s, "wall_seconds": time.time() - t0,
             "evaluations": {str(k): v for k, v in evals.items()}}
 
@@ -117,6 +193,27 @@ def report(results: list[dict], args: argparse.Namespace, wall: float) -> str:
             for predictor in PREDICTORS:
                 lines.append(row(f"{steps} ({n} cases)", summary, predictor))
         lines.append("")
+        if res.get("diagnosis"):
+            d = res["diagnosis"]
+            lines += [
+                f"Diagnosis on {d['cases']} test cases (10 sampling steps, seed {args.seed}): "
+                f"Dice of the segmentor mask {d['dice_segmentor']:.4f}, of a plain Bernoulli "
+                f"sample of the prior {d['dice_prior_sample']:.4f}, of the binary refiner "
+                f"{d['dice_binary_refiner']:.4f}; the refiner's mask agrees with the segmentor's "
+                f"on {100 * d['refiner_agrees_with_segmentor']:.1f}% of pixels and with the prior "
+                f"sample on {100 * d['refiner_agrees_with_prior_sample']:.1f}%; "
+                f"{100 * d['uncertain_fraction']:.1f}% of prior pixels lie in (0.1, 0.9).",
+                "",
+                "One-step denoising on inputs drawn as in training (y_t ~ q(y_t | y0, p) on the "
+                "same test cases, model resolution; pixel accuracy; segmentor mask "
+                f"{d['one_step']['segmentor']:.4f}):",
+                "",
+                "| t | y_t | y0_hat binary refiner | y0_hat full-precision refiner |",
+                "|---|---|---|---|",
+                *[f"| {t} | {r['y_t']:.4f} | {r.get('binary', float('nan')):.4f} | "
+                  f"{r.get('fp', float('nan')):.4f} |"
+                  for t, r in d["one_step"].items() if t != "segmentor"],
+                ""]
     return "\n".join(lines)
 
 
@@ -136,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated sampling-step counts to evaluate (default 10)")
     p.add_argument("--chase-steps-sweep", default="10",
                    help="the same for CHASE_DB1 (whole tiled images: slower to evaluate)")
+    p.add_argument("--diagnose-cases", type=int, default=100)
     p.add_argument("--reuse", action="store_true", help="re-evaluate existing model folders")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     p.add_argument("--quiet", action="store_true")
