@@ -1,0 +1,199 @@
+"""``hidiff-edge``: torch-free prediction with an exported HiDiff model.
+
+    hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
+                        [--backend packed|onnxruntime] [--refiner binary|fp] [--steps N]
+                        [--seed S] [--threads T] [--no-progress]
+    hidiff-edge info --model DIR [--backend ...] [--refiner ...]
+
+``predict`` writes ``OUT/<stem>.png`` per image (0/255 for a binary model, label values for a
+multi-class one) at the image's size, and with ``--overlay`` ``OUT/<stem>_overlay.png``; with
+``--labels DIR`` it prints Dice and HD95 (``reference.metrics``) per image and their means.
+Before anything is written the model is loaded and checked and every input decoded, so a bad
+model folder or image fails with nothing left behind; files are written under a temporary name
+and renamed. Errors print ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["build_parser", "main"]
+
+PROG = "hidiff-edge"
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="exported model folder (manifest.json + ONNX graphs)")
+    p.add_argument("--backend", choices=("packed", "onnxruntime"), default=None,
+                   help="packed: binary convs on the native XNOR-popcount kernel (default "
+                        "where built); onnxruntime: stock ORT")
+    p.add_argument("--refiner", choices=("binary", "fp"), default="binary",
+                   help="the binary refiner (HiDiff, default) or the full-precision twin")
+    p.add_argument("--threads", type=_positive, default=1, help="threads (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="torch-free HiDiff inference")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    text = "predict masks for images or folders of images"
+    p = sub.add_parser("predict", help=text, description=text)
+    _common(p)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the uniforms (default 0)")
+    p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    p.add_argument("--labels", metavar="DIR",
+                   help="ground-truth masks (same stems): print Dice / HD95 per image and mean")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_predict)
+    text = "describe an exported model and the kernel path this CPU gets"
+    i = sub.add_parser("info", help=text, description=text)
+    _common(i)
+    i.set_defaults(handler=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as err:
+        message = str(err) if not isinstance(err, OSError) or not err.filename else (
+            f"{err.filename}: {err.strerror or err}")
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- predict ------------------------------------------------------------------------------------
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import images
+    from .cli_io import collect_images, match_labels, metrics_line, overlay, read_labels
+    from .session import HiDiffSession
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: output path exists and is not a folder")
+    session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
+                            refiner=args.refiner)
+    session.sampling_steps(args.steps)
+    facts = session.facts
+    files = collect_images(args.inputs)
+    targets = [out_dir / f"{p.stem}.png" for p in files]
+    for path, target in zip(files, targets, strict=True):
+        if target.resolve() == path.resolve():
+            raise ValueError(f"{path}: would be overwritten by its own mask; choose another "
+                             f"output folder")
+    labels = match_labels(files, Path(args.labels)) if args.labels else None
+    for path in files:  # decode every input before writing anything
+        images.read_image(path, facts.in_channels)
+    gts = {}
+    if labels is not None:
+        for path in files:
+            gts[path] = read_labels(labels[path], facts.num_classes)
+
+    created = _missing_folders(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    scores: list[tuple[float, float]] = []
+    try:
+        bar = tqdm(files, desc="predict", unit="image", disable=args.no_progress,
+                   leave=False, file=sys.stderr)
+        for path in bar:
+            rgb = images.read_image(path, facts.in_channels)
+            pred = session.predict(rgb, steps=args.steps, seed=args.seed)
+            gt = gts.get(path)
+            if gt is not None and gt.shape != pred.mask.shape:
+                raise ValueError(f"{labels[path]}: mask size {gt.shape[::-1]} (WxH) differs "
+                                 f"from image size {pred.mask.shape[::-1]}")
+            pixels = pred.mask * np.uint8(255) if facts.num_classes == 1 else pred.mask
+            written.append(images.write_png(out_dir / f"{path.stem}.png", pixels))
+            if args.overlay:
+                written.append(images.write_png(out_dir / f"{path.stem}_overlay.png",
+                                                overlay(rgb, pred.mask, gt)))
+            if gt is not None:
+                line, score = metrics_line(path.name, pred.mask, gt)
+                scores.append(score)
+                tqdm.write(line, file=sys.stdout)
+    except BaseException:
+        if not written:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
+    if scores:
+        print(_mean_line(scores))
+    print(f"wrote {len(files)} mask(s) to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _mean_line(scores: list[tuple[float, float]]) -> str:
+    dice = np.array([s[0] for s in scores], dtype=np.float64)
+    hd = np.array([s[1] for s in scores], dtype=np.float64)
+    fd, fh = dice[np.isfinite(dice)], hd[np.isfinite(hd)]
+    mean_d = f"{fd.mean():.4f}" if fd.size else "nan"
+    mean_h = f"{fh.mean():.2f}" if fh.size else "nan"
+    skipped = (len(dice) - fd.size) + (len(hd) - fh.size)
+    note = f"  ({skipped} non-finite value(s) left out)" if skipped else ""
+    return f"mean  dice {mean_d}  hd95 {mean_h}  over {len(scores)} image(s){note}"
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+# -- info ---------------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    from .cli_io import info_lines
+    from .session import HiDiffSession
+
+    session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
+                            refiner=args.refiner)
+    for line in info_lines(session):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The pieces of ``hidiff-edge`` that touch files and text: inputs, labels, overlays, ``info``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from reference import metrics
+
+from .errors import InputError
+from .images import IMAGE_SUFFIXES
+
+__all__ = ["collect_images", "info_lines", "match_labels", "metrics_line", "overlay",
+           "read_labels"]
+
+_FILL = np.array([255, 48, 48], dtype=np.float32)
+_GT = np.array([0, 255, 0], dtype=np.uint8)
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by ``inputs`` (folders expanded, not recursively); stems unique."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = _image_files(path)
+            if not found:
+                raise InputError(path, "no image files (" + " ".join(
+                    "*" + s for s in IMAGE_SUFFIXES) + ") in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(path, "no such image file or folder")
+    stems: dict[str, Path] = {}
+    for path in files:
+        other = stems.setdefault(path.stem, path)
+        if other != path:
+            raise InputError(path, f"has the same name stem as {other}; both would be written "
+                                   f"to {path.stem}.png")
+    return files
+
+
+def match_labels(files: list[Path], folder: Path) -> dict[Path, Path]:
+    """The ground-truth file of every image: same stem in ``folder`` (any image suffix)."""
+    if not folder.is_dir():
+        raise InputError(folder, "labels folder not found")
+    by_stem = {p.stem: p for p in _image_files(folder)}
+    out = {}
+    for path in files:
+        if path.stem not in by_stem:
+            raise InputError(path, f"no ground-truth mask named {path.stem}.* in {folder}")
+        out[path] = by_stem[path.stem]
+    return out
+
+
+def read_labels(path: Path, num_classes: int) -> np.ndarray:
+    """A ground-truth mask as a uint8 label map: for K = 1 a grey/colour mask thresholded
+    (two-level lossless {0, v} -> v is 1, otherwise > half range, e.g. Kvasir's JPEGs)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr") and num_classes == 1:
+                img = img.convert("L")
+            array = np.asarray(img)
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise InputError(path, f"unreadable mask ({type(err).__name__}: {err})") from err
+    if array.ndim != 2:
+        raise InputError(path, f"mask has shape {array.shape}; expected a 2-D label map")
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if num_classes > 1:
+        return array.astype(np.uint8)
+    values = np.unique(array)
+    lossless = path.suffix.lower() not in (".jpg", ".jpeg")
+    if lossless and values.size <= 2 and values[0] == 0:
+        return (array > 0).astype(np.uint8)
+    half = 32767 if array.dtype == np.uint16 else 127
+    return (array > half).astype(np.uint8)
+
+
+def metrics_line(name: str, pred: np.ndarray, gt: np.ndarray) -> tuple[str, tuple[float, float]]:
+    """``"<name>  dice D  hd95 H"`` and ``(D, H)``; K > 1: means over the foreground classes."""
+    if pred.max(initial=0) <= 1 and gt.max(initial=0) <= 1:
+        d, h = metrics.dice(pred, gt), metrics.hd95(pred, gt)
+    else:
+        per = metrics.multiclass(pred, gt, metrics=("dice", "hd95"))
+        ds = [v["dice"] for v in per.values() if np.isfinite(v["dice"])]
+        hs = [v["hd95"] for v in per.values() if np.isfinite(v["hd95"])]
+        d = float(np.mean(ds)) if ds else float("nan")
+        h = float(np.mean(hs)) if hs else float("nan")
+    return f"{name}  dice {d:.4f}  hd95 {h:.2f}", (d, h)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    p = np.pad(m, 1)
+    inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    edge = m & ~inner
+    q = np.pad(edge, 1)
+    return edge | q[:-2, 1:-1] | q[2:, 1:-1] | q[1:-1, :-2] | q[1:-1, 2:]
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
+    """The image with the predicted mask filled (40 %) and outlined in red, and the ground-truth
+    outline in green (uint8 RGB)."""
+    out = rgb.astype(np.float32)
+    fg = mask != 0
+    out[fg] = 0.6 * out[fg] + 0.4 * _FILL
+    out = out.astype(np.uint8)
+    out[_contour(fg)] = _FILL.astype(np.uint8)
+    if gt is not None:
+        out[_contour(gt != 0)] = _GT
+    return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def info_lines(session) -> list[str]:
+    """What ``hidiff-edge info`` prints about a loaded :class:`HiDiffSession`."""
+    model, facts = session.model, session.facts
+    raw = model.manifest["model"]
+    lines = [
+        f"model folder     {model.folder}",
+        f"format           {model.manifest['format']} v{model.manifest['format_version']} "
+        f"(opset {model.manifest.get('opset')}, IR {model.manifest.get('ir_version')})",
+        f"preset           {raw.get('preset', '?')}  dataset {raw.get('dataset', '?')}  "
+        f"training step {raw.get('training_step', '?')}  commit "
+        f"{str(raw.get('source_commit', '?'))[:12]}",
+        f"task             K = {facts.num_classes}  labels {facts.labels}",
+        f"diffusion        T = {facts.num_steps}  schedule {facts.schedule}  sampler "
+        f"{facts.sampler}  parameterization {facts.parameterization}",
+        f"sampling         {facts.sampling_steps} steps: {list(facts.timesteps)}",
+        f"input            {facts.in_channels} x {facts.input_size[0]} x {facts.input_size[1]}"
+        f"  normalization mean {list(facts.mean)} std {list(facts.std)}",
+        f"preprocessing    {facts.policy}" + (
+            f" (tile {facts.tile}, overlap {facts.overlap})" if facts.policy == "tile" else ""),
+        f"binarization     {facts.binarization}",
+        f"feature strides  {list(facts.feature_strides)}",
+        "files:",
+    ]
+    total = 0
+    for entry in model.manifest["files"]:
+        path = model.folder / entry["name"]
+        size = path.stat().st_size if path.is_file() else 0
+        total += size
+        ops = ", ".join(entry.get("custom_ops") or []) or "-"
+        lines.append(f"  {entry['name']:<22} {entry['role']:<16} {_human(size):>10}  "
+                     f"custom ops: {ops}")
+    lines.append(f"  total {_human(total)}")
+    lines.append(f"backend          {session.backend}  refiner {session.refiner_name}  threads "
+                 f"{session.threads}")
+    try:
+        from . import packed
+
+        paths = packed.available_paths()
+        lines.append(f"packed kernel    path {packed.current_path()} on this CPU "
+                     f"(available: {', '.join(paths)})")
+    except ImportError as err:
+        lines.append(f"packed kernel    not available ({err})")
+    plan = session.describe().get("plan")
+    if plan is not None:
+        lines.append(f"refiner step     {plan.packed} binary convs on the packed kernel "
+                     f"({plan.packed_chained} chained packed), {plan.numpy} elementwise ops in "
+                     f"NumPy, {plan.ort} ops in {plan.ort_sessions} onnxruntime pieces")
+        for reason in plan.fallbacks:
+            lines.append(f"  left to onnxruntime: {reason}")
+    return lines

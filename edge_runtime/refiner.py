@@ -1,0 +1,105 @@
+"""One refiner step, split into what is computed per image, per step value and per step.
+
+:class:`RefinerRunner` loads ``refiner_step.onnx`` (or the fp twin), splits it
+(:func:`edge_runtime.graph.split_refiner`) and runs
+
+- the *static* part once per image chunk (``prepare``): image/prior/feature-only work such as
+  the image half of the stem convolution and the feature-injection convolutions;
+- the *step* part once per (original step, batch size), cached across images: the folded
+  per-step tables gathered by ``step``;
+- the *dynamic* part at every reverse step: with the ``onnxruntime`` backend one ORT session,
+  with the ``packed`` backend the :class:`~edge_runtime.executor.StepExecutor` (binary convs on
+  the native kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .graph import STEP_INPUT, split_refiner
+from .ortutil import make_session
+
+__all__ = ["BACKENDS", "RefinerRunner"]
+
+BACKENDS = ("packed", "onnxruntime")
+
+
+class RefinerRunner:
+    """The refiner step of one exported graph for one backend (see the module docstring)."""
+
+    def __init__(self, proto: Any, *, backend: str, threads: int = 1,
+                 keep_specs: bool = False) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.backend = backend
+        self.threads = threads
+        self.split = split = split_refiner(proto)
+        self._static = (make_session(split.static.model, threads)
+                        if split.static.model is not None else None)
+        self._step = (make_session(split.step.model, threads)
+                      if split.step.model is not None else None)
+        self._step_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        if backend == "packed":
+            from .executor import StepExecutor
+
+            self.executor = StepExecutor(proto, split, threads=threads, keep_specs=keep_specs)
+            self._dynamic = None
+        else:
+            self.executor = None
+            self._dynamic = make_session(split.dynamic.model, threads)
+        self._dynamic_inputs = list(split.dynamic.inputs)
+        for part in (split.static, split.step, split.dynamic):
+            # the sessions hold what they need; node references would keep the proto alive
+            part.model, part.nodes = None, []
+
+    @property
+    def static_inputs(self) -> list[str]:
+        """The graph inputs the static part and the pass-through values need."""
+        names = list(self.split.static.inputs)
+        for n in self.split.passthrough:
+            if n not in names and n != STEP_INPUT:
+                names.append(n)
+        return names
+
+    def prepare(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The per-image boundary values from the image, prior and features."""
+        out = {n: values[n] for n in self.split.passthrough if n != STEP_INPUT}
+        if self._static is not None:
+            part = self.split.static
+            results = self._static.run(part.outputs, {n: values[n] for n in part.inputs})
+            out.update(zip(part.outputs, results, strict=True))
+        if self.executor is not None:
+            self.executor.forget_image()
+        return out
+
+    def step_values(self, step: int, batch: int) -> dict[str, np.ndarray]:
+        """The per-step boundary values (cached per step value and batch size)."""
+        key = (int(step), int(batch))
+        cached = self._step_cache.get(key)
+        if cached is None:
+            steps = np.full(batch, step, dtype=np.int64)
+            cached = {}
+            if self._step is not None:
+                part = self.split.step
+                results = self._step.run(part.outputs, {STEP_INPUT: steps})
+                cached.update(zip(part.outputs, results, strict=True))
+            if STEP_INPUT in self.split.passthrough:
+                cached[STEP_INPUT] = steps
+            self._step_cache[key] = cached
+        return cached
+
+    def feeds(self, prepared: dict[str, np.ndarray], y_t: np.ndarray,
+              step: int) -> dict[str, np.ndarray]:
+        values = {"y_t": np.ascontiguousarray(y_t, dtype=np.float32), **prepared,
+                  **self.step_values(step, y_t.shape[0])}
+        return {n: values[n] for n in self._dynamic_inputs}
+
+    def __call__(self, prepared: dict[str, np.ndarray], y_t: np.ndarray,
+                 step: int) -> np.ndarray:
+        """The refiner's output probabilities (float32) for ``y_t`` at original ``step``."""
+        feeds = self.feeds(prepared, y_t, step)
+        if self.executor is not None:
+            return self.executor.run(feeds)
+        return self._dynamic.run(None, feeds)[0]

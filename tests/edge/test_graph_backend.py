@@ -1,0 +1,200 @@
+"""The refiner graph split and the packed backend's executor, on the exported tiny model and on
+small hand-made graphs.
+
+- the static / step / dynamic parts reproduce the whole graph (ORT, float rounding only);
+- the packed executor reproduces the ORT dynamic part bit for bit, every packed binary conv's
+  float output equals the ORT function body's, and its integer part equals
+  ``reference.binary_conv2d``;
+- consecutive binary convs stay packed; convs the kernel cannot take fall back to ORT;
+- the NHWC elementwise kernels equal the NCHW ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import reference
+from edge_runtime import nhwc
+from edge_runtime.executor import StepExecutor
+from edge_runtime.graph import split_refiner
+from edge_runtime.model import load_model
+from edge_runtime.ortutil import make_session
+from export.ops import binary_conv_function
+
+
+@pytest.fixture(scope="module")
+def refiner(tiny_export):
+    exported = load_model(tiny_export[1])
+    return exported, exported.protos["refiner_step"]
+
+
+def _inputs(exported, seed: int = 0, batch: int = 2):
+    rng = np.random.default_rng(seed)
+    h, w = exported.facts.input_size
+    x = rng.standard_normal((batch, exported.facts.in_channels, h, w)).astype(np.float32)
+    seg = make_session(exported.files["segmentor"])
+    names = [o.name for o in seg.get_outputs()]
+    values = dict(zip(names, seg.run(None, {"image": x}), strict=True))
+    values["image"] = x
+    values["y_t"] = (rng.random(values["prior"].shape) < values["prior"]).astype(np.float32)
+    return values
+
+
+def _boundary(split, values, step: int, batch: int) -> dict[str, np.ndarray]:
+    values = dict(values, step=np.full(batch, step, np.int64))
+    for part in (split.static, split.step):
+        if part.model is not None:
+            out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
+            values.update(zip(part.outputs, out, strict=True))
+    return {n: values[n] for n in split.dynamic.inputs}
+
+
+def test_split_parts_reproduce_the_graph(refiner):
+    exported, proto = refiner
+    split = split_refiner(proto)
+    kinds = split.kinds
+    assert kinds["y_t"] == "dynamic" and kinds["step"] == "step" and kinds["image"] == "static"
+    assert split.static.nodes and split.step.nodes and split.dynamic.nodes
+    # nothing that depends only on the image or only on the step is left in the per-step part
+    for node in split.dynamic.nodes:
+        assert any(kinds.get(i) == "dynamic" for i in node.input) or {
+            kinds.get(i) for i in node.input} >= {"static", "step"}
+    values = _inputs(exported)
+    full = make_session(proto)
+    for step in (10, 3, 1):
+        feeds = dict(values, step=np.full(2, step, np.int64))
+        want = full.run(None, {i.name: feeds[i.name] for i in full.get_inputs()})[0]
+        got = make_session(split.dynamic.model).run(None, _boundary(split, values, step, 2))[0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_packed_executor_is_bit_exact(refiner):
+    exported, proto = refiner
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split)
+    n_binary = sum(n.op_type == "BinaryConv" for n in proto.graph.node)
+    assert executor.stats.packed == n_binary and not executor.stats.fallbacks
+    dynamic = make_session(split.dynamic.model)
+    for seed, step in ((0, 10), (1, 5), (2, 1)):
+        feeds = _boundary(split, _inputs(exported, seed), step, 2)
+        assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
+
+
+def test_binary_layers_equal_function_bodies(refiner):
+    """Every packed conv output == the ORT function body's output for the same node (exact),
+    and its integer part == reference.binary_conv2d of the node's input."""
+    exported, proto = refiner
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split, keep_specs=True)
+    feeds = _boundary(split, _inputs(exported, 3), 7, 2)
+    mine = executor.binary_outputs(feeds)
+    specs = {name: spec for name, _, spec in executor.binary_layers(feeds)}
+    nodes = [n for n in split.dynamic.nodes if n.op_type == "BinaryConv"]
+    assert set(mine) == {n.output[0] for n in nodes}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(split.dynamic.model)
+    wanted = [n.output[0] for n in nodes] + [n.input[0] for n in nodes]
+    for name in dict.fromkeys(wanted):
+        info = onnx.ValueInfoProto(name=name)
+        info.type.CopyFrom(split.types[name])
+        probe.graph.output.append(info)
+    names = [o.name for o in probe.graph.output]
+    theirs = dict(zip(names, make_session(probe).run(names, feeds), strict=True))
+    for node in nodes:
+        out = node.output[0]
+        assert np.array_equal(mine[out], theirs[out]), node.name
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        spec = specs[node.name]
+        w, scale, bias = spec["weight"], spec["scale"], spec["bias"]
+        top, left, _, _ = attrs["pads"]
+        assert spec["padding"] == (top, left) and spec["stride"] == tuple(attrs["strides"])
+        ints = reference.binary_conv2d(theirs[node.input[0]], w, stride=tuple(attrs["strides"]),
+                                       padding=(top, left), dilation=tuple(attrs["dilations"]),
+                                       pad_value=attrs["pad_value"])
+        recovered = ints.astype(np.float32) * scale.reshape(1, -1, 1, 1) + bias.reshape(
+            1, -1, 1, 1)
+        assert np.array_equal(recovered, mine[out]), node.name
+
+
+def _binary_chain_model(pads2=(1, 1, 1, 1), pad_value2: float = 1.0) -> onnx.ModelProto:
+    """y_t (1, 40, 9, 9) -> BinaryConv -> BinaryConv -> Add(step table) -> output."""
+    rng = np.random.default_rng(5)
+    inits, nodes = [], []
+    cin = 40
+    for i, (cout, pads, pv) in enumerate(((36, (1, 1, 1, 1), 1.0), (33, pads2, pad_value2))):
+        w = np.where(rng.random((cout, cin, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
+        inits += [helper.make_tensor(f"w{i}", TensorProto.FLOAT, w.shape, w.ravel()),
+                  helper.make_tensor(f"s{i}", TensorProto.FLOAT, [cout],
+                                     rng.random(cout).astype(np.float32) + 0.1),
+                  helper.make_tensor(f"b{i}", TensorProto.FLOAT, [cout],
+                                     rng.standard_normal(cout).astype(np.float32))]
+        src = "y_t" if i == 0 else "h0"
+        nodes.append(helper.make_node(
+            "BinaryConv", [src, f"w{i}", f"s{i}", f"b{i}"], [f"h{i}"], domain="ai.hidiff",
+            kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1], pads=list(pads),
+            pad_value=pv, channels_in=cin, channels_out=cout))
+        cin = cout
+    table = rng.standard_normal((11, 33, 1, 1)).astype(np.float32)
+    inits.append(helper.make_tensor("table", TensorProto.FLOAT, table.shape, table.ravel()))
+    nodes += [helper.make_node("Gather", ["table", "step"], ["row"]),
+              helper.make_node("Add", ["h1", "row"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 40, 9, 9]),
+         helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.hidiff", 1)],
+                              ir_version=10)
+    model.functions.append(binary_conv_function(17))
+    return model
+
+
+@pytest.mark.parametrize("pads2, pad_value2, chained, fallback", [
+    ((1, 1, 1, 1), 1.0, 1, 0),   # two packed convs, the first one's output stays packed
+    ((0, 0, 1, 2), 1.0, 1, 0),   # asymmetric padding with +1: explicit packed padding
+    ((0, 0, 1, 2), 0.0, 0, 1),   # asymmetric with 0 padding: left to ORT's function body
+])
+def test_chained_and_fallback_binary_convs(pads2, pad_value2, chained, fallback):
+    model = _binary_chain_model(pads2, pad_value2)
+    split = split_refiner(model)
+    executor = StepExecutor(model, split)
+    assert executor.stats.packed_chained == chained
+    assert len(executor.stats.fallbacks) == fallback
+    rng = np.random.default_rng(0)
+    x = rng.integers(-2, 3, size=(2, 40, 9, 9)).astype(np.float32)  # zeros: sign(0) = +1
+    step = np.array([3, 3], np.int64)
+    values = {"y_t": x, "step": step}
+    for part in (split.step,):
+        out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
+        values.update(zip(part.outputs, out, strict=True))
+    feeds = {n: values[n] for n in split.dynamic.inputs}
+    want = make_session(model).run(None, {"y_t": x, "step": step})[0]
+    assert np.array_equal(executor.run(feeds), want)
+
+
+def test_nhwc_kernels_equal_nchw():
+    rng = np.random.default_rng(1)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-38, -1e-45], np.float32)
+    big = rng.standard_normal((2, 32, 16, 16)).astype(np.float32)
+    big.ravel()[:special.size] = special
+    other = rng.standard_normal((2, 32, 16, 16)).astype(np.float32)
+    vec = rng.standard_normal((32, 1, 1)).astype(np.float32)
+    slope_in = rng.random((32, 1, 1)).astype(np.float32)
+    slope_out = (rng.standard_normal((32, 1, 1)) * 2).astype(np.float32)
+    to_nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+    back = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
+    for name, ufunc in (("Add", np.add), ("Sub", np.subtract), ("Mul", np.multiply)):
+        fn = nhwc.ELEMENTWISE[name]
+        for a, b in ((big, vec), (vec, big), (big, other)):
+            want = ufunc(a, b)
+            got = fn(to_nhwc(a) if a.ndim == 4 else nhwc.view(a),
+                     to_nhwc(b) if b.ndim == 4 else nhwc.view(b))
+            np.testing.assert_array_equal(back(got), want)
+    for slope in (slope_in, slope_out):
+        want = np.where(big < 0, big * slope, big)
+        got = back(nhwc.prelu(to_nhwc(big), nhwc.view(slope)))
+        np.testing.assert_array_equal(got, want)  # (the sign of a zero may differ: harmless)

@@ -1,0 +1,263 @@
+"""End to end on real Kvasir-SEG images: edge ``packed`` == edge ``onnxruntime`` == torch.
+
+The three pipelines draw the same uniforms (``reference.draw_uniforms``) and differ only where
+their network outputs differ. The packed backend computes the binary layers with the native
+kernel and keeps ORT for the rest of the graph, so its outputs equal the ORT backend's bit for
+bit: asserted at every step.
+
+Torch and ORT round differently (MLAS vs oneDNN), by ~1e-6 on the outputs, and where an
+activation of the binary refiner lies within that rounding of 0 it binarizes the other way, which
+moves the outputs near it by more. So against torch the check is along the trajectory, sample by
+sample: torch must have drawn exactly ``u < mean_torch`` with the edge's uniforms at the same
+positions (same tile order, same uniform layout), so the samples of an image (tile) stay
+identical until a draw where the two networks' means, computed on identical states, lie on both
+sides of the uniform (a *near-threshold event*); from there the binary refiner may amplify the
+flip inside that image. Mask pixels may differ only inside images (tiles) that diverged so, or
+where the two final ``y0_hat`` lie on both sides of 0.5. Counts are printed; agreement must stay
+above ``MIN_AGREEMENT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reference
+from edge_runtime import EdgeError, HiDiffSession, images
+
+PROB_ATOL = 1e-4
+MIN_AGREEMENT = 0.98
+SEED = 1234
+
+pytestmark = pytest.mark.data
+
+
+def _kvasir(root: Path, count: int, offset: int = 0) -> list[np.ndarray]:
+    files = sorted((root / "images").glob("*.jpg"))[offset:offset + count]
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+def _torch_trajectory(pipe, x: np.ndarray, steps, seed: int, refiner: str = "binary"):
+    """Torch's prior, samples, step means and final y0_hat (its own modules and scheduler, as
+    ``HiDiffPipeline._refine``; checked equal to ``pipe.predict``)."""
+    import torch
+
+    from hidiff.pipeline import make_scheduler
+    from hidiff.segmentor import prior_from_logits
+
+    module, sched = pipe.refiner_module(refiner), make_scheduler(pipe.config, steps)
+    n = len(sched.timesteps)
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        seg = pipe.segmentor(xt)
+        prior = prior_from_logits(seg.logits)
+        u = torch.from_numpy(reference.draw_uniforms(seed, tuple(prior.shape), n))
+        cache = module.precompute(xt, prior, tuple(seg.features))
+        prior64 = prior.double()
+        y = sched.initial_sample(prior64, u[0])
+        states, means = [y.numpy()], []
+        for k, step in enumerate(sched.timesteps.tolist()):
+            t = torch.full((x.shape[0],), step, dtype=torch.long)
+            out = torch.sigmoid(module.forward_step(cache, y.float(), t))
+            res = sched.step(out.double(), step, y, prior=prior64,
+                             u=u[k + 1] if k + 1 < n else None)
+            y = res.prev_sample
+            if res.prev_mean is not None:
+                states.append(y.numpy())
+                means.append(res.prev_mean.numpy())
+    y0 = res.pred_original_sample.numpy()
+    expected = pipe.predict(xt, steps=steps, seed=seed, refiner=refiner).mask.numpy()
+    assert np.array_equal((y0[:, 0] > 0.5).astype(np.uint8), expected)
+    return prior64.numpy(), states, means, y0
+
+
+def _compare_with_torch(session, x: np.ndarray, pipe, steps, seed: int):
+    """Per image (tile): did its trajectory diverge from torch's? Asserts the module
+    docstring's conditions; returns the flags and the counts for the report."""
+    trace: list = []
+    _, y0_e, prior_e = session.predict_batch(x, steps=steps, seed=seed, trace=trace)
+    prior_t, states_t, means_t, y0_t = _torch_trajectory(pipe, x, steps, seed,
+                                                         session.refiner_name)
+    uniforms = reference.draw_uniforms(seed, prior_e.shape, len(trace))
+    # torch sampled with exactly these uniforms at exactly these positions
+    assert np.array_equal(states_t[0], (uniforms[0] < prior_t).astype(np.float64))
+    for k, mean in enumerate(means_t):
+        assert np.array_equal(states_t[k + 1], (uniforms[k + 1] < mean).astype(np.float64))
+    states_e = [y for _, y, _, _ in trace]
+    means_e = [prior_e.astype(np.float64)] + [m for _, _, _, m in trace[:-1]]
+    means_t = [prior_t, *means_t]
+    n = x.shape[0]
+    diverged = np.zeros(n, dtype=bool)
+    flips, disagreement, off = 0, 0.0, 0
+    for k in range(len(states_e)):
+        same = ~diverged[:, None, None, None] & np.ones_like(states_e[k], dtype=bool)
+        gap = np.abs(means_e[k] - means_t[k])[same]
+        disagreement = max(disagreement, float(gap.max(initial=0.0)))
+        off += int((gap > PROB_ATOL).sum())
+        diff = (states_e[k] != states_t[k]) & same
+        if diff.any():
+            straddle = (uniforms[k] < means_e[k]) != (uniforms[k] < means_t[k])
+            assert np.all(straddle[diff])  # implied by the asserts above; kept explicit
+            flips += int(diff.sum())
+            diverged |= diff.reshape(n, -1).any(axis=1)
+    mismatch = (y0_e > 0.5) != (y0_t > 0.5)
+    final = mismatch & ~diverged[:, None, None, None]
+    assert np.all(((y0_e > 0.5) != (y0_t > 0.5))[final])
+    report = {"images": n, "diverged": int(diverged.sum()), "flipped_draws": flips,
+              "max_mean_disagreement": disagreement, f"means_off_by_>{PROB_ATOL}": off,
+              "mask_mismatch": int(mismatch.sum()), "of": int(mismatch.size)}
+    return diverged, report
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_export):
+    _, out = tiny_export
+    return {b: HiDiffSession(out, backend=b) for b in ("packed", "onnxruntime")}
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_export):
+    from hidiff.evaluation import pipeline_from_model_dir
+
+    return pipeline_from_model_dir(tiny_export[0])[1]
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_batch_masks_packed_ort_torch(sessions, torch_pipe, kvasir_root, steps):
+    """Three real images at the model's size: backends bit-identical, torch along the
+    trajectory (module docstring)."""
+    s = sessions["packed"]
+    h, w = s.facts.input_size
+    x = np.stack([np.moveaxis(images.normalize(images.resize_planes(im / np.float32(255), h, w),
+                                               s.facts.mean, s.facts.std), -1, 0)
+                  for im in _kvasir(kvasir_root, 3)]).astype(np.float32)
+    results, traces = {}, {}
+    for name, sess in sessions.items():
+        traces[name] = []
+        results[name] = sess.predict_batch(x, steps=steps, seed=SEED, trace=traces[name])
+    mask_p, prob_p, _ = results["packed"]
+    mask_o, prob_o, _ = results["onnxruntime"]
+    assert np.array_equal(prob_p, prob_o) and np.array_equal(mask_p, mask_o)
+    for (_, _, out_p, _), (_, _, out_o, _) in zip(traces["packed"], traces["onnxruntime"],
+                                                  strict=True):
+        assert np.array_equal(out_p, out_o)  # every step's network output, bit for bit
+    assert 0 < mask_o.mean() < 1
+    _, report = _compare_with_torch(sessions["onnxruntime"], x, torch_pipe, steps, SEED)
+    print(f"steps={steps}: torch vs edge {report}")
+    assert report["mask_mismatch"] <= (1 - MIN_AGREEMENT) * report["of"]
+
+
+def test_whole_images_match_torch(sessions, torch_pipe, kvasir_root):
+    """``predict`` on full-size real images (resize there and back) equals the torch
+    pipeline's ``predict_image`` for the same seed, for both backends."""
+    for image in _kvasir(kvasir_root, 2, offset=3):
+        ref = torch_pipe.predict_image(image.astype(np.float32) / np.float32(255), seed=7)
+        for sess in sessions.values():
+            pred = sess.predict(image, seed=7)
+            assert pred.mask.shape == image.shape[:2] and pred.mask.dtype == np.uint8
+            assert pred.prob.shape == (1, *image.shape[:2])
+            assert int((pred.mask != ref.mask).sum()) == 0
+            np.testing.assert_allclose(pred.prior, ref.prior, atol=1e-5)
+        # uint8 and float input give the same result
+        as_float = sessions["packed"].predict(image.astype(np.float32) / np.float32(255), seed=7)
+        assert np.array_equal(as_float.mask, pred.mask)
+
+
+def test_tile_policy_matches_torch(tiny_tile_export, kvasir_root):
+    """Tile policy: the same tiles in the same order with the same uniforms as the torch
+    pipeline; tiles whose trajectories never diverge give identical pixels."""
+    from hidiff.evaluation import pipeline_from_model_dir
+
+    model_dir, out = tiny_tile_export
+    pipe = pipeline_from_model_dir(model_dir)[1]
+    image = _kvasir(kvasir_root, 1)[0][:150, :200]  # 3 x 4 tiles of 64 px, overlap 16
+    ref = pipe.predict_image(image.astype(np.float32) / np.float32(255), seed=3, tile_batch=5)
+    packed = HiDiffSession(out, backend="packed", tile_batch=5)
+    pred = packed.predict(image, seed=3)
+    other = HiDiffSession(out, backend="onnxruntime", tile_batch=3).predict(image, seed=3)
+    assert np.array_equal(pred.prob, other.prob) and np.array_equal(pred.mask, other.mask)
+    assert pred.mask.shape == (150, 200)
+
+    facts = packed.facts
+    tiles, starts = images.extract_tiles(
+        images.normalize(image / np.float32(255), facts.mean, facts.std), facts.tile,
+        facts.overlap)
+    x = np.ascontiguousarray(np.moveaxis(tiles, -1, 1), dtype=np.float32)
+    diverged, report = _compare_with_torch(packed, x, pipe, None, 3)
+    covered = np.zeros(image.shape[:2], dtype=bool)
+    for bad, (y, x0) in zip(diverged, starts, strict=True):
+        if bad:
+            covered[y:y + facts.tile, x0:x0 + facts.tile] = True
+    straddle = (pred.prob[0] > 0.5) != (ref.prob[0] > 0.5)
+    differ = pred.mask != ref.mask
+    print(f"tiles: {report}; stitched mask mismatch {int(differ.sum())} of {differ.size}, "
+          f"{int(covered.sum())} pixels in diverged tiles")
+    assert not (differ & ~covered & ~straddle).any()
+    assert differ.sum() <= (1 - MIN_AGREEMENT) * differ.size
+    small = image[:40, :50]  # smaller than one tile: zero padded bottom/right
+    assert packed.predict(small, seed=3).mask.shape == (40, 50)
+
+
+@pytest.mark.parametrize("backend", ["packed", "onnxruntime"])
+def test_fp_twin_matches_torch(tiny_export, torch_pipe, kvasir_root, backend):
+    """``refiner="fp"``: the full-precision twin (no binary layers: the packed backend runs it
+    all in onnxruntime pieces)."""
+    session = HiDiffSession(tiny_export[1], backend=backend, refiner="fp")
+    h, w = session.facts.input_size
+    x = np.stack([np.moveaxis(images.normalize(images.resize_planes(im / np.float32(255), h, w),
+                                               session.facts.mean, session.facts.std), -1, 0)
+                  for im in _kvasir(kvasir_root, 2, offset=5)]).astype(np.float32)
+    diverged, report = _compare_with_torch(session, x, torch_pipe, 5, SEED)
+    print(f"fp twin ({backend}): {report}")
+    assert report["mask_mismatch"] <= (1 - MIN_AGREEMENT) * report["of"]
+    if backend == "packed":
+        assert session.refiner.executor.stats.packed == 0
+
+
+def test_multiclass_matches_torch(tiny_k3_export, kvasir_root):
+    """K = 3: softmax prior, per-channel Bernoulli draws, argmax mask, labels 0..2."""
+    from hidiff.evaluation import pipeline_from_model_dir
+
+    model_dir, out = tiny_k3_export
+    pipe = pipeline_from_model_dir(model_dir)[1]
+    image = _kvasir(kvasir_root, 1, offset=2)[0]
+    ref = pipe.predict_image(image.astype(np.float32) / np.float32(255), seed=2)
+    for backend in ("packed", "onnxruntime"):
+        pred = HiDiffSession(out, backend=backend).predict(image, seed=2)
+        assert pred.prob.shape == (3, *image.shape[:2]) and set(np.unique(pred.mask)) <= {0, 1, 2}
+        mismatch = int((pred.mask != ref.mask).sum())
+        print(f"K=3 {backend}: mask mismatch vs torch {mismatch} of {pred.mask.size}")
+        assert mismatch <= (1 - MIN_AGREEMENT) * pred.mask.size
+
+
+def test_seed_and_steps_change_the_result(sessions, kvasir_root):
+    image = _kvasir(kvasir_root, 1)[0]
+    s = sessions["packed"]
+    a = s.predict(image, seed=0)
+    assert np.array_equal(a.mask, s.predict(image, seed=0).mask)
+    assert not np.array_equal(a.prob, s.predict(image, seed=1).prob)
+    assert not np.array_equal(a.prob, s.predict(image, seed=0, steps=3).prob)
+
+
+def test_bad_arguments(tiny_export):
+    _, out = tiny_export
+    with pytest.raises(EdgeError, match="backend"):
+        HiDiffSession(out, backend="gpu")
+    with pytest.raises(EdgeError, match="refiner"):
+        HiDiffSession(out, refiner="half")
+    s = HiDiffSession(out, backend="onnxruntime")
+    with pytest.raises(EdgeError, match="steps"):
+        s.predict(np.zeros((8, 8, 3), np.uint8), steps=11)
+    with pytest.raises(EdgeError, match="grayscale"):
+        s.predict(np.zeros((8, 8), np.uint8))
+    with pytest.raises(EdgeError, match="16-bit"):
+        s.predict(np.zeros((8, 8, 3), np.uint16))
+    with pytest.raises(EdgeError, match=r"\[0, 1\]"):
+        s.predict(np.full((8, 8, 3), 2.0, np.float32))
