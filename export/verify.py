@@ -16,11 +16,15 @@ Tolerances (``tolerance = atol + rtol * max|expected|``; an output passes when a
 * ``prior``: atol 1e-4, allowed 0. Same float32 convolutions in another order; measured 2e-7 -
   3e-5 (large logits).
 * ``feature_i``: rtol 1e-5 of the largest feature magnitude (unnormalised activations), allowed 0.
-* ``probabilities``: atol 1e-3, allowed 1 %. Binary layers are exact given the same input, but
-  the real layers before them round differently, and an input within rounding of 0 binarizes
-  the other way. Without a flip the difference is ~1e-6; a flip moves a small patch of output
-  probabilities by up to a few 1e-2 (measured on cpu-small with random weights: 15-74 of 32768
-  elements, max 0.021, in 3 of 10 steps; none on tiny). A wrong export moves most elements.
+* ``probabilities``: atol 1e-3, judged per *case* (one sample at one step), not per element.
+  Binary layers are exact given the same input, but the real layers before them round
+  differently, and an input within rounding of 0 binarizes the other way; in a trained binary
+  U-Net one such flip cascades through the later layers. A case either agrees everywhere to
+  ~1e-6 or carries such a cascade (measured on a trained cpu-small Kvasir-SEG model, 4 real
+  images x 10 steps: 9 of 10 steps agree to 3e-7, one step differs by up to 0.07 on 8 % of its
+  elements; torch against itself with a 1-ulp change of the image shows the same kind of
+  cascades). A wrong export (a misfolded table, scale or weight) moves every case. The output
+  passes when at most half of the cases differ beyond the tolerance.
 * ORT vs ``onnx.reference.ReferenceEvaluator``: the same tolerances.
 """
 
@@ -51,8 +55,10 @@ __all__ = [
 TOLERANCES: dict[str, tuple[float, float, float]] = {
     "prior": (1e-4, 0.0, 0.0),
     "feature": (0.0, 1e-5, 0.0),
-    "probabilities": (1e-3, 0.0, 0.01),
+    "probabilities": (1e-3, 0.0, 0.5),  # allowed fraction of *cases*, see the docstring
 }
+#: outputs judged per case (one sample at one step) rather than per element
+_PER_CASE = ("probabilities",)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -73,8 +79,10 @@ class Comparison:
     against: str
     max_abs_diff: float
     tolerance: float
-    fraction_over: float = 0.0  # elements with |diff| > tolerance
+    fraction_over: float = 0.0  # elements (or, for per-case outputs, cases) over tolerance
     allowed_fraction: float = 0.0
+    cases: int = 0  # per-case outputs: number of (sample, step) cases compared
+    cases_over: int = 0
 
     @property
     def passed(self) -> bool:
@@ -101,6 +109,9 @@ class VerifyReport:
         for c in self.comparisons:
             mark = "ok  " if c.passed else "FAIL"
             over = f", {c.fraction_over:.2%} over" if c.fraction_over else ""
+            if c.cases:
+                over = (f", {c.cases_over} of {c.cases} cases over; allowed "
+                        f"{c.allowed_fraction:.0%} (sign-flip cascades, see export.verify)")
             lines.append(
                 f"  {mark} {c.graph:16s} {c.output:14s} ORT vs {c.against:15s} "
                 f"max|diff| {c.max_abs_diff:.3g} (tol {c.tolerance:.3g}{over})"
@@ -165,6 +176,13 @@ def _compare(report, graph, names, got, expected, against) -> None:
     for name, a, b in zip(names, got, expected, strict=True):
         diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
         tol, allowed = tolerance_for(name, np.asarray(b))
+        if name in _PER_CASE and diff.size:
+            case_over = (diff.reshape(diff.shape[0], -1) > tol).any(axis=1)
+            cases, n_over = int(case_over.size), int(case_over.sum())
+            report.comparisons.append(
+                Comparison(graph, name, against, float(diff.max()), tol, n_over / cases,
+                           allowed, cases, n_over))
+            continue
         over = float(np.mean(diff > tol)) if diff.size else 0.0
         report.comparisons.append(
             Comparison(graph, name, against, float(diff.max(initial=0.0)), tol, over, allowed)
@@ -277,7 +295,7 @@ def _reference_run(evaluator, feed):
 
 def _worst_per_output(comparisons: list[Comparison]) -> list[Comparison]:
     """One comparison per (graph, output, against): the largest difference over the runs, the
-    largest fraction over tolerance."""
+    largest fraction of elements over tolerance (per-case outputs: the cases pooled)."""
     worst: dict[tuple[str, str, str], Comparison] = {}
     for c in comparisons:
         key = (c.graph, c.output, c.against)
@@ -285,10 +303,11 @@ def _worst_per_output(comparisons: list[Comparison]) -> list[Comparison]:
         if w is None:
             worst[key] = c
             continue
+        cases, cases_over = w.cases + c.cases, w.cases_over + c.cases_over
+        fraction = cases_over / cases if cases else max(w.fraction_over, c.fraction_over)
         worst[key] = Comparison(
             c.graph, c.output, c.against, max(w.max_abs_diff, c.max_abs_diff),
-            min(w.tolerance, c.tolerance), max(w.fraction_over, c.fraction_over),
-            c.allowed_fraction,
+            min(w.tolerance, c.tolerance), fraction, c.allowed_fraction, cases, cases_over,
         )
     return list(worst.values())
 
