@@ -42,3 +42,25 @@ def respaced_schedules(draw, max_steps=50):
     from reference import respace
 
     return respace(sched, sorted(others) + [t_max])
+
+
+@st.composite
+def conv_geometry(draw, kernels=(1, 3, 5), extra=5):
+    """A valid 2-D convolution geometry: kernel, stride, dilation, padding (each per axis), an
+    input size just large enough for at least one output (plus up to ``extra``), a pad value."""
+    kernel = (draw(st.sampled_from(kernels)), draw(st.sampled_from(kernels)))
+    stride = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
+    dilation = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    size = []
+    for k, d, p in zip(kernel, dilation, padding, strict=True):
+        smallest = max(1, d * (k - 1) + 1 - 2 * p)
+        size.append(draw(st.integers(smallest, smallest + extra)))
+    return {
+        "kernel": kernel,
+        "stride": stride,
+        "dilation": dilation,
+        "padding": padding,
+        "size": tuple(size),
+        "pad_value": draw(st.sampled_from([1.0, 0.0])),
+    }

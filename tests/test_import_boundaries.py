@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 BLOCK = "import sys\nfor m in {mods!r}: sys.modules[m] = None\n"

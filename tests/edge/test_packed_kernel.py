@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import conv_geometry
 
 from reference.binary_conv import binary_conv2d as ref_conv2d
 from reference.bitpack import bitpack
@@ -41,24 +42,11 @@ def _ints(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 @st.composite
 def conv_cases(draw):
-    kh, kw = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3, 5]))
-    stride = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    dilation = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    size = []
-    for k, d, p in zip((kh, kw), dilation, padding, strict=True):
-        smallest = max(1, d * (k - 1) + 1 - 2 * p)
-        size.append(draw(st.integers(smallest, smallest + 5)))
     return {
+        **draw(conv_geometry(extra=5)),
         "batch": draw(st.sampled_from([1, 2])),
         "cin": draw(st.sampled_from(CHANNELS)),
         "cout": draw(st.sampled_from(OUT_CHANNELS)),
-        "kernel": (kh, kw),
-        "size": tuple(size),
-        "stride": stride,
-        "padding": padding,
-        "dilation": dilation,
-        "pad_value": draw(st.sampled_from([1.0, 0.0])),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import conv_geometry
 
 from hidiff.layers import BinaryConv2d, BinaryLinear, TimeActivation, TimeBinarization
 from reference.binary_conv import binary_conv2d, binary_linear
@@ -47,24 +48,11 @@ def _pseudo_grad(name: str | None, x: np.ndarray) -> np.ndarray:
 
 @st.composite
 def conv_cases(draw):
-    kh, kw = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 3]))
-    stride = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    dilation = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    sizes = []
-    for k, d, p in zip((kh, kw), dilation, padding, strict=True):
-        low = max(1, d * (k - 1) + 1 - 2 * p)
-        sizes.append(draw(st.integers(low, low + 6)))
     return {
+        **draw(conv_geometry(kernels=(1, 3), extra=6)),
         "n": draw(st.integers(1, 2)),
         "cin": draw(st.sampled_from([1, 31, 33, 65])),
         "cout": draw(st.sampled_from([1, 2, 33])),
-        "kernel": (kh, kw),
-        "stride": stride,
-        "padding": padding,
-        "dilation": dilation,
-        "size": tuple(sizes),
-        "pad_value": draw(st.sampled_from([1.0, 0.0])),
         "quantizer": draw(st.sampled_from(QUANTIZERS)),
         "bias": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**32 - 1)),

@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import correlate
+from strategies import conv_geometry
 
 from reference.binary_conv import binary_conv2d, binary_linear
 
@@ -39,24 +40,11 @@ def _float_conv(x, w, stride, padding, dilation, pad_value):
 
 @st.composite
 def conv_cases(draw):
-    kh, kw = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3, 5]))
-    stride = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    dilation = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    sizes = []
-    for k, d, p in zip((kh, kw), dilation, padding, strict=True):
-        smallest = max(1, d * (k - 1) + 1 - 2 * p)
-        sizes.append(draw(st.integers(smallest, smallest + 4)))
     return {
+        **draw(conv_geometry(extra=4)),
         "batch": draw(st.sampled_from([1, 2])),
         "channels": draw(st.sampled_from(CHANNELS)),
         "out_channels": draw(st.sampled_from([1, 2, 5])),
-        "kernel": (kh, kw),
-        "size": tuple(sizes),
-        "stride": stride,
-        "padding": padding,
-        "dilation": dilation,
-        "pad_value": draw(st.sampled_from([1.0, 0.0])),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
 
