@@ -2,7 +2,7 @@
 
 ``hidiff demo`` wraps :func:`run_demo`. On a 2-core CPU the default budget (8 minutes of training
 on the ``cpu-small`` preset, then the three predictors on the 100 test images) finishes in about
-12 minutes. The numbers are those of a model trained for minutes, not the paper's: see
+10 minutes. The numbers are those of a model trained for minutes, not the paper's: see
 ``benchmarks/results/accuracy.md`` for longer budgets.
 
 The dataset is read from ``--data``, else ``$HIDIFF_DATA/Kvasir-SEG``, else
