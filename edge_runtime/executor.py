@@ -7,6 +7,10 @@ kernel, NumPy or onnxruntime. This module turns the plan into a list of closures
   from a previous packed conv), the native XNOR-popcount kernel computes
   ``int * scale + bias`` in NHWC; when every consumer is another packed conv the output stays
   packed (the kernel's threshold output ``y < 0``, i.e. the consumer's ``sign(y)``);
+- a fused packed conv (:func:`edge_runtime.plan.fuse`): packs ``x - sub`` (or takes the words
+  the previous fused conv emitted), runs the kernel with its epilogue (residual, zeta, PReLU,
+  gamma) and optionally emits the next conv's packed input; the output may take the residual's
+  buffer (in place); vectors of unexpected runtime shape fall back to the ops one by one;
 - a NumPy elementwise node of the region: NHWC, bit-identical to ORT's NCHW result;
 - a run of ORT nodes: one sub-model, fed and producing NHWC where the region needs it.
 
@@ -26,7 +30,8 @@ import onnx
 from . import nhwc
 from .graph import RefinerSplit, submodel, with_channels_last
 from .ortutil import make_session, to_nchw, to_nhwc
-from .plan import assign, const_values, last_reads, packed_conv_spec, schedule
+from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, schedule
+from .plan import words_key as plan_words_key
 
 __all__ = ["PlanStats", "StepExecutor"]
 
@@ -37,6 +42,8 @@ class PlanStats:
 
     packed: int = 0
     packed_chained: int = 0
+    fused: int = 0  # elementwise nodes folded into packed convs (their native epilogue)
+    packed_words: int = 0  # fused convs that also emit the next conv's packed input
     numpy: int = 0
     ort: int = 0
     ort_sessions: int = 0
@@ -101,6 +108,10 @@ class StepExecutor:
         self.consts = const_values(model, split.kinds, nodes)
         kinds = assign(nodes, self.consts, split.types, use_packed=use_packed,
                        fallbacks=self.stats.fallbacks)
+        nodes, self._fusions = fuse(nodes, kinds, self.consts, split.types, {self.output})
+        self.stats.fused = sum(len(f.nodes) for f in self._fusions.values())
+        self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
+        words_reader = {f.words_for[0]: None for f in self._fusions.values() if f.words_for}
         self._kind_of = {o: kinds[id(node)] for node in nodes for o in node.output}
         self._consumers: dict[str, list] = {}
         for node in nodes:
@@ -128,32 +139,44 @@ class StepExecutor:
                 self.stats.ort_sessions += 1
                 continue
             for node in group:
+                read = set(node.input)
                 if kind == "packed":
                     self._steps.append(self._packed_step(node, kinds))
-                    self.labels.append(f"packed:{node.name}")
+                    fusion = self._fusions.get(id(node))
+                    self.labels.append(f"packed:{node.name}" + (
+                        "+" + "+".join(n.op_type for n in fusion.nodes) if fusion else ""))
+                    if fusion and fusion.sub:
+                        key = plan_words_key(fusion.x, fusion.sub)
+                        if key in words_reader:
+                            read.add(key)
                 else:
                     self._steps.append(self._numpy_step(node))
                     self.labels.append(f"numpy:{node.op_type}")
-                reads.append(set(node.input))
+                reads.append(read)
             setattr(self.stats, kind, getattr(self.stats, kind) + len(group))
         self._free_after = last_reads(reads, {self.output})
         if keep_specs:
-            self._specs = [(n.name, n.input[0], packed_conv_spec(n, self.consts))
-                           for n in self._packed_nodes]
+            self._specs = [(n.name, src, packed_conv_spec(n, self.consts))
+                           for n, src in self._packed_nodes]
         else:
             self._specs = None
         # drop what keeps the graph proto (and the float weights) alive
         self.consts, self._consumers, self._packed_nodes = {}, {}, []
+        self._fusions = {}
     # -- steps ------------------------------------------------------------------------------
     def _packed_step(self, node, kinds) -> Callable[[_Env], None]:
-        spec = packed_conv_spec(node, self.consts)
-        self._packed_nodes.append(node)
+        fusion = self._fusions.get(id(node))
+        conv = fusion.conv if fusion else node
+        spec = packed_conv_spec(conv, self.consts)
+        src, dst = (fusion.x, fusion.output) if fusion else (node.input[0], node.output[0])
+        self._packed_nodes.append((conv, src))
         explicit = spec.pop("explicit_pads")
         packed = self._packed
-        src, dst = node.input[0], node.output[0]
         users = self._consumers.get(dst, [])
-        keep_packed = bool(users) and dst != self.output and all(
+        keep_packed = bool(users) and dst != self.output and not (
+            fusion and fusion.epilogue) and all(
             kinds[id(u)] == "packed" and u.input[0] == dst and dst not in u.input[1:]
+            and not (id(u) in self._fusions and self._fusions[id(u)].sub)
             for u in users)
         layer = packed.PackedBinaryConv(
             spec.pop("weight"), threads=self.threads,
@@ -161,28 +184,111 @@ class StepExecutor:
             **spec)
         self.stats.packed_chained += keep_packed
         if not keep_packed:
-            self._binary_out.add(dst)
-        # the packed input is read last here: its float buffer may take the output
-        donor = (self._last_reader.get(src) == id(node) and src not in self.inputs
-                 and not keep_packed)
+            self._binary_out.add(conv.output[0])
+        residual = fusion.residual if fusion else None
+        # a float input read last here (not a feed) may give its buffer to the output: the
+        # residual first (the kernel then adds it in place), else the packed input
+        donor = None
+        for name in (residual, src):
+            if name and self._last_reader.get(name) == id(node) and name not in self.inputs \
+                    and name != self.output and not keep_packed and name not in node.input[
+                        len(node.input) - (fusion is not None and fusion.words_for is not None):]:
+                donor = name
+                break
+        if fusion is None:
+            def run(env: _Env) -> None:
+                words = env.words.get(src)
+                if words is None:
+                    words = (packed.pack_nhwc(env.nhwc[src]) if src in env.nhwc
+                             else packed.pack_nchw(env.nchw[src]))
+                if explicit is not None:
+                    words = _pad_words(words, explicit)
+                if keep_packed:
+                    env.words[dst] = layer.forward_packed(words)
+                    return
+                env.nhwc[dst] = layer(words, out=_donated(env, donor, layer, words))
+            return run
+        return self._fused_run(fusion, layer, explicit, donor)
+
+    def _fused_run(self, f, layer, explicit, donor) -> Callable[[_Env], None]:
+        packed = self._packed
+        cout = layer.out_channels
+        consts = {n: self.consts[n] for n in (f.sub, f.zeta, f.slope, f.gamma)
+                  if n and n in self.consts}
+        fixed = {n: nhwc.view(v) for n, v in consts.items()}  # for the NumPy fallback
+        slope = _channels(consts.get(f.slope), 1, cout) if f.slope else None
+        in_key = plan_words_key(f.x, f.sub) if f.sub else None
+        emit = f.words_for  # (key, threshold name) of the next conv's packed input
+        check = f.conv.output[0]
+        src, dst = f.x, f.output
+
+        def vector(env: _Env, name: str | None, n: int):
+            if name is None:
+                return None
+            value = consts.get(name)
+            return _channels(env.get(name) if value is None else value, n, cout)
+
+        def fallback(env: _Env) -> None:  # unexpected runtime shapes: the ops one by one
+            values: dict[str, np.ndarray] = {}
+
+            def get(name):
+                if name in values:
+                    return values[name]
+                return fixed[name] if name in fixed else env.get_nhwc(name)
+
+            nodes = list(f.nodes)
+            if f.sub:
+                sub = nodes.pop(0)
+                x = nhwc.ELEMENTWISE["Sub"](get(sub.input[0]), get(sub.input[1]))
+                words = packed.pack_nhwc(x)
+            else:
+                words = env.words.get(src)
+                if words is None:
+                    words = packed.pack_nhwc(env.get_nhwc(src))
+            if explicit is not None:
+                words = _pad_words(words, explicit)
+            values[check] = layer(words)
+            for node in nodes:
+                values[node.output[0]] = nhwc.ELEMENTWISE[node.op_type](
+                    *(get(n) for n in node.input))
+            env.nhwc[dst] = np.ascontiguousarray(values[dst])
+            if not env.donate:
+                env.nhwc[check] = values[check]
 
         def run(env: _Env) -> None:
-            words = env.words.get(src)
+            words = env.words.get(in_key) if in_key else env.words.get(src)
+            x = None
             if words is None:
-                words = (packed.pack_nhwc(env.nhwc[src]) if src in env.nhwc
-                         else packed.pack_nchw(env.nchw[src]))
+                x = env.get_nhwc(src)
+                n = x.shape[0]
+                sub = vector(env, f.sub, n)
+                if f.sub and sub is None:
+                    return fallback(env)
+                words = packed.pack_nhwc(x, sub=sub)
             if explicit is not None:
-                top, left, bottom, right = explicit
-                words = np.pad(words, ((0, 0), (top, bottom), (left, right), (0, 0)))
-            if keep_packed:
-                env.words[dst] = layer.forward_packed(words)
-                return
-            out = env.nhwc.get(src) if donor and env.donate else None
-            if out is not None and not (
-                    out.flags.c_contiguous and out.flags.writeable and out.dtype == np.float32
-                    and out.shape == layer.output_shape(*words.shape[:3])):
+                words = _pad_words(words, explicit)
+            n = words.shape[0]
+            shape = layer.output_shape(*words.shape[:3])
+            res = env.get_nhwc(f.residual) if f.residual else None
+            zeta, gamma = vector(env, f.zeta, n), vector(env, f.gamma, n)
+            nxt = vector(env, emit[1], n) if emit else None
+            if (res is not None and (res.shape != shape or res.dtype != np.float32
+                                     or not res.flags.c_contiguous)) or (
+                    f.zeta and zeta is None) or (f.gamma and gamma is None) or (
+                    f.slope and slope is None) or (emit and nxt is None):
+                return fallback(env)
+            out = _donated(env, donor, layer, words)
+            if out is not None and res is not None and out is not res and np.shares_memory(
+                    out, res):
                 out = None
-            env.nhwc[dst] = layer(words, out=out)
+            result = layer.fused(words, out=out, residual=res, zeta=zeta, slope=slope,
+                                 gamma=gamma, pack_sub=nxt)
+            if emit:
+                env.nhwc[dst], env.words[emit[0]] = result
+            else:
+                env.nhwc[dst] = result
+            if not env.donate:  # checks: the conv's own output too
+                env.nhwc[check] = layer(words)
         return run
 
     def _numpy_step(self, node) -> Callable[[_Env], None]:
@@ -301,6 +407,39 @@ class StepExecutor:
                 shape = (shape[0], -1, shape[1], shape[2])
             out.append((name, shape, dict(spec)))
         return out
+
+
+def _pad_words(words: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
+    top, left, bottom, right = pads
+    return np.pad(words, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
+def _donated(env: _Env, donor: str | None, layer, words) -> np.ndarray | None:
+    """The float buffer of ``donor`` when it may take the conv's output (read last, same
+    shape)."""
+    out = env.nhwc.get(donor) if donor and env.donate else None
+    if out is not None and not (
+            out.flags.c_contiguous and out.flags.writeable and out.dtype == np.float32
+            and out.shape == layer.output_shape(*words.shape[:3])):
+        return None
+    return out
+
+
+def _channels(value, n: int, c: int) -> np.ndarray | None:
+    """A per-channel float32 operand (NCHW-broadcastable: scalar, (C, 1, 1), (1 or n, C, 1, 1))
+    as the kernel's (C,) or (n, C) vector; None when it is not one."""
+    if value is None:
+        return None
+    v = np.asarray(value)
+    if v.dtype != np.float32 or v.ndim > 4:
+        return None
+    if v.size == 1:
+        return np.full(c, v.reshape(()), np.float32)
+    v = v.reshape((1,) * (4 - v.ndim) + v.shape)
+    if v.shape[1:] != (c, 1, 1) or v.shape[0] not in (1, n):
+        return None
+    v = np.ascontiguousarray(v.reshape(v.shape[0], c))
+    return v[0] if v.shape[0] == 1 else v
 
 
 def _rank(split: RefinerSplit, name: str) -> int | None:

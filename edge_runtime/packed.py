@@ -15,6 +15,9 @@ and with ``pad_value=0.0`` only the taps inside the image count. It equals
 folded batch-norm multiplier, ``bias`` the folded shift (LCE's post_activation_multiplier/bias).
 With ``thresholds`` the output stays packed: bit ``o`` is ``sign(y[o] - thresholds[o])``, i.e. 1
 where ``y < thresholds[o]``, so consecutive binary layers never unpack.
+:meth:`PackedBinaryConv.fused` adds a float32 epilogue (residual add, per-channel add, PReLU,
+per-channel add) and can emit the next layer's packed input ``sign(y - sub)``;
+:func:`pack_nhwc` takes the same ``sub``.
 
 Kernel paths (compiled into one module, chosen at import by CPU features): ``"avx512"``
 (AVX-512F/BW + VPOPCNTDQ), ``"avx2"`` (VPSHUFB nibble popcount), ``"portable"`` (plain C with
@@ -92,8 +95,18 @@ def _signs_f32(x: npt.ArrayLike) -> np.ndarray:
     return np.where(arr < 0, np.float32(-1.0), np.float32(1.0))
 
 
-def pack_nhwc(x: npt.ArrayLike, *, path: str | None = None) -> np.ndarray:
-    """Pack the last axis of ``x`` (any shape, e.g. NHWC) into int32 words, ``bitpack`` layout."""
+def pack_nhwc(x: npt.ArrayLike, *, sub: npt.ArrayLike | None = None,
+              path: str | None = None) -> np.ndarray:
+    """Pack the last axis of ``x`` (any shape, e.g. NHWC) into int32 words, ``bitpack`` layout.
+
+    With ``sub`` (float32 ``(C,)``, or ``(N, C)`` per item of the first axis) the words are
+    those of the float32 difference ``x - sub`` (rounded, then its sign: ONNX ``Sub`` then the
+    binarization); ``x`` must then be float32."""
+    if sub is not None:
+        arr = np.ascontiguousarray(x)
+        if arr.dtype != np.float32:
+            raise ValueError("pack_nhwc with sub needs float32 x")
+        return _packed.pack(arr, sub=np.ascontiguousarray(sub, dtype=np.float32), path=path)
     arr = _signs_f32(x)
     if arr.ndim == 0:
         raise ValueError("pack_nhwc needs at least one axis (the packed last axis)")
@@ -221,6 +234,25 @@ class PackedBinaryConv:
     def __call__(self, x_words: npt.ArrayLike, *, out: np.ndarray | None = None) -> np.ndarray:
         """Packed NHWC input -> float32 NHWC ``int * scale + bias`` (into ``out`` if given)."""
         return self._run(x_words, None, out)
+
+    def fused(self, x_words: npt.ArrayLike, *, residual: np.ndarray | None = None,
+              zeta: np.ndarray | None = None, slope: np.ndarray | None = None,
+              gamma: np.ndarray | None = None, pack_sub: np.ndarray | None = None,
+              out: np.ndarray | None = None, packed_out: np.ndarray | None = None,
+              ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """``__call__`` with the native epilogue, per element in this order (float32, the ONNX
+        graph's operation order): ``y + residual`` (NHWC like the output, not overlapping
+        ``out``), ``+ zeta``, ``y < 0 ? y * slope : y``, ``+ gamma``; vectors ``(Cout,)`` or
+        ``(N, Cout)`` (slope ``(Cout,)``), each optional. With ``pack_sub`` also returns the
+        packed words of ``y_final - pack_sub`` (the next binary layer's input)."""
+        kh, kw = self.kernel_size
+        return _packed.bconv2d(
+            np.ascontiguousarray(x_words), self._prepared, self.in_channels, kh, kw,
+            *self.stride, *self.padding, *self.dilation, self.pad_value,
+            scale=self.scale, bias=self.bias, out=out, threads=self.threads,
+            residual=residual, zeta=zeta, slope=slope, gamma=gamma, pack_sub=pack_sub,
+            packed_out=packed_out,
+        )
 
     def forward_packed(self, x_words: npt.ArrayLike, *,
                        out: np.ndarray | None = None) -> np.ndarray:

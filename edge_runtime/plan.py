@@ -9,12 +9,19 @@ the ``onnxruntime`` backend. Region values are NHWC (what the packed kernel read
 onnxruntime pieces receive and produce NHWC through ``Transpose`` nodes that ORT folds into the
 layout reorders of its convolutions (measured free).
 
+:func:`fuse` then folds the NumPy nodes around a packed conv into the kernel's call (the TB
+``Sub`` into the packing, residual ``Add`` / RPReLU's ``Add``, ``PRelu``, ``Add`` into its float
+epilogue, and the next fused conv's packing into its output): the same float32 operations in
+the same order, one pass over each feature map instead of five.
+
 :func:`schedule` orders the nodes topologically, preferring the previous node's executor, and
 returns the runs of equal executors; :func:`last_reads` gives, per run, the values read for the
 last time (freed right after, which keeps the working set and page faults small).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -23,12 +30,13 @@ from onnx import helper, numpy_helper
 from . import nhwc, npops
 
 __all__ = [
-    "BINARY_CONV", "DOMAIN", "assign", "const_values", "last_reads", "packed_conv_spec",
-    "schedule",
+    "BINARY_CONV", "DOMAIN", "FUSED", "Fusion", "assign", "const_values", "fuse", "last_reads",
+    "packed_conv_spec", "schedule",
 ]
 
 DOMAIN = "ai.hidiff"
 BINARY_CONV = "BinaryConv"
+FUSED = "FusedBinaryConv"  # plan-only node (domain ai.hidiff.edge): a packed conv + epilogue
 
 
 def _attrs(node) -> dict:
@@ -145,6 +153,134 @@ def _grow_region(nodes, kinds: dict[int, str]) -> None:
     for node in nodes:
         if kinds[id(node)] == "candidate":
             kinds[id(node)] = "ort"
+
+
+@dataclass
+class Fusion:
+    """A packed conv with the NumPy nodes around it folded into the native kernel's call.
+
+    ``x`` is packed (after subtracting the per-channel ``sub`` when the conv reads a TB
+    ``Sub``: the float32 difference, then its sign, as ORT computes Sub then the sign); the
+    float output then goes through ``y + residual``, ``+ zeta``, ``PRelu(slope)``, ``+ gamma``
+    (each optional, in this order: the graph's order of float32 operations). ``nodes`` are the
+    folded nodes in graph order (Sub first), ``words_for`` the packed input of the next fused
+    conv this one also emits (``(key, sub)``), if any.
+    """
+
+    conv: onnx.NodeProto
+    x: str
+    output: str
+    sub: str | None = None
+    residual: str | None = None
+    zeta: str | None = None
+    slope: str | None = None
+    gamma: str | None = None
+    nodes: tuple = ()
+    words_for: tuple[str, str] | None = None
+
+    @property
+    def epilogue(self) -> bool:
+        return any((self.residual, self.zeta, self.slope, self.gamma))
+
+
+def words_key(value: str, sub: str) -> str:
+    """Name under which the packed sign words of ``value - sub`` travel between fused convs."""
+    return f"{value}\x00-{sub}"
+
+
+def _per_channel(name: str, consts: dict, types: dict) -> bool:
+    """A float operand that broadcasts over N?, C, 1, 1 (a per-channel vector / step table)."""
+    if name in consts:
+        v = consts[name]
+        return v.dtype == np.float32 and v.ndim <= 4 and (
+            v.size == 1 or (v.ndim >= 3 and v.shape[-1] == v.shape[-2] == 1
+                            and all(d == 1 for d in v.shape[:-3])))
+    t = types.get(name)
+    if t is None or not t.tensor_type.HasField("shape") or (
+            t.tensor_type.elem_type != onnx.TensorProto.FLOAT):
+        return False
+    dims = t.tensor_type.shape.dim
+    return len(dims) == 4 and all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[2:])
+
+
+def fuse(nodes, kinds: dict[int, str], consts: dict, types: dict, keep: set[str]):
+    """Fold NumPy nodes into the packed convs: ``Sub(x, a) -> BinaryConv -> [Add residual] ->
+    [Add zeta] -> [PRelu slope] -> [Add gamma]`` (see :class:`Fusion`). Returns the new node
+    list (fused nodes in place of their convs, folded nodes removed; ``kinds`` updated) and
+    the fusions by ``id`` of the fused node. ``keep``: values that must stay materialised."""
+    producer = {o: node for node in nodes for o in node.output}
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_user(value: str):
+        users = consumers.get(value, [])
+        if value in keep or len(users) != 1 or kinds[id(users[0])] != "numpy":
+            return None
+        return users[0]
+
+    folded: set[int] = set()
+    fusions: dict[int, Fusion] = {}
+    replace: dict[int, onnx.NodeProto] = {}
+    for conv in nodes:
+        if kinds[id(conv)] != "packed" or id(conv) in folded:
+            continue
+        f = Fusion(conv=conv, x=conv.input[0], output=conv.output[0])
+        sub = producer.get(conv.input[0])
+        if (sub is not None and sub.op_type == "Sub" and kinds[id(sub)] == "numpy"
+                and conv.input[0] not in keep and consumers.get(conv.input[0]) == [conv]
+                and conv.input[0] not in conv.input[1:] and sub.input[0] != sub.input[1]
+                and _per_channel(sub.input[1], consts, types)
+                and not _per_channel(sub.input[0], consts, types)):
+            f.x, f.sub, f.nodes = sub.input[0], sub.input[1], (sub,)
+        stage, cur = 0, conv.output[0]
+        while stage < 4:
+            user = only_user(cur)
+            if user is None or len(user.input) != 2 or list(user.input).count(cur) != 1:
+                break
+            other = user.input[1] if user.input[0] == cur else user.input[0]
+            if other in producer and id(producer[other]) in {id(n) for n in f.nodes}:
+                break
+            channel = _per_channel(other, consts, types)
+            if user.op_type == "Add" and stage == 0 and not channel:
+                f.residual, stage = other, 1
+            elif user.op_type == "Add" and stage <= 1 and channel:
+                f.zeta, stage = other, 2
+            elif (user.op_type == "PRelu" and stage <= 2 and user.input[0] == cur
+                  and other in consts and _per_channel(other, consts, types)):
+                f.slope, stage = other, 3
+            elif user.op_type == "Add" and stage <= 3 and channel:
+                f.gamma, stage = other, 4
+            else:
+                break
+            f.nodes += (user,)
+            cur = user.output[0]
+        if not f.nodes:
+            continue
+        f.output = cur
+        folded.update(id(n) for n in f.nodes)
+        node = helper.make_node(
+            FUSED, [f.x, *conv.input[1:4], f.sub or "", f.residual or "", f.zeta or "",
+                    f.slope or "", f.gamma or ""], [cur], name=conv.name, domain=DOMAIN + ".edge")
+        fusions[id(node)] = f
+        replace[id(conv)] = node
+        kinds[id(node)] = "packed"
+    # a fused conv whose float output the next fused conv packs (after its Sub) emits those
+    # words too: the next conv's threshold becomes an input of this one
+    by_x: dict[str, list] = {}
+    for node, f in ((replace[id(c)], fusions[id(replace[id(c)])]) for c in nodes
+                    if id(c) in replace):
+        by_x.setdefault(f.x, []).append((node, f))
+    for node in list(replace.values()):
+        f = fusions[id(node)]
+        for _, g in by_x.get(f.output, []):
+            if g.sub is not None and g.sub not in producer:  # a feed or constant
+                f.words_for = (words_key(f.output, g.sub), g.sub)
+                node.input.append(g.sub)
+                break
+    out = [replace.get(id(n), n) for n in nodes if id(n) not in folded]
+    return out, fusions
 
 
 def schedule(nodes, kinds: dict[int, str]) -> list[tuple[str, list]]:

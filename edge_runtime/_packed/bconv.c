@@ -107,15 +107,19 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"x", "w", "cin", "kh", "kw", "stride_h", "stride_w", "pad_h",
                              "pad_w", "dil_h", "dil_w", "pad_value", "scale", "bias",
-                             "thresholds", "out", "path", "threads", NULL};
+                             "thresholds", "out", "path", "threads", "residual", "zeta",
+                             "slope", "gamma", "pack_sub", "packed_out", NULL};
     PyObject *x_obj, *w_obj, *pv_obj, *sc_obj = NULL, *bi_obj = NULL, *th_obj = NULL;
-    PyObject *out_obj = NULL, *path_obj = NULL;
+    PyObject *out_obj = NULL, *path_obj = NULL, *res_obj = NULL, *ze_obj = NULL;
+    PyObject *sl_obj = NULL, *ga_obj = NULL, *ps_obj = NULL, *pout_obj = NULL;
     int cin, kh, kw_, sh, sw, ph, pw, dh, dw, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiiiiiiiiO|OOOOOi:bconv2d", kwlist, &x_obj,
-                                     &w_obj, &cin, &kh, &kw_, &sh, &sw, &ph, &pw, &dh, &dw,
-                                     &pv_obj, &sc_obj, &bi_obj, &th_obj, &out_obj, &path_obj,
-                                     &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiiiiiiiiO|OOOOOi$OOOOOO:bconv2d", kwlist,
+                                     &x_obj, &w_obj, &cin, &kh, &kw_, &sh, &sw, &ph, &pw, &dh,
+                                     &dw, &pv_obj, &sc_obj, &bi_obj, &th_obj, &out_obj,
+                                     &path_obj, &threads, &res_obj, &ze_obj, &sl_obj, &ga_obj,
+                                     &ps_obj, &pout_obj))
         return NULL;
+    const int want_words = ps_obj != NULL && ps_obj != Py_None;
     prepared_t *prep = NULL, *owned = NULL;
     if (PyCapsule_IsValid(w_obj, CAPSULE_NAME)) {
         prep = PyCapsule_GetPointer(w_obj, CAPSULE_NAME);
@@ -152,8 +156,10 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
             return NULL;
     }
 
-    Py_buffer xv = {0}, scv = {0}, biv = {0}, thv = {0}, ov = {0};
-    PyObject *res = NULL;
+    Py_buffer xv = {0}, scv = {0}, biv = {0}, thv = {0}, ov = {0}, rv = {0}, zv = {0}, slv = {0};
+    Py_buffer gv = {0}, psv = {0}, pov = {0};
+    PyObject *res = NULL, *words = NULL;
+    int zb = 0, gb = 0, pb = 0, sb = 0;
     const Py_ssize_t wd = (cin + 31) / 32;
     if (get_buffer(x_obj, &xv, "x", 'i', 0) < 0)
         goto fail;
@@ -180,16 +186,57 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
         || opt_vector(th_obj, &thv, "thresholds", cout) < 0)
         goto fail;
     const int packed_out = thv.obj != NULL;
+    if (opt_channels(ze_obj, &zv, "zeta", n, cout, &zb) < 0 ||
+        opt_channels(sl_obj, &slv, "slope", 1, cout, &sb) < 0 ||
+        opt_channels(ga_obj, &gv, "gamma", n, cout, &gb) < 0 ||
+        opt_channels(ps_obj, &psv, "pack_sub", n, cout, &pb) < 0)
+        goto fail;
+    const int epilogue = (res_obj && res_obj != Py_None) || zv.obj || slv.obj || gv.obj;
+    if (packed_out && (epilogue || want_words)) {
+        PyErr_SetString(PyExc_ValueError, "thresholds (packed output) cannot be combined with "
+                        "the epilogue (residual, zeta, slope, gamma, pack_sub)");
+        goto fail;
+    }
+    if (slv.obj && slv.ndim != 1) {
+        PyErr_Format(PyExc_ValueError, "slope must have shape (%zd,)", cout);
+        goto fail;
+    }
     const Py_ssize_t oshape[4] = {n, ho, wo, packed_out ? (cout + 31) / 32 : cout};
     res = output(out_obj, &ov, 4, oshape, packed_out ? 'i' : 'f');
     if (!res)
         goto fail;
+    if (res_obj && res_obj != Py_None) {
+        if (get_buffer(res_obj, &rv, "residual", 'f', 0) < 0)
+            goto fail;
+        int ok = rv.ndim == 4;
+        for (int i = 0; ok && i < 4; i++)
+            ok = rv.shape[i] == oshape[i];
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "residual must be float32 NHWC of the output's shape");
+            goto fail;
+        }
+        const char *r0 = rv.buf, *o0 = ov.buf;
+        const size_t bytes = (size_t)(n * ho * wo * cout) * sizeof(float);
+        if (r0 != o0 && r0 < o0 + bytes && o0 < r0 + bytes) {
+            PyErr_SetString(PyExc_ValueError, "residual must be out itself or not overlap it");
+            goto fail;
+        }
+    }
+    if (want_words) {
+        const Py_ssize_t wshape[4] = {n, ho, wo, (cout + 31) / 32};
+        words = output(pout_obj, &pov, 4, wshape, 'i');
+        if (!words)
+            goto fail;
+    }
     bconv_args a = {
         .x = xv.buf, .n = (int)n, .h = (int)h, .w = (int)w, .cin = cin, .prep = prep,
         .cout = (int)cout, .kh = kh, .kw = kw_, .sh = sh, .sw = sw, .ph = ph, .pw = pw,
         .dh = dh, .dw = dw, .pad_zero = pv == 0.0, .scale = scv.buf, .bias = biv.buf,
         .thr = thv.buf, .out = ov.buf, .ho = (int)ho, .wo = (int)wo, .threads = threads,
-        .row = PATHS[prep->path].row,
+        .row = PATHS[prep->path].row, .res = rv.obj ? rv.buf : NULL, .zeta = zv.buf,
+        .slope = slv.buf, .gamma = gv.buf, .pthr = psv.buf, .zeta_bstride = zb,
+        .gamma_bstride = gb, .pthr_bstride = pb, .pout = pov.obj ? pov.buf : NULL,
+        .pack = PATHS[prep->path].pack, .epilogue = PATHS[prep->path].epilogue,
     };
     int status = 0;
     if (n > 0) {
@@ -201,7 +248,22 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         Py_CLEAR(res);
     }
+    if (res && words) {
+        PyObject *pair = PyTuple_Pack(2, res, words);
+        Py_DECREF(res);
+        res = pair;
+    }
+    goto done;
 fail:
+    Py_CLEAR(res);
+done:
+    Py_XDECREF(words);
+    release(&rv);
+    release(&zv);
+    release(&slv);
+    release(&gv);
+    release(&psv);
+    release(&pov);
     release(&xv);
     free_prepared(owned);
     release(&scv);

@@ -14,6 +14,10 @@ int resolve_path(PyObject *name);
 int get_buffer(PyObject *obj, Py_buffer *v, const char *what, char kind, int writable);
 /* `out` checked against shape, or a new numpy array; fills `view` (writable). New reference. */
 PyObject *output(PyObject *out, Py_buffer *view, int ndim, const Py_ssize_t *shape, char kind);
+/* Optional per-channel float32 vector: (c,) shared (*bstride 0) or (n, c) per batch item
+ * (*bstride c); v->obj NULL when obj is None/NULL.  -1 with ValueError on a bad shape. */
+int opt_channels(PyObject *obj, Py_buffer *v, const char *what, Py_ssize_t n, Py_ssize_t c,
+                 int *bstride);
 
 PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *py_prepared_info(PyObject *self, PyObject *cap);
@@ -21,12 +25,17 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw);
 
 #define BCONV2D_DOC                                                                              \
     "bconv2d(x, w, cin, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pad_value,\n"    \
-    "        scale=None, bias=None, thresholds=None, out=None, path=None, threads=1)\n\n"          \
+    "        scale=None, bias=None, thresholds=None, out=None, path=None, threads=1, *,\n"         \
+    "        residual=None, zeta=None, slope=None, gamma=None, pack_sub=None, packed_out=None)\n\n"\
     "Binary conv of packed NHWC x (N, H, W, ceil(cin/32)) with packed OHWI w\n"                  \
     "(Cout, kh, kw, ceil(cin/32)) int32/uint32 words, or weights from prepare().\n"             \
     "yint = (#taps counted * cin) - 2 * popcount(x XOR w); pad_value 1 counts all kh*kw\n"       \
     "taps (the padding is +1), pad_value 0 only the non-padded ones.  Returns float32\n"         \
     "(N, Ho, Wo, Cout) y = yint * scale + bias, or with thresholds (Cout,) float32 packed\n"      \
-    "int32 (N, Ho, Wo, ceil(Cout/32)) words of sign(y - thr) (bit 1 where y < thr)."
+    "int32 (N, Ho, Wo, ceil(Cout/32)) words of sign(y - thr) (bit 1 where y < thr).\n"        \
+    "Float output only: the fused epilogue y = y + residual (NHWC like out, or out itself),\n"  \
+    "+ zeta, y < 0 ? y * slope : y, + gamma (float32, this order; vectors (Cout,) or\n"         \
+    "(N, Cout), slope (Cout,)); with pack_sub also the words of y - pack_sub: returns\n"        \
+    "(out, words)."
 
 #endif

@@ -129,7 +129,7 @@ T256 void row_avx2(const conv_desc *d, const conv_row *r)
     }
 }
 
-T256 void pack_avx2(const float *x, uint32_t *out, size_t rows, int c)
+T256 void pack_avx2(const float *x, uint32_t *out, size_t rows, int c, const float *sub)
 {
     const int wd = (c + 31) / 32;
     const int full = c / 32;
@@ -140,20 +140,25 @@ T256 void pack_avx2(const float *x, uint32_t *out, size_t rows, int c)
         for (int w = 0; w < full; w++) {
             uint32_t word = 0;
             for (int q = 0; q < 4; q++) {
-                const __m256 v = _mm256_loadu_ps(xr + 32 * w + 8 * q);
+                __m256 v = _mm256_loadu_ps(xr + 32 * w + 8 * q);
+                if (sub)
+                    v = _mm256_sub_ps(v, _mm256_loadu_ps(sub + 32 * w + 8 * q));
                 word |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)) << (8 * q);
             }
             o[w] = word;
         }
         if (full < wd) {
             uint32_t word = 0;
-            for (int b = 0; b < c - 32 * full; b++)
-                word |= (uint32_t)(xr[32 * full + b] < 0.0f) << b;
+            for (int b = 0; b < c - 32 * full; b++) {
+                const int i = 32 * full + b;
+                word |= (uint32_t)((sub ? xr[i] - sub[i] : xr[i]) < 0.0f) << b;
+            }
             o[full] = word;
         }
     }
 }
 
 HIDIFF_DEFINE_PACK_NCHW(pack_nchw_avx2, T256)
+HIDIFF_DEFINE_EPILOGUE(epilogue_avx2, T256)
 
 #endif

@@ -102,7 +102,7 @@ T512 void row_avx512(const conv_desc *d, const conv_row *r)
     }
 }
 
-T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c)
+T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c, const float *sub)
 {
     const int wd = (c + 31) / 32;
     const __m512 zero = _mm512_setzero_ps();
@@ -114,8 +114,12 @@ T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c)
             const __mmask16 k0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
             const __mmask16 k1 =
                 left >= 32 ? 0xFFFF : (left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u));
-            const __m512 a = _mm512_maskz_loadu_ps(k0, xr + 32 * w);
-            const __m512 b = _mm512_maskz_loadu_ps(k1, xr + 32 * w + 16);
+            __m512 a = _mm512_maskz_loadu_ps(k0, xr + 32 * w);
+            __m512 b = _mm512_maskz_loadu_ps(k1, xr + 32 * w + 16);
+            if (sub) {
+                a = _mm512_sub_ps(a, _mm512_maskz_loadu_ps(k0, sub + 32 * w));
+                b = _mm512_sub_ps(b, _mm512_maskz_loadu_ps(k1, sub + 32 * w + 16));
+            }
             const uint32_t lo = _mm512_mask_cmp_ps_mask(k0, a, zero, _CMP_LT_OQ);
             const uint32_t hi = _mm512_mask_cmp_ps_mask(k1, b, zero, _CMP_LT_OQ);
             o[w] = lo | (hi << 16);
@@ -124,5 +128,6 @@ T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c)
 }
 
 HIDIFF_DEFINE_PACK_NCHW(pack_nchw_avx512, T512)
+HIDIFF_DEFINE_EPILOGUE(epilogue_avx512, T512)
 
 #endif

@@ -144,7 +144,7 @@ void row_portable(const conv_desc *d, const conv_row *r)
         }
 }
 
-void pack_portable(const float *x, uint32_t *out, size_t rows, int c)
+void pack_portable(const float *x, uint32_t *out, size_t rows, int c, const float *sub)
 {
     const int wd = (c + 31) / 32;
     for (size_t i = 0; i < rows; i++) {
@@ -153,11 +153,19 @@ void pack_portable(const float *x, uint32_t *out, size_t rows, int c)
         for (int w = 0; w < wd; w++) {
             const int nb = c - 32 * w < 32 ? c - 32 * w : 32;
             uint32_t word = 0;
-            for (int b = 0; b < nb; b++)
-                word |= (uint32_t)(xr[32 * w + b] < 0.0f) << b;
+            if (sub) {
+                for (int b = 0; b < nb; b++) {
+                    const float v = xr[32 * w + b] - sub[32 * w + b]; /* float32 Sub, then sign */
+                    word |= (uint32_t)(v < 0.0f) << b;
+                }
+            } else {
+                for (int b = 0; b < nb; b++)
+                    word |= (uint32_t)(xr[32 * w + b] < 0.0f) << b;
+            }
             o[w] = word;
         }
     }
 }
 
 HIDIFF_DEFINE_PACK_NCHW(pack_nchw_portable, )
+HIDIFF_DEFINE_EPILOGUE(epilogue_portable, )

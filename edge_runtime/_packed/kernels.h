@@ -57,10 +57,19 @@ typedef struct {
 } conv_row;
 
 typedef void (*row_fn)(const conv_desc *d, const conv_row *r);
-/* Pack `rows` rows of `c` floats into rows of ceil(c / 32) words. */
-typedef void (*pack_fn)(const float *x, uint32_t *out, size_t rows, int c);
+/* Pack `rows` rows of `c` floats into rows of ceil(c / 32) words; with `sub` (c floats, else
+ * NULL) the bit is (x[c] - sub[c]) < 0, the float32 subtraction rounded first (as ONNX Sub then
+ * the sign). */
+typedef void (*pack_fn)(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 /* Pack NCHW float (n, c, hw) into NHWC words (n, hw, ceil(c / 32)). */
 typedef void (*pack_nchw_fn)(const float *x, uint32_t *out, size_t n, int c, size_t hw);
+
+/* The fused epilogue over channels [c0, c1) of `wo` pixels of a float row (stride cout floats per
+ * pixel), in place in `io`; see bconv_args.  other: the same pixels of the other Add operand
+ * (the residual, or the conv row when io is the residual), or NULL; zeta/slope/gamma: cout
+ * floats (the batch item's), or NULL.  io and other never overlap. */
+typedef void (*epilogue_fn)(float *io, const float *other, const float *zeta, const float *slope,
+                            const float *gamma, int wo, int cout, int c0, int c1);
 
 /* Weight layouts.  words: uint32 [cpad / lanes][tw][lanes] (the popcount paths).
  * lut: uint8 [cpad / lanes][tw][8][16][lanes], entry = popcount(v XOR nibble n of the word),
@@ -73,21 +82,28 @@ typedef struct {
     row_fn row;
     pack_fn pack;
     pack_nchw_fn pack_nchw;
+    epilogue_fn epilogue;
     int lanes;
     int layout;
     int supported;
 } path_desc;
 
 void row_portable(const conv_desc *d, const conv_row *r);
-void pack_portable(const float *x, uint32_t *out, size_t rows, int c);
+void pack_portable(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 void pack_nchw_portable(const float *x, uint32_t *out, size_t n, int c, size_t hw);
+void epilogue_portable(float *io, const float *other, const float *zeta, const float *slope,
+                     const float *gamma, int wo, int cout, int c0, int c1);
 #if HIDIFF_X86
 void row_avx2(const conv_desc *d, const conv_row *r);
-void pack_avx2(const float *x, uint32_t *out, size_t rows, int c);
+void pack_avx2(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 void pack_nchw_avx2(const float *x, uint32_t *out, size_t n, int c, size_t hw);
+void epilogue_avx2(float *io, const float *other, const float *zeta, const float *slope,
+                     const float *gamma, int wo, int cout, int c0, int c1);
 void row_avx512(const conv_desc *d, const conv_row *r);
-void pack_avx512(const float *x, uint32_t *out, size_t rows, int c);
+void pack_avx512(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 void pack_nchw_avx512(const float *x, uint32_t *out, size_t n, int c, size_t hw);
+void epilogue_avx512(float *io, const float *other, const float *zeta, const float *slope,
+                     const float *gamma, int wo, int cout, int c0, int c1);
 #endif
 
 /* Weights prepared for one path (driver.c). */
@@ -117,6 +133,20 @@ typedef struct {
     int ho, wo;
     int threads;
     row_fn row;
+    /* Optional fused epilogue on the float output (float output only), in this order, each
+     * step one float32 operation as in the ONNX graph (ORT's order):
+     *   y = y + res[pixel][c]            res: float NHWC like out, or NULL
+     *   y = y + zeta[c]                  per-channel vectors: NULL, or [n][cout] floats read
+     *   y = y < 0 ? y * slope[c] : y       with stride *_bstride per batch item (0: shared)
+     *   y = y + gamma[c]
+     * res may be out itself (the output takes the residual's buffer: the path then writes each
+ * row into a scratch row first); and optionally, once a row is final, its sign words (y - pthr[c]) < 0 (pack_fn with sub)
+     * into pout, packed NHWC (n, ho, wo, ceil(cout/32)). */
+    const float *res, *zeta, *slope, *gamma, *pthr;
+    int zeta_bstride, gamma_bstride, pthr_bstride;
+    uint32_t *pout;
+    pack_fn pack;
+    epilogue_fn epilogue;
 } bconv_args;
 
 int bconv_run(const bconv_args *a);
@@ -146,6 +176,51 @@ int bconv_run(const bconv_args *a);
                         ob[(p0 + j) * (size_t)wd + (size_t)w] = acc[j];                        \
                 }                                                                              \
             }                                                                                  \
+        }                                                                                      \
+    }
+
+/* The epilogue (see epilogue_fn), plain C compiled once per target attribute (the same IEEE
+ * float32 operations in the same order on every path: each element is
+ * ((((y + res) + zeta) < 0 ? . * slope : .) + gamma), absent stages skipped; y + res equals
+ * res + y exactly).  In place (io = y, other = res or NULL) or, when the output takes the
+ * residual's buffer, io = res with other = y (a scratch row).  The stage mask is dispatched to
+ * loops the compiler specialises. */
+#define HIDIFF_EPI_BODY(HAS_RES, HAS_Z, HAS_S, HAS_G)                                           \
+    for (int p = 0; p < wo; p++) {                                                             \
+        float *restrict yp = io + (size_t)p * (size_t)cout;                                    \
+        const float *restrict rp = HAS_RES ? other + (size_t)p * (size_t)cout : NULL;          \
+        for (int c = c0; c < c1; c++) {                                                        \
+            float v = yp[c];                                                                   \
+            if (HAS_RES)                                                                       \
+                v = v + rp[c];                                                                 \
+            if (HAS_Z)                                                                         \
+                v = v + zeta[c];                                                               \
+            if (HAS_S) {                                                                       \
+                const float neg = v * slope[c]; /* computed always: a branch-free select */   \
+                v = v < 0.0f ? neg : v;                                                        \
+            }                                                                                  \
+            if (HAS_G)                                                                         \
+                v = v + gamma[c];                                                              \
+            yp[c] = v;                                                                         \
+        }                                                                                      \
+    }
+#define HIDIFF_EPI_CASE(M)                                                                     \
+    case M:                                                                                    \
+        HIDIFF_EPI_BODY((M) & 1, (M) & 2, (M) & 4, (M) & 8) break;
+#define HIDIFF_DEFINE_EPILOGUE(NAME, ATTR)                                                     \
+    ATTR void NAME(float *restrict io, const float *restrict other,                            \
+                   const float *restrict zeta, const float *restrict slope,                    \
+                   const float *restrict gamma, int wo, int cout, int c0, int c1)              \
+    {                                                                                          \
+        const int mask = (other != NULL) | (zeta != NULL) << 1 | (slope != NULL) << 2 |        \
+                         (gamma != NULL) << 3;                                                 \
+        switch (mask) {                                                                        \
+            HIDIFF_EPI_CASE(1) HIDIFF_EPI_CASE(2) HIDIFF_EPI_CASE(3) HIDIFF_EPI_CASE(4)        \
+            HIDIFF_EPI_CASE(5) HIDIFF_EPI_CASE(6) HIDIFF_EPI_CASE(7) HIDIFF_EPI_CASE(8)        \
+            HIDIFF_EPI_CASE(9) HIDIFF_EPI_CASE(10) HIDIFF_EPI_CASE(11) HIDIFF_EPI_CASE(12)     \
+            HIDIFF_EPI_CASE(13) HIDIFF_EPI_CASE(14) HIDIFF_EPI_CASE(15)                        \
+        default:                                                                               \
+            break;                                                                             \
         }                                                                                      \
     }
 

@@ -14,10 +14,11 @@
 
 path_desc PATHS[] = {
 #if HIDIFF_X86
-    {"avx512", row_avx512, pack_avx512, pack_nchw_avx512, 16, LAYOUT_WORDS, 0},
-    {"avx2", row_avx2, pack_avx2, pack_nchw_avx2, 8, LAYOUT_WORDS, 0},
+    {"avx512", row_avx512, pack_avx512, pack_nchw_avx512, epilogue_avx512, 16, LAYOUT_WORDS, 0},
+    {"avx2", row_avx2, pack_avx2, pack_nchw_avx2, epilogue_avx2, 8, LAYOUT_WORDS, 0},
 #endif
-    {"portable", row_portable, pack_portable, pack_nchw_portable, 16, LAYOUT_LUT, 1},
+    {"portable", row_portable, pack_portable, pack_nchw_portable, epilogue_portable, 16,
+     LAYOUT_LUT, 1},
 };
 #define NPATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
 static int current_path = NPATHS - 1;
@@ -157,21 +158,46 @@ PyObject *output(PyObject *out, Py_buffer *view, int ndim, const Py_ssize_t *sha
 
 /* ---- pack ------------------------------------------------------------------------------- */
 
+/* Optional per-channel vector `sub` of a pack / epilogue: shape (c,) shared, or (n, c) per batch
+ * item.  Sets *bstride to 0 or c; v->obj is NULL when absent. */
+int opt_channels(PyObject *obj, Py_buffer *v, const char *what, Py_ssize_t n, Py_ssize_t c,
+                 int *bstride)
+{
+    v->obj = NULL;
+    v->buf = NULL;
+    *bstride = 0;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    if (get_buffer(obj, v, what, 'f', 0) < 0)
+        return -1;
+    if (v->ndim == 1 && v->shape[0] == c)
+        return 0;
+    if (v->ndim == 2 && v->shape[0] == n && v->shape[1] == c) {
+        *bstride = (int)c;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "%s must have shape (%zd,) or (%zd, %zd)", what, c, n, c);
+    PyBuffer_Release(v);
+    v->obj = NULL;
+    return -1;
+}
+
 static PyObject *py_pack(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"x", "out", "path", NULL};
-    PyObject *x_obj, *out_obj = NULL, *path_obj = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO:pack", kwlist, &x_obj, &out_obj, &path_obj))
+    static char *kwlist[] = {"x", "out", "path", "sub", NULL};
+    PyObject *x_obj, *out_obj = NULL, *path_obj = NULL, *sub_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOO:pack", kwlist, &x_obj, &out_obj,
+                                     &path_obj, &sub_obj))
         return NULL;
     int pi = resolve_path(path_obj);
     if (pi < 0)
         return NULL;
-    Py_buffer xv, ov;
+    Py_buffer xv, ov, sv;
     if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
         return NULL;
-    if (xv.ndim < 1) {
+    if (xv.ndim < 1 || xv.ndim > 64) {
         PyBuffer_Release(&xv);
-        PyErr_SetString(PyExc_ValueError, "x needs at least one axis (the packed last axis)");
+        PyErr_SetString(PyExc_ValueError, "x needs 1 to 64 axes (the last one is packed)");
         return NULL;
     }
     Py_ssize_t shape[64];
@@ -179,15 +205,29 @@ static PyObject *py_pack(PyObject *self, PyObject *args, PyObject *kw)
     for (int i = 0; i < xv.ndim - 1; i++)
         rows *= (size_t)(shape[i] = xv.shape[i]);
     const Py_ssize_t c = xv.shape[xv.ndim - 1];
+    const Py_ssize_t nb = xv.ndim >= 2 ? xv.shape[0] : 1;
+    int bstride;
+    if (opt_channels(sub_obj, &sv, "sub", nb, c, &bstride) < 0) {
+        PyBuffer_Release(&xv);
+        return NULL;
+    }
     shape[xv.ndim - 1] = (c + 31) / 32;
     PyObject *res = output(out_obj, &ov, xv.ndim, shape, 'i');
     if (res) {
         Py_BEGIN_ALLOW_THREADS
-        if (c > 0)
-            PATHS[pi].pack((const float *)xv.buf, (uint32_t *)ov.buf, rows, (int)c);
+        if (c > 0 && rows > 0) {
+            const size_t per = bstride ? rows / (size_t)nb : rows;
+            const size_t wd = (size_t)((c + 31) / 32);
+            for (size_t b = 0; b < rows / per; b++)
+                PATHS[pi].pack((const float *)xv.buf + b * per * (size_t)c,
+                               (uint32_t *)ov.buf + b * per * wd, per, (int)c,
+                               sv.obj ? (const float *)sv.buf + b * (size_t)bstride : NULL);
+        }
         Py_END_ALLOW_THREADS
         PyBuffer_Release(&ov);
     }
+    if (sv.obj)
+        PyBuffer_Release(&sv);
     PyBuffer_Release(&xv);
     return res;
 }
@@ -255,8 +295,9 @@ static PyObject *py_set_path(PyObject *self, PyObject *name)
 
 static PyMethodDef methods[] = {
     {"pack", (PyCFunction)(void (*)(void))py_pack, METH_VARARGS | METH_KEYWORDS,
-     "pack(x, out=None, path=None) -> int32 words: sign bits of float32 x along the last axis "
-     "(bit 1 where x < 0, LSB first, 32 per word, unused bits 0)."},
+     "pack(x, out=None, path=None, sub=None) -> int32 words: sign bits of float32 x along the "
+     "last axis (bit 1 where x < 0, LSB first, 32 per word, unused bits 0); with sub (C,) or "
+     "(N, C) float32 the bits of the float32 difference x - sub (per batch item for (N, C))."},
     {"pack_nchw", (PyCFunction)(void (*)(void))py_pack_nchw, METH_VARARGS | METH_KEYWORDS,
      "pack_nchw(x, out=None, path=None) -> int32 (N, H, W, ceil(C/32)) words from float32 NCHW x."},
     {"bconv2d", (PyCFunction)(void (*)(void))py_bconv2d, METH_VARARGS | METH_KEYWORDS,

@@ -198,3 +198,24 @@ def test_nhwc_kernels_equal_nchw():
         want = np.where(big < 0, big * slope, big)
         got = back(nhwc.prelu(to_nhwc(big), nhwc.view(slope)))
         np.testing.assert_array_equal(got, want)  # (the sign of a zero may differ: harmless)
+
+
+def test_fused_epilogues_and_their_fallback(refiner, monkeypatch):
+    """The TB Sub, residual Add and RPReLU (Add, PRelu, Add) around the packed convs run in the
+    kernel's epilogue (which also emits the next conv's packed input), bit-exact; with vectors
+    of unexpected shape the fused step falls back to the ops one by one, still bit-exact."""
+    from edge_runtime import executor as ex
+
+    exported, proto = refiner
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split)
+    stats = executor.stats
+    assert stats.fused >= 5 * stats.packed and stats.packed_words > 0
+    assert all("+Sub+Add+Add+PRelu+Add" in label for label in executor.labels
+               if label.startswith("packed:"))
+    dynamic = make_session(split.dynamic.model)
+    feeds = _boundary(split, _inputs(exported, 4), 6, 2)
+    want = dynamic.run(None, feeds)[0]
+    assert np.array_equal(executor.run(feeds), want)
+    monkeypatch.setattr(ex, "_channels", lambda *a: None)
+    assert np.array_equal(StepExecutor(proto, split).run(feeds), want)

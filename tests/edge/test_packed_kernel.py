@@ -221,3 +221,74 @@ def test_bad_arguments_raise_value_error():
         with pytest.raises(ValueError):
             call()
             pytest.fail(f"bad call #{i} did not raise")
+
+
+def _epilogue_oracle(y, res, zeta, slope, gamma):
+    """NumPy float32, one operation at a time in the ONNX graph's order."""
+    v = y if res is None else y + res
+    if zeta is not None:
+        v = v + (zeta if zeta.ndim == 1 else zeta[:, None, None, :])
+    if slope is not None:
+        v = np.where(v < 0, v * slope, v)
+    if gamma is not None:
+        v = v + (gamma if gamma.ndim == 1 else gamma[:, None, None, :])
+    return v.astype(np.float32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cin, cout, stride", [(32, 32, 1), (40, 24, 2), (100, 70, 1),
+                                               (256, 300, 1)])
+def test_fused_epilogue_and_packed_next_input(path, cin, cout, stride):
+    """bconv2d's epilogue (residual, zeta, PRelu, gamma; per-channel or per-item vectors, any
+    subset) and its second output, the words of ``y - sub``, equal the ops one by one bit for
+    bit, also in place in the residual's buffer and with channel passes (256 -> 300)."""
+    rng = np.random.default_rng(cin + cout)
+    n = 2
+    x = rng.standard_normal((n, 7, 9, cin)).astype(np.float32)
+    x.ravel()[:SPECIAL.size] = SPECIAL.astype(np.float32)
+    sub = (rng.standard_normal((n, cin)) * 0.3).astype(np.float32)
+    words = K.pack_nhwc(x, sub=sub, path=path)
+    np.testing.assert_array_equal(words, bitpack(x - sub[:, None, None, :]))
+    np.testing.assert_array_equal(K.pack_nhwc(x, sub=sub[0], path=path), bitpack(x - sub[0]))
+    w = _ints(rng, (cout, cin, 3, 3))
+    layer = K.PackedBinaryConv(w, stride=stride, padding=1, path=path,
+                               scale=rng.random(cout).astype(np.float32) + 0.1,
+                               bias=rng.standard_normal(cout).astype(np.float32))
+    y = layer(words)
+    res = rng.standard_normal(y.shape).astype(np.float32)
+    res.ravel()[:4] = [0.0, -0.0, np.inf, np.nan]
+    vec = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nxt = vec(n, cout)
+    for mask in range(1, 16):
+        args = {"residual": res if mask & 1 else None,
+                "zeta": (vec(cout) if mask & 4 else vec(n, cout)) if mask & 2 else None,
+                "slope": rng.random(cout).astype(np.float32) if mask & 4 else None,
+                "gamma": vec(n, cout) if mask & 8 else None}
+        want = _epilogue_oracle(y, args["residual"], args["zeta"], args["slope"], args["gamma"])
+        got, got_words = layer.fused(words, pack_sub=nxt, **args)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        np.testing.assert_array_equal(got_words, bitpack(want - nxt[:, None, None, :]))
+        if mask & 1:  # the output takes the residual's buffer
+            buf = res.copy()
+            got = layer.fused(words, out=buf, **dict(args, residual=buf))
+            assert got is buf
+            np.testing.assert_array_equal(buf.view(np.int32), want.view(np.int32))
+
+
+def test_fused_epilogue_bad_arguments():
+    layer = K.PackedBinaryConv(np.ones((8, 32, 3, 3), np.float32), padding=1)
+    words = K.pack_nhwc(np.ones((1, 4, 4, 32), np.float32))
+    res = np.zeros((1, 4, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="zeta"):
+        layer.fused(words, zeta=np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="residual"):
+        layer.fused(words, residual=np.zeros((1, 4, 4, 7), np.float32))
+    with pytest.raises(ValueError, match="overlap"):
+        big = np.zeros(2 * res.size, np.float32)
+        layer.fused(words, residual=big[8:8 + res.size].reshape(res.shape),
+                    out=big[:res.size].reshape(res.shape))
+    with pytest.raises(ValueError, match="thresholds"):
+        _packed.bconv2d(words, layer._prepared, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1.0,
+                        thresholds=np.zeros(8, np.float32), residual=res)
+    with pytest.raises(ValueError, match="sub"):
+        K.pack_nhwc(np.ones((2, 3, 32), np.float32), sub=np.zeros((3, 32), np.float32))
