@@ -18,55 +18,20 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _randomize(module, seed: int):
-    import torch
-    from torch import nn
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-    return module.eval()
-
-
 def make_model_dir(folder: Path, *, policy: str = "resize", preset_name: str = "tiny",
                    seed: int = 0, num_classes: int = 1) -> Path:
-    """A model folder as ``hidiff train`` writes it, random networks of ``preset_name``
-    (K = ``num_classes``: 1 a binary task, else background + K - 1 classes)."""
-    import torch
+    """A model folder with random networks of ``preset_name`` (K = ``num_classes``: 1 a binary
+    task, else background + K - 1 classes), Kvasir-like ``resize`` or vessel-like ``tile``."""
+    from model_factory import make_model_dir as make
 
     from hidiff.config import preset
     from hidiff.data.info import DatasetInfo
-    from hidiff.data.splits import load_split
-    from hidiff.training.checkpoint import save_checkpoint
-    from hidiff.training.model_dir import CHECKPOINT, build_networks, write_model_files
-    from hidiff.training.setup import model_dataset_info
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config = preset(preset_name, num_classes=num_classes)
-    torch.manual_seed(seed)
-    nets = build_networks(config, fp_twin=True)
-    for i, net in enumerate(nets):
-        _randomize(net, seed=seed + i)
-    seg, ref, ref_fp = nets
     labels = {"background": 0, **{f"class{k}": k for k in range(1, max(2, num_classes))}}
     info = DatasetInfo(name="kvasir-seg", labels=labels) if policy == "resize" else DatasetInfo(
         name="vessel-like", policy="tile", overlap=16, labels=labels)
-    info = model_dataset_info(info, config.image_size)
-    write_model_files(folder, config=config, dataset_info=info, split=load_split("kvasir-seg"))
-    save_checkpoint(folder / CHECKPOINT, {
-        "step": 0, "segmentor": seg.state_dict(), "refiner": ref.state_dict(),
-        "refiner_fp": ref_fp.state_dict(),
-    })
-    return folder
+    return make(folder, preset_name, config=preset(preset_name, num_classes=num_classes),
+                seed=seed, dataset_info=info)
 
 
 @pytest.fixture(scope="session")

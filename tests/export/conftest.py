@@ -10,60 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import model_factory
 import numpy as np
 import pytest
 import torch
+from model_factory import randomize_
 from PIL import Image
-from torch import nn
 
-from hidiff.config import preset
 from hidiff.data.info import DatasetInfo
-from hidiff.data.splits import load_split
-from hidiff.training.checkpoint import save_checkpoint
-from hidiff.training.model_dir import CHECKPOINT, build_networks, write_model_files
-from hidiff.training.setup import model_dataset_info
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Re-draw zero-initialised parameters and the batch-norm statistics (in place)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-    return module.eval()
 
 
 def make_model_dir(folder: Path, name: str = "tiny", *, fp_twin: bool = True,
                    checkpoint: bool = True, config=None, labels=None) -> Path:
-    """A model folder as ``hidiff train`` writes it, with random networks of preset ``name``
-    (or of ``config``; ``labels`` for the dataset description)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = preset(name) if config is None else config
-    torch.manual_seed(0)
-    nets = build_networks(config, fp_twin=fp_twin)
-    for i, net in enumerate(nets):
-        if net is not None:
-            randomize_(net, seed=i)
-    seg, ref, ref_fp = nets
-    info = DatasetInfo(name="kvasir-seg") if labels is None else DatasetInfo("test", labels)
-    info = model_dataset_info(info, config.image_size)
-    write_model_files(folder, config=config, dataset_info=info, split=load_split("kvasir-seg"))
-    if checkpoint:
-        save_checkpoint(folder / CHECKPOINT, {
-            "step": 0,
-            "segmentor": seg.state_dict(),
-            "refiner": ref.state_dict(),
-            "refiner_fp": None if ref_fp is None else ref_fp.state_dict(),
-        })
-    return folder
+    """:func:`model_factory.make_model_dir` with ``labels`` for the dataset description."""
+    info = None if labels is None else DatasetInfo("test", labels)
+    return model_factory.make_model_dir(folder, name, config=config, fp_twin=fp_twin,
+                                        checkpoint=checkpoint, dataset_info=info)
 
 
 @pytest.fixture(autouse=True, scope="session")

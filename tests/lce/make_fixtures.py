@@ -10,7 +10,6 @@ zero-initialised layers and batch-norm statistics re-drawn so nothing is trivial
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,11 @@ def build(out: Path) -> Path:
     from export.lce import export_lce
 
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("_export_tests_conftest",
-                                                  ROOT / "tests" / "export" / "conftest.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    model = helpers.make_model_dir(out / "model", "tiny", fp_twin=False)
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from model_factory import make_model_dir
+
+    model = make_model_dir(out / "model", "tiny", fp_twin=False)
     export_model_dir(model, out / "onnx")
     return export_lce(out / "onnx", out / "onnx")
 
