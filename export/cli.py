@@ -16,10 +16,6 @@ from collections.abc import Sequence
 
 __all__ = ["add_export_commands", "build_parser", "main"]
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FileExistsError)
-
-
 def add_export_commands(subparsers) -> None:
     """Define ``export`` and ``verify-export`` on ``subparsers`` (from ``add_subparsers``)."""
     from export.api import SUPPORTED_IR_VERSIONS, SUPPORTED_OPSETS
@@ -107,18 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the standalone command line; returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2)
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    try:
-        return int(args.handler(args) or 0)
-    except USER_ERRORS as err:
-        message = str(err) or type(err).__name__
-        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    """Run the standalone command line (``python -m export.cli``); returns the exit code."""
+    from hidiff.cli import run_command_line
+
+    return run_command_line(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -237,9 +237,9 @@ def _message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``hidiff`` command line; returns the exit code."""
-    parser = build_parser()
+def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand's handler: user errors print
+    ``PROG CMD: error: ...`` and give exit code 2, Ctrl-C gives 130, no traceback."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2)
@@ -247,11 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
-        print(f"hidiff {args.command}: error: {_message(err)}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hidiff {args.command}: interrupted", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hidiff`` command line; returns the exit code."""
+    return run_command_line(build_parser(), argv)
 
 
 if __name__ == "__main__":
