@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 
 from . import nhwc
+from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
-from .ortutil import make_session, to_nchw, to_nhwc
+from .ortutil import make_session
 from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, schedule
 from .plan import words_key as plan_words_key
 
@@ -48,43 +49,6 @@ class PlanStats:
     ort: int = 0
     ort_sessions: int = 0
     fallbacks: list[str] = field(default_factory=list)  # binary convs left to ORT, and why
-
-
-class _Env:
-    """The values of one step: NCHW arrays, NHWC arrays and packed sign words."""
-
-    __slots__ = ("nchw", "nhwc", "words", "threads", "feed_cache", "donate")
-
-    def __init__(self, threads: int, feed_cache: dict, donate: bool = True) -> None:
-        self.nchw: dict[str, np.ndarray] = {}
-        self.nhwc: dict[str, np.ndarray] = {}
-        self.words: dict[str, np.ndarray] = {}
-        self.threads = threads
-        self.feed_cache = feed_cache
-        self.donate = donate  # False when every value is kept (checks)
-
-    def get(self, name: str) -> np.ndarray:
-        """The value as NCHW (transposed once from NHWC if needed)."""
-        value = self.nchw.get(name)
-        if value is None:
-            value = self.nchw[name] = to_nchw(self.nhwc[name], self.threads)
-        return value
-
-    def get_nhwc(self, name: str) -> np.ndarray:
-        """The value as NHWC: full-size NCHW values transposed once, small ones viewed."""
-        value = self.nhwc.get(name)
-        if value is not None:
-            return value
-        value = self.nchw[name]
-        if value.ndim != 4 or value.shape[2] * value.shape[3] == 1:
-            return nhwc.view(value)
-        cached = self.feed_cache.get(name)
-        if cached is not None and cached[0] is value:
-            converted = cached[1]
-        else:
-            converted = to_nhwc(value, self.threads)
-        self.nhwc[name] = converted
-        return converted
 
 
 class StepExecutor:
@@ -120,7 +84,7 @@ class StepExecutor:
         self._binary_out: set[str] = set()
         self._packed_nodes: list = []
         self._feed_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._steps: list[Callable[[_Env], None]] = []
+        self._steps: list[Callable[[StepValues], None]] = []
         self.labels: list[str] = []
         reads: list[set[str]] = []
         groups = schedule(nodes, kinds)
@@ -164,7 +128,7 @@ class StepExecutor:
         self.consts, self._consumers, self._packed_nodes = {}, {}, []
         self._fusions = {}
     # -- steps ------------------------------------------------------------------------------
-    def _packed_step(self, node, kinds) -> Callable[[_Env], None]:
+    def _packed_step(self, node, kinds) -> Callable[[StepValues], None]:
         fusion = self._fusions.get(id(node))
         conv = fusion.conv if fusion else node
         spec = packed_conv_spec(conv, self.consts)
@@ -196,102 +160,26 @@ class StepExecutor:
                 donor = name
                 break
         if fusion is None:
-            def run(env: _Env) -> None:
+            def run(env: StepValues) -> None:
                 words = env.words.get(src)
                 if words is None:
                     words = (packed.pack_nhwc(env.nhwc[src]) if src in env.nhwc
                              else packed.pack_nchw(env.nchw[src]))
                 if explicit is not None:
-                    words = _pad_words(words, explicit)
+                    words = pad_words(words, explicit)
                 if keep_packed:
                     env.words[dst] = layer.forward_packed(words)
                     return
-                env.nhwc[dst] = layer(words, out=_donated(env, donor, layer, words))
+                env.nhwc[dst] = layer(words, out=donated_buffer(env, donor, layer, words))
             return run
         return self._fused_run(fusion, layer, explicit, donor)
 
-    def _fused_run(self, f, layer, explicit, donor) -> Callable[[_Env], None]:
-        packed = self._packed
-        cout = layer.out_channels
+    def _fused_run(self, f, layer, explicit, donor) -> Callable[[StepValues], None]:
         consts = {n: self.consts[n] for n in (f.sub, f.zeta, f.slope, f.gamma)
                   if n and n in self.consts}
-        fixed = {n: nhwc.view(v) for n, v in consts.items()}  # for the NumPy fallback
-        slope = _channels(consts.get(f.slope), 1, cout) if f.slope else None
-        in_key = plan_words_key(f.x, f.sub) if f.sub else None
-        emit = f.words_for  # (key, threshold name) of the next conv's packed input
-        check = f.conv.output[0]
-        src, dst = f.x, f.output
+        return fused_conv_step(f, layer, explicit, donor, consts, self._packed)
 
-        def vector(env: _Env, name: str | None, n: int):
-            if name is None:
-                return None
-            value = consts.get(name)
-            return _channels(env.get(name) if value is None else value, n, cout)
-
-        def fallback(env: _Env) -> None:  # unexpected runtime shapes: the ops one by one
-            values: dict[str, np.ndarray] = {}
-
-            def get(name):
-                if name in values:
-                    return values[name]
-                return fixed[name] if name in fixed else env.get_nhwc(name)
-
-            nodes = list(f.nodes)
-            if f.sub:
-                sub = nodes.pop(0)
-                x = nhwc.ELEMENTWISE["Sub"](get(sub.input[0]), get(sub.input[1]))
-                words = packed.pack_nhwc(x)
-            else:
-                words = env.words.get(src)
-                if words is None:
-                    words = packed.pack_nhwc(env.get_nhwc(src))
-            if explicit is not None:
-                words = _pad_words(words, explicit)
-            values[check] = layer(words)
-            for node in nodes:
-                values[node.output[0]] = nhwc.ELEMENTWISE[node.op_type](
-                    *(get(n) for n in node.input))
-            env.nhwc[dst] = np.ascontiguousarray(values[dst])
-            if not env.donate:
-                env.nhwc[check] = values[check]
-
-        def run(env: _Env) -> None:
-            words = env.words.get(in_key) if in_key else env.words.get(src)
-            x = None
-            if words is None:
-                x = env.get_nhwc(src)
-                n = x.shape[0]
-                sub = vector(env, f.sub, n)
-                if f.sub and sub is None:
-                    return fallback(env)
-                words = packed.pack_nhwc(x, sub=sub)
-            if explicit is not None:
-                words = _pad_words(words, explicit)
-            n = words.shape[0]
-            shape = layer.output_shape(*words.shape[:3])
-            res = env.get_nhwc(f.residual) if f.residual else None
-            zeta, gamma = vector(env, f.zeta, n), vector(env, f.gamma, n)
-            nxt = vector(env, emit[1], n) if emit else None
-            if (res is not None and (res.shape != shape or res.dtype != np.float32
-                                     or not res.flags.c_contiguous)) or (
-                    f.zeta and zeta is None) or (f.gamma and gamma is None) or (
-                    f.slope and slope is None) or (emit and nxt is None):
-                return fallback(env)
-            out = _donated(env, donor, layer, words)
-            if out is not None and res is not None and out is not res and np.shares_memory(
-                    out, res):
-                out = None
-            result = layer.fused(words, out=out, residual=res, zeta=zeta, slope=slope,
-                                 gamma=gamma, pack_sub=nxt)
-            if emit:
-                env.nhwc[dst], env.words[emit[0]] = result
-            else:
-                env.nhwc[dst] = result
-            if not env.donate:  # checks: the conv's own output too
-                env.nhwc[check] = layer(words)
-        return run
-
-    def _numpy_step(self, node) -> Callable[[_Env], None]:
+    def _numpy_step(self, node) -> Callable[[StepValues], None]:
         fn = nhwc.ELEMENTWISE[node.op_type]
         consts = [self.consts.get(name) for name in node.input]
         fixed = {i: nhwc.view(c) for i, c in enumerate(consts) if c is not None}
@@ -302,7 +190,7 @@ class StepExecutor:
                   and self._last_reader.get(n) == id(node) and n not in self.inputs
                   and n != self.output and names.count(n) == 1]
 
-        def run(env: _Env) -> None:
+        def run(env: StepValues) -> None:
             args = [fixed[i] if i in fixed else env.get_nhwc(n) for i, n in enumerate(names)]
             out = None
             for n in donors if env.donate else ():
@@ -315,7 +203,7 @@ class StepExecutor:
             env.nhwc[dst] = fn(*args, out=out)
         return run
 
-    def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[_Env], None]:
+    def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}
         inputs: list[str] = []
         for node in group:
@@ -343,7 +231,7 @@ class StepExecutor:
         out_names = [o.name for o in sub.graph.output]
         feed_names = [(n + "__nhwc" if n in nhwc_in else n, n) for n in inputs]
 
-        def run(env: _Env) -> None:
+        def run(env: StepValues) -> None:
             feeds = {key: (env.get_nhwc(n) if n in nhwc_in else env.get(n))
                      for key, n in feed_names}
             for name, value in zip(out_names, session.run(out_names, feeds), strict=True):
@@ -355,8 +243,8 @@ class StepExecutor:
 
     # -- running ----------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray], *, keep: bool = False,
-                 times: list[float] | None = None) -> _Env:
-        env = _Env(self.threads, self._feed_cache, donate=not keep)
+                 times: list[float] | None = None) -> StepValues:
+        env = StepValues(self.threads, self._feed_cache, donate=not keep)
         env.nchw.update(feeds)
         clock = time.perf_counter
         for step, dead in zip(self._steps, self._free_after, strict=True):
@@ -407,39 +295,6 @@ class StepExecutor:
                 shape = (shape[0], -1, shape[1], shape[2])
             out.append((name, shape, dict(spec)))
         return out
-
-
-def _pad_words(words: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
-    top, left, bottom, right = pads
-    return np.pad(words, ((0, 0), (top, bottom), (left, right), (0, 0)))
-
-
-def _donated(env: _Env, donor: str | None, layer, words) -> np.ndarray | None:
-    """The float buffer of ``donor`` when it may take the conv's output (read last, same
-    shape)."""
-    out = env.nhwc.get(donor) if donor and env.donate else None
-    if out is not None and not (
-            out.flags.c_contiguous and out.flags.writeable and out.dtype == np.float32
-            and out.shape == layer.output_shape(*words.shape[:3])):
-        return None
-    return out
-
-
-def _channels(value, n: int, c: int) -> np.ndarray | None:
-    """A per-channel float32 operand (NCHW-broadcastable: scalar, (C, 1, 1), (1 or n, C, 1, 1))
-    as the kernel's (C,) or (n, C) vector; None when it is not one."""
-    if value is None:
-        return None
-    v = np.asarray(value)
-    if v.dtype != np.float32 or v.ndim > 4:
-        return None
-    if v.size == 1:
-        return np.full(c, v.reshape(()), np.float32)
-    v = v.reshape((1,) * (4 - v.ndim) + v.shape)
-    if v.shape[1:] != (c, 1, 1) or v.shape[0] not in (1, n):
-        return None
-    v = np.ascontiguousarray(v.reshape(v.shape[0], c))
-    return v[0] if v.shape[0] == 1 else v
 
 
 def _rank(split: RefinerSplit, name: str) -> int | None:

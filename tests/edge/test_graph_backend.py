@@ -204,7 +204,7 @@ def test_fused_epilogues_and_their_fallback(refiner, monkeypatch):
     """The TB Sub, residual Add and RPReLU (Add, PRelu, Add) around the packed convs run in the
     kernel's epilogue (which also emits the next conv's packed input), bit-exact; with vectors
     of unexpected shape the fused step falls back to the ops one by one, still bit-exact."""
-    from edge_runtime import executor as ex
+    from edge_runtime import fused
 
     exported, proto = refiner
     split = split_refiner(proto)
@@ -217,5 +217,5 @@ def test_fused_epilogues_and_their_fallback(refiner, monkeypatch):
     feeds = _boundary(split, _inputs(exported, 4), 6, 2)
     want = dynamic.run(None, feeds)[0]
     assert np.array_equal(executor.run(feeds), want)
-    monkeypatch.setattr(ex, "_channels", lambda *a: None)
+    monkeypatch.setattr(fused, "channels_vector", lambda *a: None)
     assert np.array_equal(StepExecutor(proto, split).run(feeds), want)
