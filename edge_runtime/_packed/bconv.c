@@ -5,6 +5,9 @@
 
 #include "glue.h"
 
+/* Largest kernel / stride / dilation / padding accepted (far beyond any real layer). */
+#define GEOM_MAX (1 << 16)
+
 /* ---- prepared weights ------------------------------------------------------------------ */
 
 #define CAPSULE_NAME "edge_runtime._packed.PreparedWeights"
@@ -147,6 +150,14 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
                             "need cin, kh, kw, strides, dilations, threads >= 1 and paddings "
                             ">= 0 (got cin=%d kernel=%dx%d stride=%d,%d pad=%d,%d dil=%d,%d "
                             "threads=%d)", cin, kh, kw_, sh, sw, ph, pw, dh, dw, threads);
+    /* Bound every geometry value so that no product below can overflow (they are computed in
+       Py_ssize_t, and the padded sizes are checked against INT32_MAX before any allocation). */
+    if (kh > GEOM_MAX || kw_ > GEOM_MAX || sh > GEOM_MAX || sw > GEOM_MAX || dh > GEOM_MAX ||
+        dw > GEOM_MAX || ph > GEOM_MAX || pw > GEOM_MAX)
+        return PyErr_Format(PyExc_ValueError,
+                            "kernel, stride, dilation and padding must be <= %d (got kernel=%dx%d "
+                            "stride=%d,%d pad=%d,%d dil=%d,%d)", GEOM_MAX, kh, kw_, sh, sw, ph, pw,
+                            dh, dw);
     if (!prep) {
         const int pi = resolve_path(path_obj);
         if (pi < 0)
@@ -170,15 +181,17 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
         goto fail;
     }
     const Py_ssize_t n = xv.shape[0], h = xv.shape[1], w = xv.shape[2], cout = prep->cout;
-    const Py_ssize_t ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-    const Py_ssize_t wo = (w + 2 * pw - dw * (kw_ - 1) - 1) / sw + 1;
-    if (h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw_ - 1) - 1 < 0 || ho < 1 ||
-        wo < 1) {
+    const Py_ssize_t hp = h + 2 * (Py_ssize_t)ph, wp = w + 2 * (Py_ssize_t)pw;
+    const Py_ssize_t hspan = (Py_ssize_t)dh * (kh - 1) + 1, wspan = (Py_ssize_t)dw * (kw_ - 1) + 1;
+    const Py_ssize_t ho = (hp - hspan) / sh + 1;
+    const Py_ssize_t wo = (wp - wspan) / sw + 1;
+    if (hp - hspan < 0 || wp - wspan < 0 || ho < 1 || wo < 1) {
         PyErr_Format(PyExc_ValueError, "empty output: input %zdx%zd, kernel %dx%d, stride %d,%d,"
                      " padding %d,%d, dilation %d,%d", h, w, kh, kw_, sh, sw, ph, pw, dh, dw);
         goto fail;
     }
-    if (n * (h + 2 * ph) * (w + 2 * pw) * wd > INT32_MAX || n * ho > INT32_MAX) {
+    if (hp > INT32_MAX || wp > INT32_MAX || n * hp > INT32_MAX ||
+        n * hp * wp > INT32_MAX / wd || n * ho > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "input too large");
         goto fail;
     }

@@ -118,10 +118,16 @@ static PyObject *new_array(int ndim, const Py_ssize_t *shape, const char *dtype)
             return NULL;
     }
     PyObject *tup = PyTuple_New(ndim);
-    for (int i = 0; tup && i < ndim; i++)
-        PyTuple_SET_ITEM(tup, i, PyLong_FromSsize_t(shape[i]));
     if (!tup)
         return NULL;
+    for (int i = 0; i < ndim; i++) {
+        PyObject *dim = PyLong_FromSsize_t(shape[i]);
+        if (!dim) {
+            Py_DECREF(tup);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(tup, i, dim);
+    }
     PyObject *res = PyObject_CallFunction(np_empty, "Os", tup, dtype);
     Py_DECREF(tup);
     return res;

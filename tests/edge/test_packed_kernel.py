@@ -292,3 +292,21 @@ def test_fused_epilogue_bad_arguments():
                         thresholds=np.zeros(8, np.float32), residual=res)
     with pytest.raises(ValueError, match="sub"):
         K.pack_nhwc(np.ones((2, 3, 32), np.float32), sub=np.zeros((3, 32), np.float32))
+
+
+@pytest.mark.parametrize("geometry", [
+    # (kh, kw, sh, sw, ph, pw, dh, dw): values whose products overflow 32-bit ints
+    (1, 1, 1, 1, 2**31 - 1, 2**31 - 1, 1, 1),
+    (3, 3, 2**30, 2**30, 0, 0, 2**30, 2**30),
+    (3, 3, 1, 1, 70000, 0, 1, 1),
+])
+def test_huge_geometry_is_refused_not_a_crash(geometry):
+    # a corrupt model could carry such attributes: the kernel must raise, never write out of
+    # bounds (these crashed the process before the bounds were checked in 64-bit arithmetic)
+    from edge_runtime import _packed
+
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    x = np.zeros((1, 4, 4, 1), np.int32)
+    w = np.zeros((1, kh, kw, 1), np.int32)
+    with pytest.raises(ValueError):
+        _packed.bconv2d(x, w, 32, kh, kw, sh, sw, ph, pw, dh, dw, 1.0)

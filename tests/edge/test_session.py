@@ -12,9 +12,10 @@ sample: torch must have drawn exactly ``u < mean_torch`` with the edge's uniform
 positions (same tile order, same uniform layout), so the samples of an image (tile) stay
 identical until a draw where the two networks' means, computed on identical states, lie on both
 sides of the uniform (a *near-threshold event*); from there the binary refiner may amplify the
-flip inside that image. Mask pixels may differ only inside images (tiles) that diverged so, or
-where the two final ``y0_hat`` lie on both sides of 0.5. Counts are printed; agreement must stay
-above ``MIN_AGREEMENT``.
+flip inside that image. Mask pixels then differ inside images (tiles) that diverged so, and
+also in images that did not, where such a rounding flip inside the refiner moves a final
+``y0_hat`` across 0.5 (measured: up to ~0.05 from 0.5). What is asserted: the trajectory rule
+above exactly, and mask agreement above ``MIN_AGREEMENT``; the counts of each kind are printed.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def _compare_with_torch(session, x: np.ndarray, pipe, steps, seed: int):
             diverged |= diff.reshape(n, -1).any(axis=1)
     mismatch = (y0_e > 0.5) != (y0_t > 0.5)
     final = mismatch & ~diverged[:, None, None, None]
-    assert np.all(((y0_e > 0.5) != (y0_t > 0.5))[final])
     report = {"images": n, "diverged": int(diverged.sum()), "flipped_draws": flips,
               "max_mean_disagreement": disagreement, f"means_off_by_>{PROB_ATOL}": off,
-              "mask_mismatch": int(mismatch.sum()), "of": int(mismatch.size)}
+              "mask_mismatch": int(mismatch.sum()), "of": int(mismatch.size),
+              "mismatch_in_non_diverged": int(final.sum())}
     return diverged, report
 
 
