@@ -142,7 +142,6 @@ def run_dataset(args: argparse.Namespace, dataset: str, minutes: float) -> dict:
         result = train(dataset=dataset, data=data, preset=args.preset, out=out,
                        max_minutes=minutes, lr=args.lr, seed=args.seed,
                        pretrain_steps=args.pretrain_steps, batch_size=args.batch_size,
-                       resume=args.reuse and (out / "checkpoint.pt").exists(),
                        progress=not args.quiet, log_every=25, checkpoint_every=200)
         train_steps, train_s = result.step, result.elapsed_s
     else:

@@ -278,6 +278,10 @@ def _move_into(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
     for name in ROLES.values():
         if name not in names and (out_dir / name).exists():
             (out_dir / name).unlink()
+        # an older `--target lce` artifact no longer matches the new graphs
+        for lce in (Path(name).with_suffix(".tflite"), Path(name).with_suffix(".lce.json")):
+            if (out_dir / lce).exists():
+                (out_dir / lce).unlink()
     moved = {}
     for name in names:
         os.replace(tmp / name, out_dir / name)

@@ -79,7 +79,8 @@ def _train(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--no-fp-twin", action="store_true",
                    help="do not train the full-precision twin refiner")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--limit-cases", type=_positive, help="use only the first N training cases")
+    p.add_argument("--limit-cases", type=_positive,
+                   help="use only the first N training (and validation) cases")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
     def run(args: argparse.Namespace) -> int:

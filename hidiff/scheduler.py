@@ -17,6 +17,7 @@ last step no draw is made and ``prev_sample`` is the probability map ``y0_hat``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,8 +78,9 @@ class BernoulliScheduler:
         t_max = self.config.num_train_timesteps
         if num_inference_steps is None:
             steps = list(range(1, t_max + 1))
-        elif isinstance(num_inference_steps, int):
-            steps = reference.spaced_steps(t_max, num_inference_steps)
+        elif isinstance(num_inference_steps, numbers.Integral) and not isinstance(
+                num_inference_steps, bool):
+            steps = reference.spaced_steps(t_max, int(num_inference_steps))
         else:
             steps = [int(s) for s in num_inference_steps]
         self.diffusion = BernoulliDiffusion(reference.respace(self.train_diffusion.schedule, steps))

@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hidiff.cli import USER_ERRORS
 from hidiff.config import list_presets
 from hidiff.data.readers import available_readers
 
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs["grad_clip"] = kwargs["grad_clip"] or None
     try:
         result = train(**kwargs)
-    except ValueError as err:  # DataError, ModelDirError and argument errors
+    except USER_ERRORS as err:  # DataError, ModelDirError, argument and file errors
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

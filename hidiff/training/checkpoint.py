@@ -6,7 +6,7 @@ Layout (a dict, loadable with ``torch.load(..., weights_only=True)``)::
     step             completed iterations (the data position follows from it, see batches.py)
     segmentor / refiner / refiner_fp (None without the twin)        state dicts
     optimizers       {"segmentor", "refiner", "refiner_fp" (or None)} optimizer state dicts
-    rng              {"torch", "cuda", "numpy", "python", "diffusion": [one state per rank]}
+    rng              [{"torch", "cuda", "numpy", "python", "diffusion"} one dict per rank]
     train_args       the arguments that define the run (seed, batch size, lr, ...)
     elapsed_s        training seconds so far (all sessions)
     world_size       processes that wrote it (the diffusion RNG has one state per rank)

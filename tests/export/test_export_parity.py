@@ -110,6 +110,8 @@ def test_binary_nodes_are_exact_inside_the_graph(tiny_export, kvasir_images):
     XNOR-popcount oracle on that node's input, times the scale plus the bias, exactly."""
     model = onnx.load(str(tiny_export.files["refiner_step"]))
     test, nodes = _with_intermediate_outputs(model)
+    assert any(n.op_type == "BinaryConv" for n in nodes)
+    assert any(n.op_type == "BinaryLinear" for n in nodes)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     session = ort_session(test.SerializeToString())
     names, seg_out = _segment(tiny_export, kvasir_images)

@@ -129,11 +129,22 @@ def test_ddim_and_ancestral_preserve_the_marginal_on_respaced_chains(s, data, y0
 
 
 @settings(max_examples=200, deadline=None)
-@given(schedule_and_t(), probs(), probs())
-def test_ddim_mean_does_not_depend_on_the_prior_and_stays_in_0_1(sched_t, y0_hat, y_t):
-    s, t = sched_t
-    mean = ddim_mean(y_t, y0_hat, t, t - 1, s)
-    assert np.all((mean >= 0) & (mean <= 1))
+@given(schedules(), st.data())
+def test_ddim_coefficients_form_a_valid_mean_without_clipping(s, data):
+    # mean = sigma * y_t + c * y0_hat with sigma, c >= 0 and sigma + c <= 1, so every mean of
+    # inputs in [0, 1] lies in [0, 1] before ddim_mean's clip (the clip only absorbs rounding);
+    # (y_t, y0_hat) = (1, 1) must give exactly the certain mean 1 and (0, 0) the mean 0.
+    t = data.draw(st.integers(1, s.num_steps))
+    t_prev = data.draw(st.integers(0, t - 1))
+    abar_t, abar_prev = s.alphas_cumprod[t], s.alphas_cumprod[t_prev]
+    sigma = (1 - abar_prev) / (1 - abar_t)
+    c = abar_prev - sigma * abar_t
+    assert sigma >= 0 and c >= -1e-15 and sigma + c <= 1 + 1e-12
+    one, zero = np.ones(1), np.zeros(1)
+    np.testing.assert_allclose(ddim_mean(one, one, t, t_prev, s), 1.0, atol=1e-12)
+    assert ddim_mean(zero, zero, t, t_prev, s)[0] == 0.0
+    np.testing.assert_allclose(ddim_mean(one, zero, t, t_prev, s), sigma, atol=1e-15)
+    np.testing.assert_allclose(ddim_mean(zero, one, t, t_prev, s), max(c, 0.0), atol=1e-15)
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi  # noqa: E402  (dev dependency: the independent oracle)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -24,8 +25,6 @@ from reference.metrics import (
     summarize,
     surface,
 )
-
-ndi = pytest.importorskip("scipy.ndimage")
 
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 OVERLAP = (dice, iou, recall, accuracy)
