@@ -120,12 +120,16 @@ def _predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: would be overwritten by its own mask; choose another "
                              f"output folder")
     labels = match_labels(files, Path(args.labels)) if args.labels else None
-    for path in files:  # decode every input before writing anything
-        images.read_image(path, facts.in_channels)
+    sizes = {}
+    for path in files:  # decode every input (and check every label) before writing anything
+        sizes[path] = images.read_image(path, facts.in_channels).shape[:2]
     gts = {}
     if labels is not None:
         for path in files:
             gts[path] = read_labels(labels[path], facts.num_classes)
+            if gts[path].shape != sizes[path]:
+                raise ValueError(f"{labels[path]}: mask size {gts[path].shape[::-1]} (WxH) "
+                                 f"differs from image size {sizes[path][::-1]}")
 
     created = _missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +142,6 @@ def _predict(args: argparse.Namespace) -> int:
             rgb = images.read_image(path, facts.in_channels)
             pred = session.predict(rgb, steps=args.steps, seed=args.seed)
             gt = gts.get(path)
-            if gt is not None and gt.shape != pred.mask.shape:
-                raise ValueError(f"{labels[path]}: mask size {gt.shape[::-1]} (WxH) differs "
-                                 f"from image size {pred.mask.shape[::-1]}")
             pixels = pred.mask * np.uint8(255) if facts.num_classes == 1 else pred.mask
             written.append(images.write_png(out_dir / f"{path.stem}.png", pixels))
             if args.overlay:

@@ -62,7 +62,7 @@ def find_onnx(source: str | Path, role: str = "refiner_step", work_dir: Path | N
 
 
 def translate_onnx(model: onnx.ModelProto | str | Path, *, batch: int = 1,
-                   canonical_zero: bool = False):
+                   canonical_zero: bool = True):
     """(flatbuffer bytes, op counts, GraphFacts) for one ONNX refiner step."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
@@ -76,7 +76,7 @@ def translate_onnx(model: onnx.ModelProto | str | Path, *, batch: int = 1,
 
 
 def export_lce(source: str | Path, out_dir: str | Path, *, batch: int = 1,
-               role: str = "refiner_step", canonical_zero: bool = False) -> Path:
+               role: str = "refiner_step", canonical_zero: bool = True) -> Path:
     """Write ``{role}.tflite`` (+ ``{role}.lce.json``) for ``source`` into ``out_dir``.
 
     ``source``: a model folder, an ONNX export folder or an ``.onnx`` file. ``batch``: the fixed

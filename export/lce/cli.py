@@ -4,7 +4,7 @@
 :func:`add_lce_arguments` and :func:`run_lce_target`) writes the ONNX export and then
 ``refiner_step.tflite`` + ``refiner_step.lce.json`` into ``OUT_DIR``. Standalone::
 
-    python -m export.lce SOURCE -o OUT_DIR [--batch N] [--canonical-zero] [--role ROLE]
+    python -m export.lce SOURCE -o OUT_DIR [--batch N] [--keep-negative-zero] [--role ROLE]
 
 ``SOURCE``: a model folder, an ONNX export folder or an ``.onnx`` file. Exit codes: 0 success,
 2 user error (the message, no traceback).
@@ -28,15 +28,16 @@ def _positive(text: str) -> int:
 
 
 def add_lce_arguments(parser: argparse.ArgumentParser, prefix: str = "--lce-") -> None:
-    """``{prefix}batch`` and ``{prefix}canonical-zero`` (for ``hidiff export --target lce``)."""
+    """``{prefix}batch`` and ``{prefix}keep-negative-zero`` (for ``hidiff export --target lce``)."""
     group = parser.add_argument_group("LCE target (--target lce)")
     group.add_argument(f"{prefix}batch", dest="lce_batch", type=_positive, default=1,
                        help="fixed batch size of refiner_step.tflite (default 1; the LCE "
                             "backend runs larger batches in chunks)")
-    group.add_argument(f"{prefix}canonical-zero", dest="lce_canonical_zero",
-                       action="store_true",
-                       help="add +0.0 before each LceQuantize so that -0.0 binarizes to +1 on "
-                            "LCE's aarch64 packer too (one extra ADD per binarized tensor)")
+    group.add_argument(f"{prefix}keep-negative-zero", dest="lce_canonical_zero",
+                       action="store_false",
+                       help="omit the +0.0 added before each LceQuantize (by default it makes "
+                            "-0.0 binarize to +1 on LCE's aarch64 packer too, as sign(0) = +1 "
+                            "requires; one ADD per binarized tensor)")
 
 
 def run_lce_target(source: str | Path, out_dir: str | Path,
@@ -48,7 +49,7 @@ def run_lce_target(source: str | Path, out_dir: str | Path,
     from .api import export_lce, signature_path
 
     batch = getattr(args, "lce_batch", 1) if args is not None else 1
-    canonical = getattr(args, "lce_canonical_zero", False) if args is not None else False
+    canonical = getattr(args, "lce_canonical_zero", True) if args is not None else True
     path = export_lce(source, out_dir, batch=batch, role=role, canonical_zero=canonical)
     sig = json.loads(signature_path(path).read_text())
     counts = sig["op_counts"]
