@@ -15,7 +15,10 @@ additionally folds the batch norms that directly follow real convs into them and
 the rest. Binary layers are ``ai.hidiff`` custom nodes with +-1 weights (:mod:`export.ops`).
 
 Everything is first written to a temporary folder beside ``out_dir`` and checked; then the files
-are moved in with ``os.replace`` (``manifest.json`` last). A failure leaves ``out_dir`` as it was.
+are moved in with ``os.replace`` (the old manifest removed first, the new one last). A failure
+while exporting or checking leaves ``out_dir`` as it was; one during the final moves (a full disk,
+say) can leave new graphs without a manifest, which every reader refuses. With ``--target lce`` the
+TFLite file is written after the ONNX files, atomically on its own.
 """
 
 from __future__ import annotations
