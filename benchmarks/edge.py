@@ -207,7 +207,8 @@ def _stock_ort_engine(export_dir: Path, role: str, x: np.ndarray, seed: int) -> 
         u = reference.draw_uniforms(seed, values["prior"].shape, len(kept))
         return reference.reverse_process(
             values["prior"], lambda y_t, s: run(values, y_t, s), schedule=schedule,
-            uniforms=u, method=facts.sampler, parameterization=facts.parameterization).y0_hat
+            uniforms=u, method=facts.sampler, parameterization=facts.parameterization,
+            offset=facts.offset).y0_hat
 
     label = "fp twin" if role.endswith("_fp") else "binary, function bodies"
     return Engine(f"ORT stock ({label})", lambda: run(outs, y, facts.num_steps), pipeline,

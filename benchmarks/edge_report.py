@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+import reference
+
 __all__ = ["NOTES", "RATIO_BASES", "TORCH_NOTE", "agreement", "cpu_name", "step_breakdown",
            "torch_sensitivity", "write_markdown"]
 
@@ -60,8 +62,8 @@ def agreement(engines: dict, seeds: tuple[int, ...]) -> list[dict]:
     packed, ort_e = engines["edge_packed"].session, engines["edge_ort_binary"].session
     x = engines["edge_packed"].x
     for seed in seeds:
-        mp, pp, _ = packed.predict_batch(x, seed=seed)
-        mo, po, _ = ort_e.predict_batch(x, seed=seed)
+        pp, po = packed.predict_batch(x, seed=seed).prob, ort_e.predict_batch(x, seed=seed).prob
+        mp, mo = reference.final_labels(pp), reference.final_labels(po)
         row = {"seed": seed, "pixels": mp.size,
                "packed_vs_ort_mask_mismatch": int((mp != mo).sum()),
                "packed_vs_ort_max_prob_diff": float(np.abs(pp - po).max())}

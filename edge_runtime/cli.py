@@ -2,11 +2,12 @@
 
     hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
                         [--backend packed|onnxruntime] [--refiner binary|fp] [--steps N]
-                        [--seed S] [--threads T] [--no-progress]
+                        [--samples S] [--uncertainty] [--seed S] [--threads T] [--no-progress]
     hidiff-edge info --model DIR [--backend ...] [--refiner ...]
 
 ``predict`` writes ``OUT/<stem>.png`` per image (0/255 for a binary model, label values for a
 multi-class one) at the image's size, and with ``--overlay`` ``OUT/<stem>_overlay.png``; with
+``--uncertainty`` ``OUT/<stem>_uncertainty.png`` (the spread of the S chains' estimates); with
 ``--labels DIR`` it prints Dice and HD95 (``reference.metrics``) per image and their means.
 Before anything is written the model is loaded and checked and every input decoded, so a bad
 model folder or image fails with nothing left behind; files are written under a temporary name
@@ -70,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--steps", type=_positive, default=None,
                    help="sampling steps (default: the model's)")
+    p.add_argument("--samples", type=_positive, default=None,
+                   help="chains averaged per image (default: the model's)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the uniforms (default 0)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png, the spread across the chains")
     p.add_argument("--labels", metavar="DIR",
                    help="ground-truth masks (same stems): print Dice / HD95 per image and mean")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    import reference
+
     from . import images
     from .cli_io import collect_images, match_labels, metrics_line, overlay, read_labels
     from .session import HiDiffSession
@@ -111,15 +118,22 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
                             refiner=args.refiner)
-    session.sampling_steps(args.steps)
+    session.sampler(args.steps, args.samples)  # validates steps and samples
     facts = session.facts
     files = collect_images(args.inputs)
-    targets = [out_dir / f"{p.stem}.png" for p in files]
-    for path, target in zip(files, targets, strict=True):
-        if target.resolve() == path.resolve():
-            raise ValueError(f"{path}: would be overwritten by its own mask; choose another "
-                             f"output folder")
+    kinds = [""] + ["_overlay"] * args.overlay + ["_uncertainty"] * args.uncertainty
+    outputs = [out_dir / f"{p.stem}{kind}.png" for p in files for kind in kinds]
+    names = [o.name for o in outputs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{out_dir / dup}: two outputs of this run would have this name; "
+                         f"rename one of the inputs")
     labels = match_labels(files, Path(args.labels)) if args.labels else None
+    inputs = {p.resolve(): p for p in files + (list(labels.values()) if labels else [])}
+    for target in outputs:
+        if target.resolve() in inputs:
+            raise ValueError(f"{inputs[target.resolve()]}: an input would be overwritten by "
+                             f"{target.name}; choose another output folder")
     sizes = {}
     for path in files:  # decode every input (and check every label) before writing anything
         sizes[path] = images.read_image(path, facts.in_channels).shape[:2]
@@ -140,13 +154,16 @@ def _predict(args: argparse.Namespace) -> int:
                    leave=False, file=sys.stderr)
         for path in bar:
             rgb = images.read_image(path, facts.in_channels)
-            pred = session.predict(rgb, steps=args.steps, seed=args.seed)
+            pred = session.predict(rgb, steps=args.steps, samples=args.samples, seed=args.seed)
             gt = gts.get(path)
             pixels = pred.mask * np.uint8(255) if facts.num_classes == 1 else pred.mask
             written.append(images.write_png(out_dir / f"{path.stem}.png", pixels))
             if args.overlay:
                 written.append(images.write_png(out_dir / f"{path.stem}_overlay.png",
                                                 overlay(rgb, pred.mask, gt)))
+            if args.uncertainty:
+                written.append(images.write_png(out_dir / f"{path.stem}_uncertainty.png",
+                                                reference.uncertainty_pixels(pred.spread)))
             if gt is not None:
                 line, score = metrics_line(path.name, pred.mask, gt)
                 scores.append(score)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import reference
+
 from .errors import ModelError
 
 __all__ = [
@@ -47,7 +49,8 @@ ROLES = {
 #: facts every graph and the manifest must agree on
 FACT_KEYS = (
     "schedule", "num_steps", "sampler", "sampling_steps", "timesteps", "parameterization",
-    "num_classes", "labels", "input_size", "in_channels", "normalization", "preprocessing",
+    "offset", "sampling_samples", "num_classes", "labels", "input_size", "in_channels",
+    "normalization", "preprocessing",
     "binarization", "feature_strides",
 )
 _FACT_WORDS = {"num_steps": "T (num_steps)", "num_classes": "K (num_classes)",
@@ -64,6 +67,8 @@ class ModelFacts:
     sampling_steps: int
     timesteps: tuple[int, ...]
     parameterization: str
+    offset: str
+    sampling_samples: int
     num_classes: int
     labels: dict[str, int]
     input_size: tuple[int, int]
@@ -87,6 +92,9 @@ class ModelFacts:
                 sampler=str(facts["sampler"]), sampling_steps=int(facts["sampling_steps"]),
                 timesteps=tuple(int(t) for t in facts["timesteps"]),
                 parameterization=str(facts["parameterization"]),
+                # both absent from exports made before they existed: the plain form, one chain
+                offset=reference.check_offset(str(facts.get("offset", "none"))),
+                sampling_samples=int(facts.get("sampling_samples", 1)),
                 num_classes=int(facts["num_classes"]),
                 labels={str(k): int(v) for k, v in facts["labels"].items()},
                 input_size=(int(facts["input_size"][0]), int(facts["input_size"][1])),

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+import reference
+
 from . import _packed
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 WORD_BITS = 32
-_PAD_VALUES = (1.0, 0.0)
+_PAD_VALUES = reference.ALLOWED_PAD_VALUES
 
 
 def available_paths() -> tuple[str, ...]:

@@ -4,15 +4,16 @@
 
     session = HiDiffSession("exported/")                 # packed backend where available
     pred = session.predict(image, steps=None, seed=0)    # image: HWC uint8 RGB or float [0, 1]
-    pred.mask                                            # (H, W) uint8 at the image's size
+    pred.mask, pred.spread                               # (H, W) uint8, (K, H, W) uncertainty
 
-Per image (docs/architecture.md, "Inference"): the segmentor runs once; the refiner's static part
-once (:mod:`edge_runtime.refiner`); then the Bernoulli reverse process in NumPy with the
-``reference`` math, float64 like :func:`reference.reverse_process` and the torch pipeline:
-``u = reference.draw_uniforms(seed, prior.shape, n)``, ``y = u[0] < prior``, and per kept step
-(decreasing original index) the refiner's output, ``y0_hat`` and the DDIM (or ancestral) mean,
-``y = u[k + 1] < mean``; the mask is ``y0_hat > 0.5`` (K = 1) or the argmax (K > 1). Fed the same
-network outputs, the masks are those of ``hidiff.pipeline.HiDiffPipeline`` for the same seed.
+Per image (docs/architecture.md, "Inference") the session runs :func:`reference.predict_batch`,
+the one predict loop the torch pipeline runs too; it only supplies the two network callables: the
+segmentor plus the refiner's static part once per image chunk (:mod:`edge_runtime.refiner`),
+repeated for the S chains, and one refiner step per reverse step on the chosen backend. The loop
+draws ``reference.chain_uniforms(seed, prior.shape, n, S)``, runs S chains with the model's
+offset and parameterisation, averages their final y0_hat (mask from the mean) and returns the
+spread across chains as the uncertainty map. Fed the same network outputs, the masks are those of
+``hidiff.pipeline.HiDiffPipeline`` for the same seed.
 
 Whole images follow the model's preprocessing policy exactly as the torch pipeline does:
 ``resize`` (bilinear to the input size, mask back by nearest neighbour, maps bilinearly) or
@@ -44,11 +45,13 @@ REFINERS = {"binary": "refiner_step", "fp": "refiner_step_fp"}
 @dataclass(frozen=True)
 class EdgePrediction:
     """One image's result at its original size: ``mask`` (H, W) uint8 label map (0/1 for
-    K = 1), ``prob`` (K, H, W) float32 final y0_hat, ``prior`` (K, H, W) float32."""
+    K = 1), ``prob`` (K, H, W) float32 mean final y0_hat over the chains, ``prior`` (K, H, W)
+    float32, ``spread`` (K, H, W) float32 standard deviation of y0_hat across the chains."""
 
     mask: np.ndarray
     prob: np.ndarray
     prior: np.ndarray
+    spread: np.ndarray
 
 
 def default_backend() -> str:
@@ -74,7 +77,8 @@ class HiDiffSession:
     """
 
     def __init__(self, model_dir: str | Path, *, backend: str | None = None, threads: int = 1,
-                 refiner: str = "binary", tile_batch: int = 4) -> None:
+                 refiner: str = "binary",
+                 tile_batch: int = reference.DEFAULT_TILE_BATCH) -> None:
         backend = default_backend() if backend is None else backend
         if backend not in BACKENDS:
             raise EdgeError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -116,86 +120,76 @@ class HiDiffSession:
         outs = self._segmentor.run(self._seg_outputs, {"image": x})
         return dict(zip(self._seg_outputs, outs, strict=True))
 
-    def refine(self, x: np.ndarray, seg: dict[str, np.ndarray], uniforms: np.ndarray,
-               schedule: reference.Schedule, trace: list | None = None) -> np.ndarray:
-        """Final y0_hat (float64) of the reverse process on one chunk; ``uniforms`` (n, N, ...).
-
-        ``trace`` (optional) receives ``(t, y_t, out, mean or None)`` per step (for checks)."""
+    def sampler(self, steps: int | None = None,
+                samples: int | None = None) -> reference.Sampler:
+        """The sampling of this model: ``steps`` kept steps (default the model's) and
+        ``samples`` chains averaged per image (default the model's ``sampling_samples``)."""
         facts = self.facts
-        prepared = self.refiner.prepare({"image": x, **seg})
-        prior64 = seg["prior"].astype(np.float64)
-        n = schedule.num_steps
-        y = reference.bernoulli_sample(prior64, uniforms[0])
-        for k, t in enumerate(range(n, 0, -1)):
-            out = self.refiner(prepared, y.astype(np.float32), int(schedule.timesteps[t]))
-            y0_hat = reference.y0_from_output(y, out, facts.parameterization)
-            if t == 1:
-                if trace is not None:
-                    trace.append((t, y, out, None))
-                return y0_hat
-            mean = reference.step_mean(y, y0_hat, prior64, t, schedule, method=facts.sampler)
-            if trace is not None:
-                trace.append((t, y, out, mean))
-            y = reference.bernoulli_sample(mean, uniforms[k + 1])
-        raise AssertionError("unreachable")
+        s = facts.sampling_samples if samples is None else samples
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise EdgeError(f"samples must be an int >= 1; got {s!r}")
+        schedule = reference.respace(self._schedule, self.sampling_steps(steps))
+        return reference.Sampler(schedule, method=facts.sampler,
+                                 parameterization=facts.parameterization, offset=facts.offset,
+                                 samples=int(s))
 
-    def predict_batch(self, x: np.ndarray, *, steps: int | None = None, seed: int = 0,
-                      batch_size: int | None = None, trace: list | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mask (N, H, W) uint8, prob (N, K, H, W) float64, prior (N, K, H, W) float32)`` of
-        normalised images ``x`` (N, C, H, W) at the model's input size; uniforms for the whole
-        batch, the networks on ``batch_size`` images at a time."""
+    def _segment(self, x: np.ndarray, samples: int):
+        """``segment`` callable of :func:`reference.predict_batch`: the prior and the refiner's
+        per-image values, repeated for the ``samples`` chains (chain-major)."""
+        seg = self.segment(np.ascontiguousarray(x, dtype=np.float32))
+        prepared = self.refiner.prepare({"image": x, **seg})
+        if samples > 1:
+            prepared = {k: np.concatenate([v] * samples) for k, v in prepared.items()}
+        return seg["prior"], prepared
+
+    def _denoise(self, prepared: dict[str, np.ndarray], y: np.ndarray, step: int) -> np.ndarray:
+        return self.refiner(prepared, y.astype(np.float32), int(step))
+
+    def predict_batch(self, x: np.ndarray, *, steps: int | None = None,
+                      samples: int | None = None, seed: int = 0,
+                      batch_size: int | None = None,
+                      trace: list | None = None) -> reference.BatchPrediction:
+        """:func:`reference.predict_batch` on normalised images ``x`` (N, C, H, W) at the model's
+        input size: ``prob`` (mean y0_hat), ``spread`` (across chains), ``prior``; uniforms for
+        the whole batch, the networks on ``batch_size`` images at a time; ``trace`` as in
+        :func:`reference.reverse_process`."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         expected = (self.facts.in_channels, *self.facts.input_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise EdgeError(f"x must be (N, {', '.join(map(str, expected))}); got {x.shape}")
-        kept = self.sampling_steps(steps)
-        schedule = reference.respace(self._schedule, kept)
-        chunk = x.shape[0] if batch_size is None else max(1, int(batch_size))
-        shape = (x.shape[0], self.facts.num_classes, *self.facts.input_size)
-        uniforms = reference.draw_uniforms(int(seed), shape, len(kept))
-        probs, priors = [], []
-        for start in range(0, x.shape[0], chunk):
-            part = x[start:start + chunk]
-            seg = self.segment(part)
-            u = uniforms[:, start:start + chunk]
-            probs.append(self.refine(part, seg, u, schedule, trace))
-            priors.append(seg["prior"])
-        prob = np.concatenate(probs)
-        return _labels(prob), prob, np.concatenate(priors)
+        sampler = self.sampler(steps, samples)
+        return reference.predict_batch(
+            x, segment=lambda part: self._segment(part, sampler.samples),
+            denoise=self._denoise, sampler=sampler, seed=int(seed), batch_size=batch_size,
+            trace=trace)
 
     # -- whole images -----------------------------------------------------------------------
     def predict(self, image: np.ndarray, *, steps: int | None = None,
-                seed: int = 0) -> EdgePrediction:
+                samples: int | None = None, seed: int = 0) -> EdgePrediction:
         """Predict one HWC image (uint8 RGB or float in [0, 1]) at its original size."""
         facts = self.facts
         image = images.as_float_image(image, facts.in_channels)
         height, width = image.shape[:2]
+        kw = dict(steps=steps, samples=samples, seed=seed)
         if facts.policy == "tile":
-            return self._predict_tiled(image, steps=steps, seed=seed)
+            normalised = images.normalize(image, facts.mean, facts.std)
+            tiles, starts = images.extract_tiles(normalised, facts.tile, facts.overlap)
+            x = np.ascontiguousarray(np.moveaxis(tiles, -1, 1))
+            out = self.predict_batch(x, batch_size=self.tile_batch, **kw)
+            prob, prior, spread = (images.stitch_tiles(a, starts, (height, width))
+                                   for a in (out.prob, out.prior, out.spread))
+            return EdgePrediction(reference.final_labels(prob[None])[0], prob.astype(np.float32),
+                                  prior.astype(np.float32), spread.astype(np.float32))
         h, w = facts.input_size
         small = images.normalize(images.resize_planes(image, h, w), facts.mean, facts.std)
         x = np.ascontiguousarray(np.moveaxis(small, -1, 0))[None]
-        mask, prob, prior = self.predict_batch(x, steps=steps, seed=seed)
+        out = self.predict_batch(x, **kw)
         return EdgePrediction(
-            images.resize_labels(mask[0], height, width),
-            _resize_maps(prob[0], height, width),
-            _resize_maps(prior[0], height, width),
+            images.resize_labels(reference.final_labels(out.prob)[0], height, width),
+            _resize_maps(out.prob[0], height, width),
+            _resize_maps(out.prior[0], height, width),
+            _resize_maps(out.spread[0], height, width),
         )
-
-    def _predict_tiled(self, image: np.ndarray, *, steps: int | None,
-                       seed: int) -> EdgePrediction:
-        facts = self.facts
-        height, width = image.shape[:2]
-        normalised = images.normalize(image, facts.mean, facts.std)
-        tiles, starts = images.extract_tiles(normalised, facts.tile, facts.overlap)
-        x = np.ascontiguousarray(np.moveaxis(tiles, -1, 1))
-        _, prob, prior = self.predict_batch(x, steps=steps, seed=seed,
-                                            batch_size=self.tile_batch)
-        prob = images.stitch_tiles(prob, starts, (height, width))
-        prior = images.stitch_tiles(prior, starts, (height, width))
-        mask = _labels(prob[None])[0]
-        return EdgePrediction(mask, prob.astype(np.float32), prior.astype(np.float32))
 
     def describe(self) -> dict:
         """What runs where (for ``hidiff-edge info``)."""
@@ -204,13 +198,6 @@ class HiDiffSession:
         if self.refiner.executor is not None:
             info["plan"] = self.refiner.executor.stats
         return info
-
-
-def _labels(prob: np.ndarray) -> np.ndarray:
-    """(N, K, H, W) -> (N, H, W) uint8: ``> 0.5`` for K = 1, argmax for K > 1."""
-    if prob.shape[1] == 1:
-        return (prob[:, 0] > 0.5).astype(np.uint8)
-    return np.argmax(prob, axis=1).astype(np.uint8)
 
 
 def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -15,6 +15,9 @@ Keys (see :func:`model_facts` and :func:`graph_metadata`):
 ``hidiff.sampling_steps``    number of reverse steps the model samples with by default
 ``hidiff.timesteps``         JSON: those original steps, decreasing (what ``step`` is fed)
 ``hidiff.parameterization``  ``eps`` (y0_hat = abs(y_t - out)) | ``y0`` (out is y0_hat)
+``hidiff.offset``            ``bayes`` (out is combined with E[target | y_t, p], see
+                             ``reference.estimate``) | ``none``; absent in older exports: none
+``hidiff.sampling_samples``  S, chains averaged per image by default (absent: 1)
 ``hidiff.num_classes``       K (1 = binary task: sigmoid prior; > 1: softmax prior, one-hot y_t)
 ``hidiff.labels``            JSON: label name -> value
 ``hidiff.input_size``        JSON: [H, W] of every image input
@@ -115,6 +118,8 @@ def model_facts(loaded: Any, feature_strides: Sequence[int]) -> dict[str, Any]:
         "sampling_steps": n,
         "timesteps": [int(s) for s in reversed(list(steps))],
         "parameterization": config.refiner.parameterization,
+        "offset": config.refiner.offset,
+        "sampling_samples": diffusion.sampling_samples,
         "num_classes": config.num_classes,
         "labels": dict(info.labels),
         "input_size": [config.image_size, config.image_size],

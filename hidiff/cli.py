@@ -62,43 +62,20 @@ def _non_negative(text: str) -> int:
 # -- train ----------------------------------------------------------------------------------------
 
 
-@subcommand("train", "train a segmentor + binary refiner (and FP twin) into a model folder")
+@subcommand("train", "train a segmentor + binary refiner into a model folder")
 def _train(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--dataset", required=True,
-                   help="dataset layout: kvasir-seg, cvc-clinicdb, drive, chase-db1, generic")
-    p.add_argument("--data", required=True, help="the dataset folder")
-    p.add_argument("--preset", required=True, help="model preset (see `hidiff describe`)")
-    p.add_argument("--out", required=True, help="the model folder to write")
-    p.add_argument("--max-steps", type=_positive, help="stop after this many iterations")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
-    p.add_argument("--batch-size", type=_positive)
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--pretrain-steps", type=_non_negative,
-                   help="segmentor-only iterations before the alternating phase")
-    p.add_argument("--no-fp-twin", action="store_true",
-                   help="do not train the full-precision twin refiner")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--limit-cases", type=_positive,
-                   help="use only the first N training (and validation) cases")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    from hidiff.training.arguments import add_train_arguments, train_kwargs
+
+    add_train_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from hidiff.training import train
 
-        options = {
-            "max_steps": args.max_steps, "max_minutes": args.max_minutes,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "pretrain_steps": args.pretrain_steps, "limit_cases": args.limit_cases,
-        }
-        result = train(
-            dataset=args.dataset, data=args.data, preset=args.preset, out=args.out,
-            train_fp_twin=not args.no_fp_twin, resume=args.resume, progress=not args.quiet,
-            **{k: v for k, v in options.items() if v is not None},
-        )
+        result = train(**train_kwargs(args))
         if result is not None and not args.quiet:
             print(f"{result.out}: step {result.step} (stopped by {result.stopped_by}), "
-                  f"{result.elapsed_s:.1f} s this run")
+                  f"{result.elapsed_s:.1f} s this run"
+                  + ("" if result.val_dice is None else f", val Dice {result.val_dice:.4f}"))
         return 0
 
     return run
@@ -113,6 +90,8 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--data", help="the dataset folder (default: the one used for training)")
     p.add_argument("--split", default="test", help="subset of the model's split (default test)")
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--samples", type=_positive,
+                   help="chains averaged per image (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--limit", type=_positive, help="only the first N cases of the subset")
     p.add_argument("--overlays", type=_non_negative, default=4,
@@ -124,8 +103,8 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
         from hidiff.evaluation import evaluate, format_table
 
         summary = evaluate(args.model_dir, data=args.data, split=args.split, steps=args.steps,
-                           seed=args.seed, out=args.out, overlays=args.overlays,
-                           limit=args.limit, progress=not args.quiet)
+                           samples=args.samples, seed=args.seed, out=args.out,
+                           overlays=args.overlays, limit=args.limit, progress=not args.quiet)
         print(format_table(summary))
         print(f"written: {summary['out_dir']}/per_case.json, summary.json"
               + (", overlays/" if summary["overlays"] else ""))
@@ -143,7 +122,11 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", required=True, help="output folder for <stem>.png masks")
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--samples", type=_positive,
+                   help="chains averaged per image (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png, the spread across the chains")
     p.add_argument("--refiner", choices=("binary", "fp", "none"), default="binary",
                    help="binary (HiDiff, default), fp (full-precision twin), none (segmentor)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
@@ -152,9 +135,10 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         from hidiff.predict import predict_paths
 
         written = predict_paths(args.model_dir, args.inputs, out=args.out, steps=args.steps,
-                                seed=args.seed, refiner=args.refiner, progress=not args.quiet)
+                                samples=args.samples, seed=args.seed, refiner=args.refiner,
+                                uncertainty=args.uncertainty, progress=not args.quiet)
         if not args.quiet:
-            print(f"wrote {len(written)} mask(s) to {args.out}")
+            print(f"wrote {len(written)} file(s) to {args.out}")
         return 0
 
     return run
@@ -171,17 +155,22 @@ def _demo(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--minutes", type=float, default=8.0, help="training budget (default 8)")
     p.add_argument("--preset", default="cpu-small", help="model preset (default cpu-small)")
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    p.add_argument("--samples", type=_positive,
+                   help="chains averaged per image (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=_positive, help="evaluate only the first N test cases")
     p.add_argument("--resume", action="store_true", help="continue a demo run in --out")
+    p.add_argument("--fp-twin", action="store_true",
+                   help="also train and evaluate the full-precision twin refiner (an ablation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
         from hidiff.demo import run_demo
 
         result = run_demo(data=args.data, out=args.out, minutes=args.minutes, preset=args.preset,
-                          steps=args.steps, seed=args.seed, limit=args.limit,
-                          resume=args.resume, progress=not args.quiet)
+                          steps=args.steps, samples=args.samples, seed=args.seed,
+                          limit=args.limit, resume=args.resume, fp_twin=args.fp_twin,
+                          progress=not args.quiet)
         print(result.table)
         print(f"model folder: {result.model_dir}")
         return 0

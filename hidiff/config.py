@@ -19,8 +19,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import reference
+
 __all__ = [
     "ATTENTIONS",
+    "OFFSETS",
     "PARAMETERIZATIONS",
     "SAMPLERS",
     "SCHEDULES",
@@ -33,12 +36,13 @@ __all__ = [
     "preset",
 ]
 
-SCHEDULES: tuple[str, ...] = ("cosine", "linear_abar")
-SAMPLERS: tuple[str, ...] = ("ddim", "ancestral")
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "y0")
+SCHEDULES: tuple[str, ...] = reference.SCHEDULE_NAMES
+SAMPLERS: tuple[str, ...] = reference.SAMPLERS
+PARAMETERIZATIONS: tuple[str, ...] = reference.PARAMETERIZATIONS
+OFFSETS: tuple[str, ...] = reference.OFFSETS
 ATTENTIONS: tuple[str, ...] = ("hard", "softmax")
 UP_MODES: tuple[str, ...] = ("bilinear", "transpose")
-PAD_VALUES: tuple[float, ...] = (1.0, 0.0)
+PAD_VALUES: tuple[float, ...] = reference.ALLOWED_PAD_VALUES
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -117,6 +121,10 @@ class RefinerConfig:
     ``use_image``: the stem sees concat[x, y_t, p] (default) or concat[y_t, p].
     ``attention``: ``"hard"`` (binarized 0/1 map 1[prob > attention_threshold * row max], softmax
     straight-through gradient) or ``"softmax"``. ``binary=False`` builds the full-precision twin.
+    ``offset``: ``"bayes"`` (default) adds the logit of the analytic estimate E[target | y_t, p]
+    to the network's logits, so an untrained refiner reproduces the segmentor
+    (:mod:`reference.estimate`); ``"none"`` is the plain form (a config written before this
+    option existed loads as ``"none"``).
     """
 
     base_channels: int = 128
@@ -126,6 +134,7 @@ class RefinerConfig:
     emb_freq_dim: int = 128
     use_image: bool = True
     parameterization: str = "eps"
+    offset: str = "bayes"
     binary: bool = True
     pad_value: float = 1.0
     use_xformer: bool = True
@@ -152,6 +161,7 @@ class RefinerConfig:
         if self.emb_freq_dim % 2:
             raise ValueError(f"RefinerConfig.emb_freq_dim must be even; got {self.emb_freq_dim}")
         _choice("RefinerConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
+        _choice("RefinerConfig.offset", self.offset, OFFSETS)
         _choice("RefinerConfig.attention", self.attention, ATTENTIONS)
         _choice("RefinerConfig.pad_value", self.pad_value, PAD_VALUES)
         object.__setattr__(self, "pad_value", float(self.pad_value))
@@ -188,13 +198,15 @@ class RefinerConfig:
 class DiffusionConfig:
     """Bernoulli diffusion settings (method §2-§6).
 
-    ``sampling_steps`` None means all ``num_steps`` (see :attr:`num_sampling_steps`).
+    ``sampling_steps`` None means all ``num_steps`` (see :attr:`num_sampling_steps`);
+    ``sampling_samples`` is S, the number of reverse chains averaged per image by default.
     """
 
     schedule: str = "cosine"
     num_steps: int = 10
     sampling_steps: int | None = None
     sampler: str = "ddim"
+    sampling_samples: int = 1
     lambda_focal: float = 1.0
     focal_gamma: float = 2.0
 
@@ -202,6 +214,7 @@ class DiffusionConfig:
         _choice("DiffusionConfig.schedule", self.schedule, SCHEDULES)
         _choice("DiffusionConfig.sampler", self.sampler, SAMPLERS)
         _positive_int("DiffusionConfig.num_steps", self.num_steps)
+        _positive_int("DiffusionConfig.sampling_samples", self.sampling_samples)
         if self.sampling_steps is not None:
             _positive_int("DiffusionConfig.sampling_steps", self.sampling_steps)
             if self.sampling_steps > self.num_steps:
@@ -317,6 +330,8 @@ def _section_from_dict(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"ModelConfig.{where} must be a dict; got {type(data).__name__}")
     _check_keys(cls, data, where)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if cls is RefinerConfig:
+        kwargs.setdefault("offset", "none")  # written before the offset existed: the plain form
     return cls(**kwargs)
 
 

@@ -48,9 +48,11 @@ def run_demo(
     minutes: float = DEMO_MINUTES,
     preset: str = DEMO_PRESET,
     steps: int | None = None,
+    samples: int | None = None,
     seed: int = 0,
     limit: int | None = None,
     resume: bool = False,
+    fp_twin: bool = False,
     progress: bool = True,
 ) -> DemoResult:
     """Train ``preset`` on Kvasir-SEG for ``minutes`` into ``out``, evaluate the segmentor alone
@@ -78,8 +80,9 @@ def run_demo(
         seed=seed,
         pretrain_steps=DEMO_PRETRAIN_STEPS,
         resume=resume,
+        train_fp_twin=fp_twin,
         progress=progress,
     )
-    summary = evaluate(result.out, data=root, split="test", steps=steps, seed=seed, limit=limit,
-                       progress=progress)
+    summary = evaluate(result.out, data=root, split="test", steps=steps, samples=samples,
+                       seed=seed, limit=limit, progress=progress)
     return DemoResult(Path(result.out), summary, format_table(summary))

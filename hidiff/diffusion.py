@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import reference
-from reference.losses import PROB_EPS
+from reference.estimate import PROB_EPS, check_offset
 from reference.posterior import UNDEFINED_POSTERIOR
 from reference.sampling import PARAMETERIZATIONS
 
@@ -119,6 +119,57 @@ class BernoulliDiffusion:
         abar_prev = self._gather(self._abar, t_prev, y_t)
         sigma = (1.0 - abar_prev) / (1.0 - abar_t)
         return (sigma * y_t + (abar_prev - sigma * abar_t) * y0_hat).clamp(0.0, 1.0)
+
+    def refiner_output(
+        self,
+        logits: torch.Tensor,
+        *,
+        y_t: torch.Tensor,
+        prior: torch.Tensor,
+        t: torch.Tensor,
+        parameterization: str = "eps",
+        offset: str = "none",
+    ) -> torch.Tensor:
+        """The refiner's output probability from the network's ``logits`` at array indices ``t``:
+        ``sigmoid(logits)`` for offset "none", ``sigmoid(logits + logit(estimate))`` for "bayes"
+        with the analytic estimate of :mod:`reference.estimate` clipped into
+        [PROB_EPS, 1 - PROB_EPS] (training computes it in logit space; inference combines the
+        network's probability with the estimate through :func:`reference.refiner_output`, the
+        same function to rounding)."""
+        _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+        if check_offset(offset) == "none":
+            return torch.sigmoid(logits)
+        abar = self._gather(self._abar, t, y_t)
+        if parameterization == "eps":
+            est = (1.0 - abar) * (y_t - prior).abs()
+        else:
+            est = abar * y_t + (1.0 - abar) * prior
+        est = _clip_prob(est.to(logits.dtype))
+        return torch.sigmoid(logits + torch.log(est) - torch.log1p(-est))
+
+    def offset_output(
+        self,
+        net: torch.Tensor,
+        *,
+        y_t: torch.Tensor,
+        prior: torch.Tensor,
+        t: torch.Tensor,
+        parameterization: str = "eps",
+        offset: str = "none",
+    ) -> torch.Tensor:
+        """The refiner's output from the network's *probability* ``net`` (inference form of
+        :meth:`refiner_output`; the formula of :func:`reference.refiner_output`)."""
+        _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+        if check_offset(offset) == "none":
+            return net
+        abar = self._gather(self._abar, t, y_t)
+        if parameterization == "eps":
+            est = (1.0 - abar) * (y_t - prior).abs()
+        else:
+            est = abar * y_t + (1.0 - abar) * prior
+        q, e = _clip_prob(net), _clip_prob(est)
+        num = q * e
+        return num / (num + (1.0 - q) * (1.0 - e))
 
     @staticmethod
     def y0_from_output(

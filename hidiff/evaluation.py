@@ -47,7 +47,7 @@ from tqdm import tqdm
 from hidiff.data.io import load_case
 from hidiff.data.readers import get_reader
 from hidiff.overlay import save_overlay
-from hidiff.pipeline import HiDiffPipeline, make_scheduler
+from hidiff.pipeline import HiDiffPipeline
 from reference import metrics as rm
 
 __all__ = ["PREDICTORS", "evaluate", "format_table", "pipeline_from_model_dir"]
@@ -148,18 +148,22 @@ def evaluate(
     data: str | Path | None = None,
     split: str = "test",
     steps: int | None = None,
+    samples: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     overlays: int = 4,
     limit: int | None = None,
+    predictors: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the three predictors of ``model_dir`` on subset ``split`` of its split.
 
-    ``data``: the dataset folder (default: the one recorded at training). ``steps`` / ``seed``:
-    sampling steps (default: the config's) and the uniforms' seed. ``limit``: only the first
+    ``data``: the dataset folder (default: the one recorded at training). ``steps`` /
+    ``samples`` / ``seed``: sampling steps and chains averaged per image (defaults: the
+    config's) and the uniforms' seed. ``limit``: only the first
     ``limit`` cases of the subset. ``overlays``: how many cases (the first ones) get an overlay
-    PNG. Returns the summary dict (also written to ``summary.json``; see the module docstring).
+    PNG. ``predictors``: a subset of ``PREDICTORS`` to run (default: every one the folder has).
+    Returns the summary dict (also written to ``summary.json``; see the module docstring).
     """
     model, pipe = pipeline_from_model_dir(model_dir)
     dataset, root = _resolve_data(model, data)
@@ -172,8 +176,15 @@ def evaluate(
     cases = model.split.select(get_reader(dataset).list_cases(root), split)[:limit]
     if not cases:
         raise ValueError(f"subset {split!r} of the model's split is empty")
-    steps_used = len(make_scheduler(model.config, steps).timesteps)  # validates steps
-    available = {k: (k != "hidiff_fp" or pipe.has_fp) for k in PREDICTORS}
+    sampler = pipe.sampler(steps, samples)  # validates steps and samples
+    steps_used, samples_used = sampler.schedule.num_steps, sampler.samples
+    if predictors is not None:
+        unknown = [k for k in predictors if k not in PREDICTORS]
+        if unknown or not predictors:
+            raise ValueError(f"predictors must be a non-empty subset of {', '.join(PREDICTORS)}; "
+                             f"got {predictors!r}")
+    available = {k: (k != "hidiff_fp" or pipe.has_fp)
+                 and (predictors is None or k in predictors) for k in PREDICTORS}
     active = [k for k in PREDICTORS if available[k]]
     out_dir = Path(out) if out is not None else Path(model_dir) / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +204,7 @@ def evaluate(
         masks = {}
         for key in active:
             start = time.perf_counter()
-            pred = pipe.predict_image(image, steps=steps_used, seed=seed,
+            pred = pipe.predict_image(image, steps=steps_used, samples=samples_used, seed=seed,
                                       refiner=PREDICTORS[key][0])
             timings[key] += time.perf_counter() - start
             masks[key] = pred.mask
@@ -210,24 +221,25 @@ def evaluate(
                                 height=512 if info.policy == "tile" else 256)
             overlay_files.append(str(path))
 
-    settings = {"split": split, "steps": steps_used, "seed": seed}
+    settings = {"split": split, "steps": steps_used, "samples": samples_used, "seed": seed}
     _write_json(out_dir / "per_case.json",
                 {**settings, "predictors": active, "cases": per_case})
     n = len(cases)
-    predictors: dict[str, Any] = {}
+    entries: dict[str, Any] = {}
     for key, (_, label) in PREDICTORS.items():
         if not available[key]:
-            predictors[key] = {"available": False, "label": label,
-                               "reason": "the model folder has no full-precision twin refiner "
-                                         "(trained with --no-fp-twin)"}
+            reason = ("not asked for" if predictors is not None and key not in predictors else
+                      "the model folder has no full-precision twin refiner (train with --fp-twin "
+                      "for it)")
+            entries[key] = {"available": False, "label": label, "reason": reason}
             continue
-        predictors[key] = {
+        entries[key] = {
             "available": True, "label": label, "wall_time_s": timings[key],
             "seconds_per_case": timings[key] / n,
             "metrics": rm.summarize([c["metrics"][key] for c in per_case]),
         }
     summary = {"model_dir": str(model_dir), "dataset": dataset, "data": str(root), **settings,
-               "n_cases": n, "checkpoint_step": model.step, "predictors": predictors,
+               "n_cases": n, "checkpoint_step": model.step, "predictors": entries,
                "overlays": overlay_files, "out_dir": str(out_dir)}
     _write_json(out_dir / "summary.json", summary)
     return summary
@@ -243,7 +255,8 @@ def format_table(summary: dict[str, Any]) -> str:
     """The three-predictor table (means over the cases; HD95 over the finite cases)."""
     lines = [
         f"{summary.get('dataset', '?')} {summary['split']}: {summary['n_cases']} case(s), "
-        f"{summary['steps']} sampling step(s), seed {summary['seed']}, "
+        f"{summary['steps']} sampling step(s) x {summary.get('samples', 1)} chain(s), "
+        f"seed {summary['seed']}, "
         f"checkpoint step {summary.get('checkpoint_step', '?')}",
         f"{'predictor':<31}" + "".join(f"{h:>10}" for _, h in _TABLE_METRICS) + f"{'s/case':>10}",
     ]

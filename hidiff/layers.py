@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import reference
 from hidiff.quantizers import approx_sign, bipolar, get_quantizer, magnitude_aware_sign
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 #: The pad values a binary convolution may use: +1 (exact under XNOR-popcount) or 0.
-PAD_VALUES: tuple[float, ...] = (1.0, 0.0)
+PAD_VALUES: tuple[float, ...] = reference.ALLOWED_PAD_VALUES
 
 
 def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:

@@ -5,21 +5,23 @@
     out.mask                                     # (N, H, W) uint8 label map
     pred = pipe.predict_image(image)             # image: HWC float in [0, 1], any size
 
-The batch path (:meth:`HiDiffPipeline.predict`, docs/architecture.md "Inference"):
+The batch path (:meth:`HiDiffPipeline.predict`) is :func:`reference.predict_batch`, the one
+predict loop every runtime shares; this class only supplies the two network callables:
 
-1. ``prior, features = segmentor(x)`` once (``prior`` = sigmoid / softmax of its logits);
-2. ``cache = refiner.precompute(x, prior, features)`` once;
-3. ``u = reference.draw_uniforms(seed, prior.shape, n)`` with n the number of sampling steps;
-   ``y = u[0] < prior``; for each kept step (decreasing original index ``s``):
-   ``out = sigmoid(refiner.forward_step(cache, y, s))`` and a scheduler step with ``u[k + 1]``;
-4. ``mask = y0_hat > 0.5`` (K = 1) or ``argmax`` over channels (K > 1).
+1. ``segment``: ``prior, features = segmentor(x)`` once (``prior`` = sigmoid / softmax of its
+   logits) and ``cache = refiner.precompute(x, prior, features)``, repeated for the S chains;
+2. ``denoise``: ``sigmoid(refiner.forward_step(cache, y, s))`` for the chain states ``y``.
+
+The loop draws ``reference.chain_uniforms(seed, prior.shape, n, S)``, runs S chains of the
+reverse process (the model's offset and parameterisation, :mod:`reference.estimate`), averages
+their final y0_hat and takes the mask from that mean (``> 0.5`` for K = 1, argmax for K > 1);
+``spread`` is the per-pixel standard deviation across chains.
 
 The network runs in float32; the diffusion arithmetic (y0_hat, the step mean and every ``u < mean``
-comparison) runs in float64 on the float32 network outputs, exactly as
-:func:`reference.reverse_process` does, so the NumPy oracle and the edge runtime, fed the same
-uniforms and the same network outputs, reproduce the samples bit for bit. The ``refiner`` argument
-picks ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` / ``"none"``: the
-segmentor alone, whose mask comes from the prior.
+comparison) runs in float64 in :mod:`reference`, so the NumPy oracle and the edge runtime, fed the
+same uniforms and the same network outputs, reproduce the samples bit for bit. The ``refiner``
+argument picks ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` / ``"none"``:
+the segmentor alone, whose mask comes from the prior.
 
 The uniforms are drawn for the whole batch ``(N, K, H, W)``: an image's result depends on its
 position in the batch. :meth:`predict_image` (what evaluation and prediction use) always predicts
@@ -63,7 +65,6 @@ __all__ = [
     "HiDiffPipeline",
     "ImagePrediction",
     "PipelineOutput",
-    "labels_from_prob",
     "make_scheduler",
 ]
 
@@ -77,31 +78,29 @@ class PipelineOutput:
 
     ``mask``: (N, H, W) uint8 label map (0/1 for K = 1, class index for K > 1);
     ``prob``: (N, K, H, W) float64, the final y0_hat (the prior itself for the segmentor alone);
-    ``prior``: (N, K, H, W) float32, the segmentor's prior p.
+    ``prior``: (N, K, H, W) float32, the segmentor's prior p;
+    ``spread``: (N, K, H, W) float64, the per-pixel standard deviation of y0_hat across the
+    sampled chains (the uncertainty map; 0 for one chain or the segmentor alone).
     """
 
     mask: Tensor
     prob: Tensor
     prior: Tensor
+    spread: Tensor
 
 
 @dataclass(frozen=True)
 class ImagePrediction:
     """Result of :meth:`HiDiffPipeline.predict_image`, all at the image's original size.
 
-    ``mask``: (H, W) uint8 label map; ``prob`` / ``prior``: (K, H, W) float32.
+    ``mask``: (H, W) uint8 label map; ``prob`` / ``prior`` / ``spread`` (the uncertainty map):
+    (K, H, W) float32.
     """
 
     mask: np.ndarray
     prob: np.ndarray
     prior: np.ndarray
-
-
-def labels_from_prob(prob: Tensor) -> Tensor:
-    """(N, K, H, W) probabilities -> (N, H, W) uint8: ``> 0.5`` for K = 1, argmax for K > 1."""
-    if prob.shape[1] == 1:
-        return (prob[:, 0] > 0.5).to(torch.uint8)
-    return prob.argmax(dim=1).to(torch.uint8)
+    spread: np.ndarray
 
 
 def make_scheduler(config: ModelConfig, steps: int | None = None) -> BernoulliScheduler:
@@ -114,6 +113,7 @@ def make_scheduler(config: ModelConfig, steps: int | None = None) -> BernoulliSc
             schedule=d.schedule,
             parameterization=config.refiner.parameterization,
             sampler=d.sampler,
+            offset=config.refiner.offset,
         )
     )
     n = d.num_sampling_steps if steps is None else steps
@@ -187,48 +187,54 @@ class HiDiffPipeline:
         return max(2**self.config.segmentor.depth, self.config.refiner.strides[-1])
 
     # -- the batch path -----------------------------------------------------------------------
-    def _segment(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        out = self.segmentor(x)
-        return prior_from_logits(out.logits), tuple(out.features)
+    def sampler(self, steps: int | None = None, samples: int | None = None) -> reference.Sampler:
+        """The sampling of this model: ``steps`` evenly spread steps (default the config's) and
+        ``samples`` chains averaged (default the config's ``sampling_samples``)."""
+        d = self.config.diffusion
+        schedule = make_scheduler(self.config, steps).diffusion.schedule
+        s = d.sampling_samples if samples is None else samples
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"samples must be an int >= 1; got {s!r}")
+        return reference.Sampler(schedule, method=d.sampler,
+                                 parameterization=self.config.refiner.parameterization,
+                                 offset=self.config.refiner.offset, samples=s)
 
-    def _refine(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        prior: Tensor,
-        features: tuple[Tensor, ...],
-        uniforms: Tensor,
-        scheduler: BernoulliScheduler,
-    ) -> Tensor:
-        """y0_hat (float64) of the reverse process on one chunk; ``uniforms`` (n, N, K, H, W)."""
-        cache = module.precompute(x, prior, features)
-        prior64 = prior.double()
-        y = scheduler.initial_sample(prior64, uniforms[0])
-        n = len(scheduler.timesteps)
-        y0_hat = prior64
-        for k, step in enumerate(scheduler.timesteps.tolist()):
-            t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-            out = torch.sigmoid(module.forward_step(cache, y.to(x.dtype), t))
-            u = uniforms[k + 1] if k + 1 < n else None
-            res = scheduler.step(out.double(), step, y, prior=prior64, u=u)
-            y, y0_hat = res.prev_sample, res.pred_original_sample
-        return y0_hat
+    def _segment(self, x: np.ndarray, module: nn.Module | None, samples: int):
+        """``segment`` callable of :func:`reference.predict_batch`: the prior (float32 numpy)
+        and, with a refiner, its time-independent cache repeated for the ``samples`` chains."""
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        out = self.segmentor(xt)
+        prior = prior_from_logits(out.logits)
+        if module is None:
+            return prior.numpy(), None
+        cache = module.precompute(xt, prior, tuple(out.features))
+        return prior.numpy(), (module, _repeat_batch(cache, samples))
+
+    @staticmethod
+    def _denoise(context, y: np.ndarray, step: int) -> np.ndarray:
+        """``denoise`` callable: the network's probabilities for chain states ``y``."""
+        module, cache = context
+        t = torch.full((y.shape[0],), int(step), dtype=torch.long)
+        yt = torch.from_numpy(y.astype(np.float32))
+        return torch.sigmoid(module.forward_step(cache, yt, t)).numpy()
 
     def predict(
         self,
         images: Tensor,
         *,
         steps: int | None = None,
+        samples: int | None = None,
         seed: int = 0,
         refiner: str | None = "binary",
         batch_size: int | None = None,
     ) -> PipelineOutput:
         """Predict a batch of normalised images ``(N, C, H, W)`` (H, W multiples of
-        :attr:`net_multiple`).
+        :attr:`net_multiple`) with :func:`reference.predict_batch`.
 
         ``refiner``: ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` /
-        ``"none"`` (segmentor alone; ``steps`` and ``seed`` are then unused). ``steps``: number of
-        sampling steps (default: the config's), respaced evenly and always including T.
+        ``"none"`` (segmentor alone; ``steps``, ``samples`` and ``seed`` are then unused).
+        ``steps``: number of sampling steps (default: the config's), respaced evenly and always
+        including T; ``samples``: chains averaged per image (default: the config's).
         ``batch_size`` runs the networks on that many images at a time: the uniforms are the same,
         but float32 kernels may round differently for another batch size, and a rounding change
         can flip a Bernoulli draw that the binary refiner then amplifies.
@@ -243,30 +249,20 @@ class HiDiffPipeline:
                 f"image size {tuple(images.shape[-2:])} must be a multiple of {m} for this model"
             )
         module = self.refiner_module(refiner)
-        scheduler = make_scheduler(self.config, steps) if module is not None else None
-        images = images.float()
-        n_img = images.shape[0]
-        chunk = n_img if batch_size is None else max(1, int(batch_size))
-        uniforms = None
-        masks, probs, priors = [], [], []
+        sampler = self.sampler(steps, samples) if module is not None else None
+        s = 1 if sampler is None else sampler.samples
         with torch.no_grad():
-            for start in range(0, n_img, chunk):
-                x = images[start : start + chunk]
-                prior, features = self._segment(x)
-                if module is None:
-                    prob = prior.double()
-                else:
-                    if uniforms is None:
-                        shape = (n_img, *prior.shape[1:])
-                        uniforms = torch.from_numpy(
-                            reference.draw_uniforms(seed, shape, scheduler.num_draws)
-                        )
-                    u = uniforms[:, start : start + chunk]
-                    prob = self._refine(module, x, prior, features, u, scheduler)
-                masks.append(labels_from_prob(prob))
-                probs.append(prob)
-                priors.append(prior)
-        return PipelineOutput(torch.cat(masks), torch.cat(probs), torch.cat(priors))
+            result = reference.predict_batch(
+                images.float().numpy(),
+                segment=lambda x: self._segment(x, module, s),
+                denoise=self._denoise if module is not None else None,
+                sampler=sampler,
+                seed=seed,
+                batch_size=batch_size,
+            )
+        prob = torch.from_numpy(result.prob)
+        return PipelineOutput(torch.from_numpy(reference.final_labels(result.prob)), prob,
+                              torch.from_numpy(result.prior), torch.from_numpy(result.spread))
 
     # -- whole images -------------------------------------------------------------------------
     def _to_input(self, image: np.ndarray) -> np.ndarray:
@@ -278,9 +274,10 @@ class HiDiffPipeline:
         image: np.ndarray,
         *,
         steps: int | None = None,
+        samples: int | None = None,
         seed: int = 0,
         refiner: str | None = "binary",
-        tile_batch: int = 8,
+        tile_batch: int = reference.DEFAULT_TILE_BATCH,
     ) -> ImagePrediction:
         """Predict one HWC float image in [0, 1] at its original size (see module docstring)."""
         image = np.asarray(image, dtype=np.float32)
@@ -291,7 +288,7 @@ class HiDiffPipeline:
             )
         height, width = image.shape[:2]
         info = self.dataset_info
-        kw = dict(steps=steps, seed=seed, refiner=refiner)
+        kw = dict(steps=steps, samples=samples, seed=seed, refiner=refiner)
         if info.policy == "resize":
             size = self.config.image_size
             x = torch.from_numpy(self._to_input(resize_image(image, size)))[None]
@@ -301,6 +298,7 @@ class HiDiffPipeline:
                 mask,
                 self._resize_maps(out.prob[0], height, width),
                 self._resize_maps(out.prior[0], height, width),
+                self._resize_maps(out.spread[0], height, width),
             )
         tile = info.tile
         if tile % self.net_multiple:
@@ -313,10 +311,23 @@ class HiDiffPipeline:
         out = self.predict(x, batch_size=tile_batch, **kw)
         prob = stitch_tiles(out.prob.numpy(), starts, (height, width), channels_first=True)
         prior = stitch_tiles(out.prior.numpy(), starts, (height, width), channels_first=True)
-        mask = labels_from_prob(torch.from_numpy(prob)[None])[0].numpy()
-        return ImagePrediction(mask, prob.astype(np.float32), prior.astype(np.float32))
+        spread = stitch_tiles(out.spread.numpy(), starts, (height, width), channels_first=True)
+        mask = reference.final_labels(prob[None])[0]
+        return ImagePrediction(mask, prob.astype(np.float32), prior.astype(np.float32),
+                               spread.astype(np.float32))
 
     @staticmethod
     def _resize_maps(maps: Tensor, height: int, width: int) -> np.ndarray:
         hwc = np.moveaxis(maps.float().numpy(), 0, -1)
         return np.ascontiguousarray(np.moveaxis(resize_image(hwc, (height, width)), -1, 0))
+
+
+def _repeat_batch(obj, times: int):
+    """Tensors (nested in tuples / named tuples) repeated ``times`` along the batch axis,
+    chain-major (``cat([obj] * times)``), the layout of :func:`reference.reverse_process`."""
+    if times == 1 or obj is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.repeat(times, *([1] * (obj.ndim - 1)))
+    items = [_repeat_batch(o, times) for o in obj]
+    return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)

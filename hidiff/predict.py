@@ -3,7 +3,8 @@
 :func:`predict_paths` takes image files and/or folders (a folder contributes its image files,
 ``*.png *.jpg *.jpeg *.tif *.tiff *.bmp *.gif``, not recursively, in natural order) and writes
 one PNG mask per image to ``out/<stem>.png`` at the image's original size: 0/255 for a binary
-model (K = 1), the label values 0..K-1 for a multi-class one.
+model (K = 1), the label values 0..K-1 for a multi-class one; with ``uncertainty`` also
+``out/<stem>_uncertainty.png``, the per-pixel spread of the S chains (0 = all agree).
 
 Before anything is written every input is decoded once, so an unreadable file, a grayscale image
 where the model expects RGB, an empty folder, a missing path or two inputs with the same stem
@@ -23,11 +24,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import reference
 from hidiff.data.errors import DataError, preview
 from hidiff.data.io import read_image
 from hidiff.data.readers import IMAGE_SUFFIXES, natural_key
 from hidiff.evaluation import pipeline_from_model_dir
-from hidiff.pipeline import make_scheduler
 
 __all__ = ["collect_images", "mask_to_png_array", "predict_paths", "write_png"]
 
@@ -86,25 +87,36 @@ def predict_paths(
     *,
     out: str | Path,
     steps: int | None = None,
+    samples: int | None = None,
     seed: int = 0,
     refiner: str | None = "binary",
+    uncertainty: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Write ``out/<stem>.png`` masks for the images in ``inputs``; returns the written paths.
 
     ``refiner``: ``"binary"`` (HiDiff), ``"fp"`` (the full-precision twin, when the folder has
-    one) or ``"none"``/``None`` (the segmentor alone). ``steps``/``seed``: sampling steps (default
-    the model's) and the seed of the uniforms (each image is predicted on its own with this seed).
+    one) or ``"none"``/``None`` (the segmentor alone). ``steps`` / ``samples`` / ``seed``:
+    sampling steps and chains averaged (defaults: the model's) and the seed of the uniforms
+    (each image is predicted on its own with this seed). ``uncertainty``: also write
+    ``out/<stem>_uncertainty.png``, the spread of y0_hat across the chains
+    (:func:`reference.uncertainty_pixels`; all 0 for one chain or the segmentor alone).
     """
     model, pipe = pipeline_from_model_dir(model_dir)
     pipe.refiner_module(refiner)  # reject an unknown / unavailable refiner before reading anything
-    make_scheduler(model.config, steps)  # validate steps up front
+    pipe.sampler(steps, samples)  # validate steps and samples up front
     files = collect_images(inputs)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
     targets = [out_dir / f"{p.stem}.png" for p in files]
-    clash = [str(p) for p, t in zip(files, targets, strict=True) if t.resolve() == p.resolve()]
+    extra = [out_dir / f"{p.stem}_uncertainty.png" for p in files] if uncertainty else []
+    names = [t.name for t in targets + extra]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{out_dir / dup}: two outputs of this run would have this name; rename "
+                         f"one of the inputs")
+    clash = [str(p) for p in files for t in targets + extra if t.resolve() == p.resolve()]
     if clash:
         raise ValueError(f"{clash[0]}: would be overwritten by its own mask; choose another "
                          f"output folder ({preview(clash)})")
@@ -120,9 +132,13 @@ def predict_paths(
                    disable=not progress, leave=False)
         for path, target in bar:
             image = read_image(path, channels)
-            pred = pipe.predict_image(image, steps=steps, seed=seed, refiner=refiner)
+            pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed,
+                                      refiner=refiner)
             pixels = mask_to_png_array(pred.mask, model.config.num_classes)
             written.append(write_png(target, pixels))
+            if uncertainty:
+                spread_png = target.with_name(f"{path.stem}_uncertainty.png")
+                written.append(write_png(spread_png, reference.uncertainty_pixels(pred.spread)))
     except BaseException:
         if not written:
             for folder in created:  # deepest first; only the (empty) folders made here

@@ -36,11 +36,13 @@ class BernoulliSchedulerConfig:
     schedule: str = "cosine"
     parameterization: str = "eps"
     sampler: str = "ddim"
+    offset: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice(self.schedule, reference.SCHEDULE_NAMES, "schedule")
         _check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
         _check_choice(self.sampler, SAMPLERS, "sampler")
+        reference.check_offset(self.offset)
         if int(self.num_train_timesteps) < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
 
@@ -112,14 +114,20 @@ class BernoulliScheduler:
         prior: torch.Tensor,
         u: torch.Tensor | None,
     ) -> BernoulliSchedulerOutput:
-        """One reverse step from original step ``timestep``; ``model_output`` is a probability."""
+        """One reverse step from original step ``timestep``; ``model_output`` is the network's
+        probability (the config's ``offset`` turns it into the refiner's output)."""
         step = int(timestep)
         if step not in self._index_of:
             raise ValueError(
                 f"timestep {step} is not among the scheduled {self.timesteps.tolist()}"
             )
         j = self._index_of[step]
-        y0_hat = self.diffusion.y0_from_output(sample, model_output, self.config.parameterization)
+        cfg = self.config
+        output = self.diffusion.offset_output(
+            model_output, y_t=sample, prior=prior,
+            t=torch.full((sample.shape[0],), j, dtype=torch.long),
+            parameterization=cfg.parameterization, offset=cfg.offset)
+        y0_hat = self.diffusion.y0_from_output(sample, output, cfg.parameterization)
         if j == 1:
             return BernoulliSchedulerOutput(y0_hat, y0_hat, None)
         if u is None:

@@ -6,6 +6,8 @@ Readable first, float64 inside, no dependency but numpy. One module per concept:
 - :mod:`reference.forward`    prior-guided Bernoulli forward process, flip map (§3)
 - :mod:`reference.posterior`  q(y_{t-1} | y_t, y0, p) (§4)
 - :mod:`reference.sampling`   parameterisations, DDIM-style / ancestral steps, the loop (§5)
+- :mod:`reference.estimate`   the analytic estimate E[y0 | y_t, p] and the ``bayes`` offset
+- :mod:`reference.inference`  the whole-batch predict loop (segment once, S chains averaged)
 - :mod:`reference.losses`     KL / NLL in bits, focal loss (§6)
 - :mod:`reference.quantize`   sign with sign(0) = +1 (§7)
 - :mod:`reference.bitpack`    LCE bit packing, popcount, the XNOR-popcount dot product (§7)
@@ -17,6 +19,7 @@ Readable first, float64 inside, no dependency but numpy. One module per concept:
 from . import metrics
 from .binary_conv import ALLOWED_PAD_VALUES, binary_conv2d, binary_linear, conv_output_size
 from .bitpack import WORD_BITS, bitpack, bitunpack, num_words, popcount, xnor_popcount_dot
+from .estimate import OFFSETS, add_logits, bayes_estimate, check_offset, refiner_output
 from .forward import (
     bernoulli_sample,
     flip_probability,
@@ -24,6 +27,13 @@ from .forward import (
     q_sample,
     q_sample_flip,
     q_step_mean,
+)
+from .inference import (
+    DEFAULT_TILE_BATCH,
+    BatchPrediction,
+    Sampler,
+    predict_batch,
+    uncertainty_pixels,
 )
 from .losses import (
     PROB_EPS,
@@ -40,8 +50,10 @@ from .sampling import (
     PARAMETERIZATIONS,
     SAMPLERS,
     ReverseResult,
+    chain_uniforms,
     ddim_mean,
     draw_uniforms,
+    final_labels,
     final_mask,
     reverse_process,
     step_mean,
@@ -52,6 +64,17 @@ from .schedule import SCHEDULE_NAMES, Schedule, make_schedule, respace, spaced_s
 from .time_conditioning import time_activation, time_binarization
 
 __all__ = [
+    "OFFSETS",
+    "DEFAULT_TILE_BATCH",
+    "BatchPrediction",
+    "Sampler",
+    "add_logits",
+    "bayes_estimate",
+    "check_offset",
+    "chain_uniforms",
+    "predict_batch",
+    "uncertainty_pixels",
+    "refiner_output",
     "ALLOWED_PAD_VALUES",
     "WORD_BITS",
     "binary_conv2d",
@@ -76,6 +99,7 @@ __all__ = [
     "bernoulli_sample",
     "ddim_mean",
     "draw_uniforms",
+    "final_labels",
     "final_mask",
     "flip_probability",
     "focal_loss",

@@ -26,12 +26,12 @@ import math
 
 import numpy as np
 
+from .estimate import PROB_EPS
 from .forward import _check_t
 from .posterior import q_posterior_mean
 from .sampling import PARAMETERIZATIONS, _check_choice, y0_from_output
 from .schedule import Schedule
 
-PROB_EPS = 1e-6
 LN2 = math.log(2.0)
 
 

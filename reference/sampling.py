@@ -18,11 +18,13 @@ if y_t ~ B(abar_t y0 + (1 - abar_t) p) and y0_hat = y0 then y_{t_prev} ~ B(abar_
 (1 - abar_{t_prev}) p).
 
 Loop: y_n ~ B(p); for t = n..2: y0_hat = f(y_t, timesteps[t]); y_{t-1} ~ B(step mean);
-at t = 1 return y0_hat (a probability map). Final mask: y0_hat > 0.5 when K = 1, argmax over the
-channel axis when K > 1.
+at t = 1 return y0_hat (a probability map). S chains run side by side (one batch) and their final
+y0_hat are averaged: the estimate is the mean, the uncertainty map the spread across chains.
+Final mask: mean y0_hat > 0.5 when K = 1, argmax over the channel axis when K > 1.
 
 Uniforms: ``draw_uniforms(seed, shape, n)`` gives n arrays from numpy's PCG64: index 0 draws y_n,
-index k >= 1 draws the sample of the k-th reverse step (t = n - k + 1 -> t - 1).
+index k >= 1 draws the sample of the k-th reverse step (t = n - k + 1 -> t - 1). S chains draw
+``chain_uniforms(seed, shape, n, S)`` = ``draw_uniforms(seed, (S, *shape), n)``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .estimate import check_offset, refiner_output
 from .forward import _check_t, bernoulli_sample
 from .posterior import q_posterior_mean
 from .schedule import Schedule
@@ -108,12 +111,41 @@ def final_mask(y0_hat: np.ndarray, *, channel_axis: int = -3) -> np.ndarray:
     return np.argmax(y0_hat, axis=channel_axis).astype(np.uint8)
 
 
+def final_labels(prob: np.ndarray) -> np.ndarray:
+    """(N, K, H, W) probabilities -> (N, H, W) uint8 label map (:func:`final_mask` per image:
+    0/1 for K = 1, the class index for K > 1)."""
+    prob = np.asarray(prob)
+    if prob.ndim != 4:
+        raise ValueError(f"prob must be (N, K, H, W); got shape {prob.shape}")
+    mask = final_mask(prob, channel_axis=1)
+    return mask[:, 0] if prob.shape[1] == 1 else mask
+
+
 @dataclass(frozen=True)
 class ReverseResult:
-    """Output of :func:`reverse_process`: the final y0 estimate and every sampled state."""
+    """Output of :func:`reverse_process`.
+
+    ``y0_hat``: the estimate, the mean of the chains' final y0 estimates (shape of the prior);
+    ``spread``: their per-element standard deviation across chains (0 for one chain), the
+    uncertainty map; ``chains``: every chain's final estimate ``(S, *prior.shape)``;
+    ``states``: the sampled states ``(S, *prior.shape)`` from y_n down to y_1.
+    """
 
     y0_hat: np.ndarray
+    spread: np.ndarray
+    chains: np.ndarray
     states: tuple[np.ndarray, ...]
+
+
+def chain_uniforms(seed: int, shape: tuple[int, ...], count: int, samples: int = 1) -> np.ndarray:
+    """The uniforms of ``samples`` chains: ``draw_uniforms(seed, (samples, *shape), count)``.
+
+    PCG64 fills arrays in C order, so chain 0 of ``samples`` chains draws exactly what a single
+    chain draws only when ``samples == 1``; the layout is ``(count, samples, *shape)``.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1; got {samples!r}")
+    return draw_uniforms(seed, (int(samples), *shape), count)
 
 
 def reverse_process(
@@ -124,28 +156,53 @@ def reverse_process(
     uniforms: np.ndarray,
     method: str = "ddim",
     parameterization: str = "eps",
+    offset: str = "none",
+    samples: int = 1,
+    trace: list | None = None,
 ) -> ReverseResult:
-    """Run the reverse chain from y_n ~ B(prior) to the final y0 estimate.
+    """Run ``samples`` (S) reverse chains from y_n ~ B(prior) and average their y0 estimates.
 
-    ``denoise_fn(y_t, original_step)`` returns the refiner's output probabilities.
-    ``uniforms`` has shape ``(n, *prior.shape)`` with n = ``schedule.num_steps``.
+    ``prior``: (N, ...) float probabilities. ``denoise_fn(y, original_step)`` gets the states of
+    all chains stacked chain-major along the first axis, ``(S * N, ...)`` (rows ``s * N`` to
+    ``(s + 1) * N - 1`` are chain s), and returns the network's probabilities of that shape.
+    ``offset`` turns them into the refiner's output (:func:`reference.estimate.refiner_output`).
+    ``uniforms``: ``(n, S, *prior.shape)`` with n = ``schedule.num_steps`` (see
+    :func:`chain_uniforms`); for S = 1 also ``(n, *prior.shape)``.
+
+    The mask is taken from the mean estimate (:func:`final_mask`), never from one draw.
+    ``trace`` (a list, optional) receives ``(t, y_t, net, mean or None)`` per step, arrays of
+    shape ``(S, *prior.shape)`` (for checks and diagnosis).
     """
     _check_choice(method, SAMPLERS, "sampler")
     _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    check_offset(offset)
+    if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1; got {samples!r}")
     prior = np.asarray(prior, dtype=np.float64)
-    n = schedule.num_steps
+    n, s = schedule.num_steps, int(samples)
     uniforms = np.asarray(uniforms, dtype=np.float64)
-    if uniforms.shape != (n, *prior.shape):
-        raise ValueError(f"uniforms must have shape {(n, *prior.shape)}, got {uniforms.shape}")
-    y = bernoulli_sample(prior, uniforms[0])
+    if s == 1 and uniforms.shape == (n, *prior.shape):
+        uniforms = uniforms[:, None]
+    if uniforms.shape != (n, s, *prior.shape):
+        raise ValueError(f"uniforms must have shape {(n, s, *prior.shape)}, got {uniforms.shape}")
+    priors = np.broadcast_to(prior, (s, *prior.shape))
+    flat = (s * prior.shape[0], *prior.shape[1:])
+    y = bernoulli_sample(priors, uniforms[0])
     states = [y]
     for k, t in enumerate(range(n, 0, -1)):
-        out = np.asarray(denoise_fn(y, int(schedule.timesteps[t])), dtype=np.float64)
+        net = np.asarray(denoise_fn(y.reshape(flat), int(schedule.timesteps[t])), np.float64)
+        if net.shape != flat:
+            raise ValueError(f"denoise_fn returned shape {net.shape}, expected {flat}")
+        out = refiner_output(net.reshape(y.shape), y, priors, t, schedule,
+                             parameterization=parameterization, offset=offset)
         y0_hat = y0_from_output(y, out, parameterization)
         if t == 1:
-            return ReverseResult(y0_hat, tuple(states))
-        y = bernoulli_sample(
-            step_mean(y, y0_hat, prior, t, schedule, method=method), uniforms[k + 1]
-        )
+            if trace is not None:
+                trace.append((t, y, net.reshape(y.shape), None))
+            return ReverseResult(y0_hat.mean(axis=0), y0_hat.std(axis=0), y0_hat, tuple(states))
+        mean = step_mean(y, y0_hat, priors, t, schedule, method=method)
+        if trace is not None:
+            trace.append((t, y, net.reshape(y.shape), mean))
+        y = bernoulli_sample(mean, uniforms[k + 1])
         states.append(y)
     raise AssertionError("unreachable: the loop returns at t = 1")

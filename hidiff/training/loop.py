@@ -74,11 +74,13 @@ class TrainResult:
 def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           max_steps: int | None = None, max_minutes: float | None = None,
           batch_size: int | None = None, lr: float = 1e-4, seed: int = 0,
-          pretrain_steps: int = 0, train_fp_twin: bool = True, lambda_diff: float = 1.0,
+          pretrain_steps: int = 0, pretrain_minutes: float = 0.0,
+          train_fp_twin: bool = False, lambda_diff: float = 1.0,
           resume: bool = False, log_every: int = 10, checkpoint_every: int = 100,
           val_every: int | None = None, num_workers: int = 0, progress: bool = True,
           limit_cases: int | None = None, weight_decay: float = 0.01,
-          grad_clip: float | None = 1.0, device: str | None = None) -> TrainResult:
+          grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
+          self_align: float = 0.0) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -94,7 +96,11 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             same for every network.
         seed: seeds model init, data order, augmentation and the diffusion draws (per rank).
         pretrain_steps: the first iterations train the segmentor on L_seg alone.
-        train_fp_twin: also train the full-precision twin refiner in the refiner phase.
+        pretrain_minutes: also train the segmentor alone until the run's training time
+            (resumed time included) reaches this; then the alternating phase (so a wall-clock
+            budget can be split: ``max_minutes=20, pretrain_minutes=12``).
+        train_fp_twin: also train the full-precision twin refiner in the refiner phase (an
+            ablation for comparing binary with full precision; off by default).
         lambda_diff: weight of L_diff in the segmentor phase (0 = no collaboration).
         resume: continue ``out`` from its checkpoint (optimizer, RNG states and data position
             included, so the continuation equals an uninterrupted run). The stored trajectory
@@ -106,6 +112,11 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
         num_workers: DataLoader worker processes. progress: show a tqdm bar (rank 0).
         limit_cases: train on the first N train-split cases only (tests, demos).
         device: ``"cpu"``, ``"cuda"``...; None: CUDA when available.
+        offset: the refiner's output form (``"bayes"``: logits added to the analytic estimate,
+            an untrained refiner reproduces the segmentor; ``"none"``: the plain form), stored in
+            the model's config.
+        self_align: fraction of each refiner batch whose y_t is built from the refiner's own
+            estimate (:func:`hidiff.training.steps.self_aligned_sample`); 0 = off.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -115,11 +126,12 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
     args = TrainArgs(dataset=dataset, data=str(data), preset=preset, out=str(out),
                      max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
                      lr=lr, seed=seed, pretrain_steps=pretrain_steps,
+                     pretrain_minutes=pretrain_minutes,
                      train_fp_twin=train_fp_twin, lambda_diff=lambda_diff, resume=resume,
                      log_every=log_every, checkpoint_every=checkpoint_every,
                      val_every=val_every, num_workers=num_workers, progress=progress,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
-                     device=device)
+                     device=device, offset=offset, self_align=self_align)
     args.check()
     ctx = setup_distributed(device)
     try:
@@ -141,6 +153,8 @@ class _Session:
         self.log = TrainLog(None)
         self.val_dice: float | None = None
         self.last_epoch = 0
+        self.last_phase = "pretrain"
+        self.alternating = False  # set once the alternating phase has begun (pretrain_minutes)
         self.bar = None
 
     # -- files ----------------------------------------------------------------------------------
@@ -218,7 +232,7 @@ class _Session:
 
     def _record(self, epoch: int, logs: dict[str, float], val: float | None) -> dict[str, Any]:
         st = self.state
-        phase = "pretrain" if st.step <= self.args.pretrain_steps else "alternate"
+        phase = self.last_phase
         record: dict[str, Any] = {"step": st.step, "phase": phase, "epoch": epoch, **logs,
                                   "lr": st.opts.segmentor.param_groups[0]["lr"],
                                   "elapsed_s": round(st.elapsed_before
@@ -227,6 +241,20 @@ class _Session:
             record["val_dice"] = val
             record["val_cases"] = len(self.spec.val_set)
         return record
+
+    def _pretraining(self) -> bool:
+        """Segmentor-only while ``step < pretrain_steps`` or, with ``pretrain_minutes``, while
+        the run's training time (resumed time included) is under it; never again once the
+        alternating phase has begun."""
+        args, st = self.args, self.state
+        if st.step < args.pretrain_steps:
+            return True
+        if not args.pretrain_minutes or self.alternating:
+            return False
+        elapsed = st.elapsed_before + time.monotonic() - self.t0
+        pretrain = bool(broadcast_object(elapsed < 60.0 * args.pretrain_minutes, self.ctx))
+        self.alternating = not pretrain
+        return pretrain
 
     def _time_up(self) -> bool:
         limit = self.args.max_minutes
@@ -275,8 +303,10 @@ class _Session:
             self.last_epoch = epoch
             x = batch["image"].to(ctx.device, non_blocking=True)
             y0 = batch["mask"].to(ctx.device, non_blocking=True)
+            pretrain = self._pretraining()
             logs = train_step(st.nets, st.opts, st.diffusion, st.draws, x, y0, st.settings,
-                              pretrain=st.step < args.pretrain_steps)
+                              pretrain=pretrain)
+            self.last_phase = "pretrain" if pretrain else "alternate"
             st.step += 1
             if not all(math.isfinite(v) for v in logs.values()):
                 raise FloatingPointError(f"non-finite loss at step {st.step}: {logs}")

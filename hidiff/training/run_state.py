@@ -108,6 +108,8 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
     settings = StepSettings(lambda_diff=float(args.lambda_diff),
                             lambda_focal=cfg.diffusion.lambda_focal,
                             parameterization=cfg.refiner.parameterization,
+                            offset=cfg.refiner.offset,
+                            self_align=float(args.self_align),
                             grad_clip=args.grad_clip)
     diffusion = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     batches = iterate_batches(spec.train_set, plan, step, num_workers=args.num_workers)

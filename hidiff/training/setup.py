@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hidiff.config import ModelConfig, preset
+from hidiff.config import OFFSETS, ModelConfig, preset
 from hidiff.data.info import DatasetInfo
 from hidiff.data.readers import get_reader
 from hidiff.data.splits import Split, default_split
@@ -33,7 +33,7 @@ DEFAULT_BATCH_SIZE = {"paper": 32, "cpu-base": 8, "cpu-small": 8, "tiny": 8}
 FALLBACK_BATCH_SIZE = 8
 # Arguments that define the trajectory: on resume the stored values are used.
 TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
-              "train_fp_twin", "lambda_diff", "limit_cases")
+              "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class TrainArgs:
     lr: float = 1e-4
     seed: int = 0
     pretrain_steps: int = 0
-    train_fp_twin: bool = True
+    pretrain_minutes: float = 0.0
+    train_fp_twin: bool = False
     lambda_diff: float = 1.0
     resume: bool = False
     log_every: int = 10
@@ -62,6 +63,8 @@ class TrainArgs:
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0
     device: str | None = None
+    offset: str = "bayes"
+    self_align: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +95,13 @@ class TrainArgs:
             raise ValueError(f"lr must be > 0; got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None; got {self.grad_clip!r}")
+        if self.offset not in OFFSETS:
+            raise ValueError(f"offset must be one of {', '.join(OFFSETS)}; got {self.offset!r}")
+        pm = self.pretrain_minutes
+        if isinstance(pm, bool) or not isinstance(pm, int | float) or not pm >= 0:
+            raise ValueError(f"pretrain_minutes must be >= 0; got {pm!r}")
+        if isinstance(self.self_align, bool) or not 0.0 <= self.self_align <= 1.0:
+            raise ValueError(f"self_align must be in [0, 1]; got {self.self_align!r}")
 
 
 @dataclass
@@ -174,6 +184,7 @@ def prepare_run(args: TrainArgs) -> RunSpec:
         raw_info, cases = reader.open(args.data)  # DataError naming the folder
         config = preset(args.preset, num_classes=raw_info.num_classes,
                         in_channels=raw_info.channels)
+        config = config.replace(refiner=dataclasses.replace(config.refiner, offset=args.offset))
         info = model_dataset_info(raw_info, config.image_size)
         split = default_split(reader.name, cases)
         train_cases = split.select(cases, "train")[: args.limit_cases]

@@ -54,7 +54,9 @@ class StepSettings:
     lambda_diff: float = 1.0
     lambda_focal: float = 1.0
     parameterization: str = "eps"
+    offset: str = "none"
     grad_clip: float | None = 1.0
+    self_align: float = 0.0
 
 
 class DiffusionDraws:
@@ -72,6 +74,13 @@ class DiffusionDraws:
         t = torch.randint(1, self.num_steps + 1, (n,), generator=self.generator)
         u = torch.rand(tuple(like.shape), generator=self.generator, dtype=torch.float32)
         return t, u.to(device=like.device, dtype=like.dtype)
+
+    def draw_align(self, like: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+        """Which samples are self-aligned (``(N,)`` bool, each with probability ``fraction``) and
+        the uniforms of their chain start y_T ~ B(p), shaped like ``like``."""
+        pick = torch.rand((like.shape[0],), generator=self.generator) < fraction
+        u = torch.rand(tuple(like.shape), generator=self.generator, dtype=torch.float32)
+        return pick, u.to(device=like.device, dtype=like.dtype)
 
     def get_state(self) -> Tensor:
         return self.generator.get_state()
@@ -114,22 +123,61 @@ def _refiner_loss(refiner: nn.Module, diffusion: BernoulliDiffusion, settings: S
                   x: Tensor, y0: Tensor, y_t: Tensor, prior: Tensor,
                   features: tuple[Tensor, ...], t: Tensor):
     t_net = diffusion.original_steps(t).to(x.device)
-    output = torch.sigmoid(refiner(x, y_t, prior, features, t_net))  # evaluated once
+    logits = refiner(x, y_t, prior, features, t_net)  # evaluated once
+    output = diffusion.refiner_output(logits, y_t=y_t, prior=prior, t=t,
+                                      parameterization=settings.parameterization,
+                                      offset=settings.offset)
     return diffusion_loss(diffusion, output, y0=y0, y_t=y_t, prior=prior, t=t,
                           parameterization=settings.parameterization,
                           lambda_focal=settings.lambda_focal)
 
 
+@torch.no_grad()
+def self_aligned_sample(refiner: nn.Module, diffusion: BernoulliDiffusion, settings: StepSettings,
+                        x: Tensor, y0: Tensor, prior: Tensor, features: tuple[Tensor, ...],
+                        t: Tensor, u: Tensor, u_start: Tensor) -> Tensor:
+    """y_t built from the refiner's own estimate, as sampling builds it (recycling).
+
+    The chain starts at y_T ~ B(p) (``u_start < p``); the refiner, in eval mode and without
+    gradient, estimates y0_hat from it; y_t ~ B(abar_t y0_hat + (1 - abar_t) p) (``u < mean``).
+    Training on such y_t (target still the true y0) teaches the refiner to correct its own
+    errors, which is what every step after the first sees at inference (exposure bias)."""
+    core = unwrap(refiner)
+    was_training = core.training
+    core.eval()
+    try:
+        big_t = torch.full_like(t, diffusion.num_steps)
+        y_big = (u_start < prior).to(prior.dtype)
+        logits = core(x, y_big, prior, features, diffusion.original_steps(big_t).to(x.device))
+        output = diffusion.refiner_output(logits, y_t=y_big, prior=prior, t=big_t,
+                                          parameterization=settings.parameterization,
+                                          offset=settings.offset)
+        y0_hat = diffusion.y0_from_output(y_big, output, settings.parameterization)
+    finally:
+        core.train(was_training)
+    return diffusion.q_sample(y0_hat, prior, t, u)
+
+
 def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
                   draws: DiffusionDraws, x: Tensor, y0: Tensor,
                   settings: StepSettings) -> dict[str, float]:
-    """Train the refiner (and its FP twin) on the frozen segmentor's outputs."""
+    """Train the refiner (and its FP twin) on the frozen segmentor's outputs.
+
+    With ``settings.self_align = r > 0`` a fraction r of the batch (drawn per sample) gets its
+    y_t from :func:`self_aligned_sample` instead of q(y_t | y0, p)."""
     with frozen(nets.segmentor) as seg, torch.no_grad():
         out = seg(x)
         prior = prior_from_logits(out.logits)
         features = tuple(f.detach() for f in out.features)
     t, u = draws.draw(y0)
     y_t = diffusion.q_sample(y0, prior, t, u)
+    if settings.self_align > 0:
+        pick, u_start = draws.draw_align(y0, settings.self_align)
+        if bool(pick.any()):
+            aligned = self_aligned_sample(nets.refiner, diffusion, settings, x, y0, prior,
+                                          features, t, u, u_start)
+            rows = pick.to(y_t.device).view(-1, *([1] * (y_t.ndim - 1)))
+            y_t = torch.where(rows, aligned, y_t)
     logs: dict[str, float] = {}
     pairs = [("refiner", nets.refiner, opts.refiner)]
     if nets.refiner_fp is not None and opts.refiner_fp is not None:

@@ -47,7 +47,7 @@ def model_dir(kvasir_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "model"
     _ok(hidiff("train", "--dataset", "kvasir-seg", "--data", kvasir_root, "--preset", "tiny",
                "--out", out, "--max-steps", 3, "--batch-size", 2, "--limit-cases", 4,
-               "--seed", 1, "--quiet"))
+               "--seed", 1, "--fp-twin", "--quiet"))
     return out
 
 

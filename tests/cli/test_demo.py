@@ -20,7 +20,7 @@ def run_hidiff(*args, cwd=REPO_ROOT, timeout=400) -> subprocess.CompletedProcess
 def test_demo_trains_evaluates_and_prints_the_three_predictor_table(kvasir_root, tmp_path):
     out = tmp_path / "demo"
     proc = run_hidiff("demo", "--data", str(kvasir_root), "--out", str(out), "--preset", "tiny",
-                      "--minutes", "0.3", "--limit", "3", "--quiet")
+                      "--minutes", "0.3", "--limit", "3", "--fp-twin", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for label in ("segmentor", "binary", "full-precision"):
         assert label in proc.stdout.lower(), proc.stdout

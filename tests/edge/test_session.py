@@ -83,7 +83,8 @@ def _compare_with_torch(session, x: np.ndarray, pipe, steps, seed: int):
     """Per image (tile): did its trajectory diverge from torch's? Asserts the module
     docstring's conditions; returns the flags and the counts for the report."""
     trace: list = []
-    _, y0_e, prior_e = session.predict_batch(x, steps=steps, seed=seed, trace=trace)
+    res = session.predict_batch(x, steps=steps, seed=seed, trace=trace)
+    y0_e, prior_e = res.prob, res.prior
     prior_t, states_t, means_t, y0_t = _torch_trajectory(pipe, x, steps, seed,
                                                          session.refiner_name)
     uniforms = reference.draw_uniforms(seed, prior_e.shape, len(trace))
@@ -91,8 +92,8 @@ def _compare_with_torch(session, x: np.ndarray, pipe, steps, seed: int):
     assert np.array_equal(states_t[0], (uniforms[0] < prior_t).astype(np.float64))
     for k, mean in enumerate(means_t):
         assert np.array_equal(states_t[k + 1], (uniforms[k + 1] < mean).astype(np.float64))
-    states_e = [y for _, y, _, _ in trace]
-    means_e = [prior_e.astype(np.float64)] + [m for _, _, _, m in trace[:-1]]
+    states_e = [y[0] for _, y, _, _ in trace]  # chain 0 of S = 1
+    means_e = [prior_e.astype(np.float64)] + [m[0] for _, _, _, m in trace[:-1]]
     means_t = [prior_t, *means_t]
     n = x.shape[0]
     diverged = np.zeros(n, dtype=bool)
@@ -143,8 +144,8 @@ def test_batch_masks_packed_ort_torch(sessions, torch_pipe, kvasir_root, steps):
     for name, sess in sessions.items():
         traces[name] = []
         results[name] = sess.predict_batch(x, steps=steps, seed=SEED, trace=traces[name])
-    mask_p, prob_p, _ = results["packed"]
-    mask_o, prob_o, _ = results["onnxruntime"]
+    prob_p, prob_o = results["packed"].prob, results["onnxruntime"].prob
+    mask_p, mask_o = reference.final_labels(prob_p), reference.final_labels(prob_o)
     assert np.array_equal(prob_p, prob_o) and np.array_equal(mask_p, mask_o)
     for (_, _, out_p, _), (_, _, out_o, _) in zip(traces["packed"], traces["onnxruntime"],
                                                   strict=True):

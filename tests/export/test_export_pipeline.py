@@ -47,12 +47,14 @@ def _onnx_pipeline(tiny_export, images, schedule, uniforms, facts):
 
     result = reference.reverse_process(
         prior, denoise, schedule=schedule, uniforms=uniforms, method=facts["sampler"],
-        parameterization=facts["parameterization"])
+        parameterization=facts["parameterization"], offset=facts["offset"])
     # near-threshold events: the initial draw, every later draw, the final 0.5 threshold
     p64 = prior.astype(np.float64)
     near = int((np.abs(p64 - uniforms[0]) < PROB_ATOL).sum())
     n = schedule.num_steps
     for k, (t, (y_t, out)) in enumerate(zip(range(n, 0, -1), calls, strict=True)):
+        out = reference.refiner_output(out, y_t, p64, t, schedule, offset=facts["offset"],
+                                       parameterization=facts["parameterization"])
         y0_hat = reference.y0_from_output(y_t, out, facts["parameterization"])
         if t == 1:
             near += int((np.abs(y0_hat - 0.5) < PROB_ATOL).sum())
@@ -66,7 +68,8 @@ def _torch_pipeline(loaded, images, steps, uniforms, facts):
     config = loaded.config
     scheduler = BernoulliScheduler(BernoulliSchedulerConfig(
         num_train_timesteps=config.diffusion.num_steps, schedule=facts["schedule"],
-        parameterization=facts["parameterization"], sampler=facts["sampler"]))
+        parameterization=facts["parameterization"], sampler=facts["sampler"],
+        offset=facts["offset"]))
     scheduler.set_timesteps(list(steps))
     x = torch.from_numpy(images)
     with torch.no_grad():

@@ -23,7 +23,7 @@ from hidiff.config import DiffusionConfig, preset
 from hidiff.data.info import DatasetInfo
 from hidiff.data.tiling import extract_tiles, stitch_tiles
 from hidiff.data.transforms import normalize, resize_image, resize_mask, to_chw
-from hidiff.pipeline import HiDiffPipeline, labels_from_prob, make_scheduler
+from hidiff.pipeline import HiDiffPipeline, make_scheduler
 from hidiff.refiner import BinaryRefiner
 from hidiff.segmentor import UNetSegmentor
 
@@ -77,21 +77,27 @@ def _images(n=2, size=64, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _oracle(seg, refiner, config, x, *, steps, seed):
-    """reference.reverse_process driven by ``refiner`` on the segmentor's prior."""
+def _oracle(seg, refiner, config, x, *, steps, seed, samples=1):
+    """reference.reverse_process driven by ``refiner`` on the segmentor's prior: each chain's
+    network call made separately, image by image, so the S-chain batching is checked too."""
     with torch.no_grad():
         so = seg(x)
         prior = seg.prior_from_logits(so.logits)
         cache = refiner.precompute(x, prior, so.features)
+    n = x.shape[0]
 
     def denoise(y, step):
-        t = torch.full((x.shape[0],), step, dtype=torch.long)
-        with torch.no_grad():
-            out = refiner.forward_step(cache, torch.from_numpy(y).float(), t)
-        return torch.sigmoid(out).double().numpy()
+        outs = []
+        for c in range(samples):
+            t = torch.full((n,), step, dtype=torch.long)
+            with torch.no_grad():
+                out = refiner.forward_step(cache, torch.from_numpy(y[c * n:(c + 1) * n]).float(),
+                                           t)
+            outs.append(torch.sigmoid(out).double().numpy())
+        return np.concatenate(outs)
 
     schedule = make_scheduler(config, steps).diffusion.schedule
-    uniforms = reference.draw_uniforms(seed, tuple(prior.shape), schedule.num_steps)
+    uniforms = reference.chain_uniforms(seed, tuple(prior.shape), schedule.num_steps, samples)
     result = reference.reverse_process(
         prior.double().numpy(),
         denoise,
@@ -99,13 +105,15 @@ def _oracle(seg, refiner, config, x, *, steps, seed):
         uniforms=uniforms,
         method=config.diffusion.sampler,
         parameterization=config.refiner.parameterization,
+        offset=config.refiner.offset,
+        samples=samples,
     )
     return result.y0_hat
 
 
-def _check_against_oracle(pipe, seg, refiner, config, *, which, steps, seed, x):
-    got = pipe.predict(x, steps=steps, seed=seed, refiner=which)
-    y0_hat = _oracle(seg, refiner, config, x, steps=steps, seed=seed)
+def _check_against_oracle(pipe, seg, refiner, config, *, which, steps, seed, x, samples=1):
+    got = pipe.predict(x, steps=steps, seed=seed, refiner=which, samples=samples)
+    y0_hat = _oracle(seg, refiner, config, x, steps=steps, seed=seed, samples=samples)
     want_mask = reference.final_mask(y0_hat)
     if want_mask.ndim == 4:  # K = 1 keeps the channel axis
         want_mask = want_mask[:, 0]
@@ -124,6 +132,14 @@ def test_pipeline_equals_reference_reverse_process(tiny, which, steps):
     _check_against_oracle(
         pipe, seg, refiner, pipe.config, which=which, steps=steps, seed=7, x=_images()
     )
+
+
+@pytest.mark.parametrize("samples", [2, 3])
+def test_pipeline_s_chains_equal_reference_chains(tiny, samples):
+    pipe, seg, ref, _ = tiny
+    got = _check_against_oracle(pipe, seg, ref, pipe.config, which="binary", steps=4, seed=5,
+                                x=_images(), samples=samples)
+    assert got.spread.shape == got.prob.shape and got.spread.max() > 0  # chains differ
 
 
 @pytest.mark.parametrize(
@@ -252,6 +268,35 @@ def test_tile_policy_stitches_probabilities_over_a_non_multiple_image(tiny, shap
     out = pipe.predict(x, steps=2, seed=9, refiner=which)
     prob = stitch_tiles(out.prob.numpy(), starts, shape, channels_first=True)
     np.testing.assert_allclose(pred.prob, prob, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(pred.mask, labels_from_prob(torch.from_numpy(prob)[None])[0])
+    np.testing.assert_array_equal(pred.mask, reference.final_labels(prob[None])[0])
     if which is None:  # the stitched prior of the segmentor alone, thresholded
         np.testing.assert_array_equal(pred.mask, (pred.prior[0] > 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize("param", ["eps", "y0"])
+def test_an_untrained_refiner_with_the_bayes_offset_reproduces_the_segmentor(param):
+    """The zero-initialised head and the bayes offset: HiDiff at one step returns the
+    segmentor's mask (up to pixels whose prior lies within abar_T + 2e-6 of 1/2), for any
+    number of chains; the plain form (offset none) returns 1/2 everywhere instead."""
+    cfg = _config(parameterization=param)
+    assert cfg.refiner.offset == "bayes"  # the default of new models
+    torch.manual_seed(0)
+    seg = UNetSegmentor(cfg.segmentor)
+    torch.nn.init.normal_(seg.head.weight, std=0.3)
+    kw = dict(num_classes=1, image_channels=3, feature_channels=seg.feature_channels,
+              feature_strides=seg.feature_strides)
+    ref = BinaryRefiner(cfg.refiner, **kw)  # untrained: head weights and bias are zero
+    pipe = HiDiffPipeline(seg.eval(), ref.eval(), config=cfg, dataset_info=INFO)
+    x = _images(3)
+    alone = pipe.predict(x, refiner=None)
+    abar_t = reference.make_schedule("cosine", 10).alphas_cumprod[-1]
+    clear = (np.abs(alone.prior.numpy()[:, 0] - 0.5) > abar_t + 2e-6)
+    assert 0.05 < alone.mask.numpy().mean() < 0.95
+    for samples in (1, 3):
+        out = pipe.predict(x, steps=1, samples=samples, seed=2)
+        np.testing.assert_array_equal(out.mask.numpy()[clear], alone.mask.numpy()[clear])
+    plain = dataclasses.replace(cfg.refiner, offset="none")
+    pipe_plain = HiDiffPipeline(seg, BinaryRefiner(plain, **kw).eval(),
+                                config=cfg.replace(refiner=plain), dataset_info=INFO)
+    # y0: the output 1/2 itself; eps: |y_T - 1/2| = 1/2 for binary y_T
+    np.testing.assert_array_equal(pipe_plain.predict(x, steps=1).prob.numpy(), 0.5)

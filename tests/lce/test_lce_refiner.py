@@ -142,7 +142,8 @@ def _reverse(denoiser, images, seg_feed, prior, schedule, uniforms, facts):
 
     result = reference.reverse_process(prior, denoise, schedule=schedule, uniforms=uniforms,
                                        method=facts["sampler"],
-                                       parameterization=facts["parameterization"])
+                                       parameterization=facts["parameterization"],
+                                       offset=facts.get("offset", "none"))
     return result, calls
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.data
 def test_torchrun_two_processes(kvasir_root, tmp_path, cli):
     out = tmp_path / "ddp"
     run = ("--checkpoint-every", "2", "--limit-cases", "8", "--batch-size", "2", "--log-every",
-           "1", "--pretrain-steps", "1")
+           "1", "--pretrain-steps", "1", "--fp-twin")
     proc = cli.torchrun(2, cli.args(kvasir_root, out, "--max-steps", "4", *run))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert load_model_dir(out).step == 4

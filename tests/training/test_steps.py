@@ -4,6 +4,7 @@ reaches the segmentor in its phase."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hidiff.training.steps import (
     refiner_phase,
     segmentor_losses,
     segmentor_phase,
+    self_aligned_sample,
 )
 
 pytestmark = pytest.mark.data
@@ -25,7 +27,8 @@ pytestmark = pytest.mark.data
 @pytest.fixture
 def run(kvasir_root, tmp_path, one_thread):
     args = TrainArgs(dataset="kvasir-seg", data=str(kvasir_root), preset="tiny",
-                     out=str(tmp_path / "unused"), max_steps=1, batch_size=4, limit_cases=4)
+                     out=str(tmp_path / "unused"), max_steps=1, batch_size=4, limit_cases=4,
+                     train_fp_twin=True)
     state = build_state(prepare_run(args), DistContext())
     _, batch = next(state.batches)
     return state, batch["image"], batch["mask"]
@@ -119,3 +122,44 @@ def test_diffusion_draws_are_explicit_and_reproducible():
     assert ta.dtype == torch.int64 and int(ta.min()) >= 1 and int(ta.max()) <= 10
     many, _ = DiffusionDraws(10, seed=0).draw(torch.zeros(2000, 1, 1, 1))
     assert set(many.tolist()) == set(range(1, 11))
+
+
+def test_self_aligned_sample_is_built_from_the_refiners_own_estimate(run):
+    """y_t = (u < abar_t y0_hat + (1 - abar_t) p) with y0_hat the refiner's eval-mode estimate
+    from y_T = (u_start < p); the refiner's weights and running statistics stay as they were."""
+    state, x, y0 = run
+    nets, diff, settings = state.nets, state.diffusion, state.settings
+    with torch.no_grad():
+        out = nets.segmentor.eval()(x)
+        prior = torch.sigmoid(out.logits)
+    features = tuple(out.features)
+    gen = torch.Generator().manual_seed(3)
+    t = torch.tensor([1, 4, 7, 10])
+    u, u_start = (torch.rand(y0.shape, generator=gen) for _ in range(2))
+    ref = nets.refiner.train()
+    before = _snapshot(ref)
+    got = self_aligned_sample(ref, diff, settings, x, y0, prior, features, t, u, u_start)
+    assert _changed(before, ref) == set() and ref.training
+    ref.eval()
+    with torch.no_grad():
+        y_big = (u_start < prior).float()
+        big = torch.full_like(t, diff.num_steps)
+        logits = ref(x, y_big, prior, features, big)
+        output = diff.refiner_output(logits, y_t=y_big, prior=prior, t=big,
+                                     parameterization=settings.parameterization,
+                                     offset=settings.offset)
+        y0_hat = diff.y0_from_output(y_big, output, settings.parameterization)
+    want = diff.q_sample(y0_hat, prior, t, u)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, diff.q_sample(y0, prior, t, u))  # not the plain forward draw
+
+
+def test_refiner_phase_with_full_self_alignment_trains_only_the_refiner(run):
+    state, x, y0 = run
+    nets = state.nets
+    settings = dataclasses.replace(state.settings, self_align=1.0)
+    seg_before, ref_before = _snapshot(nets.segmentor), _snapshot(nets.refiner)
+    logs = refiner_phase(nets, state.opts, state.diffusion, state.draws, x, y0, settings)
+    assert _changed(seg_before, nets.segmentor) == set()
+    assert any(k.endswith("weight") for k in _changed(ref_before, nets.refiner))
+    assert logs["loss_refiner"] > 0
