@@ -1,0 +1,201 @@
+"""Refiner ablation on the val split: which training and sampling levers make HiDiff beat its
+segmentor. Settings of the product (offset, self-align, steps, S) are chosen from this report,
+never from the test split.
+
+    python benchmarks/ablation.py --data ../shared/data/Kvasir-SEG --segmentor runs/seg12 \\
+        --variant none:offset=none --variant bayes --variant bayes_sa:self_align=0.5
+    python benchmarks/ablation.py --quick --results /tmp/ablation      # a smoke run (CI)
+
+The segmentor is a model folder trained on L_seg alone (e.g. ``hidiff train ... --preset
+cpu-small --pretrain-steps 100000 --max-minutes 12 --lr 1e-3``); it stays frozen. Each variant
+trains a fresh binary refiner on its outputs for ``--iters`` refiner-phase iterations (batch 8,
+AdamW ``--lr``, the same seed, data order and diffusion draws for every variant), then the val
+split is predicted at the model resolution for every (steps, S) of ``--grid`` with seed 0, and
+the Dice (mean over val cases) is reported next to the segmentor's. A variant is
+``NAME[:key=value,...]`` with keys ``offset`` (bayes | none), ``self_align`` (0..1) and
+``lambda_y0`` (weight of a cross-entropy term on y0_hat). Results: ``<results>.md`` / ``.json``;
+the trained refiners stay in ``--out/<name>/refiner.pt`` (``--reuse`` re-evaluates them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hidiff.data import get_reader
+from hidiff.data.torch_dataset import SegmentationDataset
+from hidiff.diffusion import BernoulliDiffusion
+from hidiff.pipeline import HiDiffPipeline
+from hidiff.training.model_dir import build_networks, load_model_dir
+from hidiff.training.steps import (
+    DiffusionDraws,
+    Networks,
+    Optimizers,
+    StepSettings,
+    refiner_phase,
+)
+from reference.metrics import dice
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"offset": str, "self_align": float, "lambda_y0": float}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in KEYS:
+            raise argparse.ArgumentTypeError(f"unknown variant key {key!r}; allowed: "
+                                             f"{', '.join(KEYS)}")
+        opts[key] = KEYS[key](value)
+    return name, opts
+
+
+def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
+    cfg = model.config.replace(refiner=dataclasses.replace(model.config.refiner,
+                                                           offset=opts["offset"]))
+    # the initial weights of a fresh process that seeds torch, loads the segmentor's folder
+    # (which builds its networks) and then builds the refiner: the same for every variant
+    torch.manual_seed(args.seed)
+    build_networks(model.config, fp_twin=model.refiner_fp is not None)
+    _, ref, _ = build_networks(cfg, fp_twin=False)
+    size = cfg.image_size
+    train_set = SegmentationDataset(model.split.select(cases, "train")[:args.limit_train],
+                                    model.dataset_info, train=True, size=size, crop=size,
+                                    seed=args.seed, cache=True)
+    nets = Networks(model.segmentor, ref)
+    opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0.01)
+    opts_ = Optimizers(torch.optim.AdamW(model.segmentor.parameters(), lr=0.0), opt)
+    diff = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+    draws = DiffusionDraws(cfg.diffusion.num_steps, args.seed)
+    settings = StepSettings(parameterization=cfg.refiner.parameterization, **opts)
+    order_rng, order = np.random.default_rng(args.seed), []
+    start = time.time()
+    for it in range(args.iters):
+        if len(order) < args.batch_size:
+            order += list(order_rng.permutation(len(train_set)))
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        items = [train_set[i] for i in idx]
+        x = torch.stack([b["image"] for b in items])
+        y0 = torch.stack([b["mask"] for b in items])
+        logs = refiner_phase(nets, opts_, diff, draws, x, y0, settings)
+        if not args.quiet and it % 50 == 0:
+            print(f"  {out.name} it {it}: loss {logs['loss_refiner']:.4f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(ref.state_dict(), out / "refiner.pt")
+    return {"iters": args.iters, "seconds": round(time.time() - start, 1)}
+
+
+def evaluate_val(model, ref, cfg, cases, grid, *, limit: int | None) -> dict:
+    size = cfg.image_size
+    val = SegmentationDataset(model.split.select(cases, "val")[:limit], model.dataset_info,
+                              train=False, size=size, crop=size, cache=True)
+    x = torch.stack([val[i]["image"] for i in range(len(val))])
+    gt = np.stack([val[i]["mask"].numpy()[0] > 0.5 for i in range(len(val))])
+    pipe = HiDiffPipeline(model.segmentor, ref.eval(), config=cfg,
+                          dataset_info=model.dataset_info)
+
+    def score(mask: np.ndarray) -> float:
+        return float(np.nanmean([dice(mask[i].astype(bool), gt[i]) for i in range(len(gt))]))
+
+    res = {"segmentor": score(pipe.predict(x, refiner=None).mask.numpy()), "cases": len(gt)}
+    for steps, samples in grid:
+        start = time.time()
+        mask = pipe.predict(x, steps=steps, samples=samples, seed=0, batch_size=25).mask
+        res[f"{steps}x{samples}"] = {"dice": score(mask.numpy()),
+                                     "s_per_case": (time.time() - start) / len(gt)}
+    return res
+
+
+def report(rows: list[dict], args) -> str:
+    grid = [f"{s}x{k}" for s, k in args.grid]
+    lines = ["# Refiner ablation on the Kvasir-SEG val split", "",
+             f"Written by `benchmarks/ablation.py` on {time.strftime('%Y-%m-%d')}. Command:", "",
+             "```", "python benchmarks/ablation.py " + " ".join(sys.argv[1:]), "```", "",
+             f"Frozen segmentor `{args.segmentor}`; each refiner trained {args.iters} "
+             f"iterations (batch {args.batch_size}, lr {args.lr}, seed {args.seed}); val Dice "
+             "at the model resolution, sampling seed 0; columns are sampling steps x chains S.",
+             "", "| variant | options | segmentor | " + " | ".join(grid) + " |",
+             "|---|---|---|" + "---|" * len(grid)]
+    for r in rows:
+        cells = [f"{r['val'][g]['dice']:.4f}" if g in r["val"] else "" for g in grid]
+        lines.append(f"| {r['name']} | {r['options']} | {r['val']['segmentor']:.4f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Seconds per case (model resolution, torch, this machine): "
+              + ", ".join(f"{g} {rows[-1]['val'][g]['s_per_case']:.3f}" for g in grid
+                          if g in rows[-1]["val"]), ""]
+    return "\n".join(lines)
+
+
+def _grid(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in filter(None, text.split(","))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "Kvasir-SEG"))
+    p.add_argument("--segmentor", help="model folder of the frozen segmentor (--quick trains a "
+                                        "tiny one when absent)")
+    p.add_argument("--variant", action="append", type=parse_variant, dest="variants")
+    p.add_argument("--iters", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=_grid, default=_grid("1x1,3x1,10x1,1x4,3x4,10x4,1x8"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "ablation"))
+    p.add_argument("--reuse", action="store_true", help="evaluate refiners already trained")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 iterations, 8 cases")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.limit_train = args.limit_val = None
+    if args.quick:
+        args.iters, args.batch_size, args.limit_train, args.limit_val = 4, 2, 8, 4
+        args.grid = [(1, 1), (2, 2)]
+        args.out = str(Path(args.results).parent / "ablation-quick-runs")
+    variants = args.variants or [parse_variant("bayes")]
+    if args.segmentor is None:
+        if not args.quick:
+            p.error("--segmentor is required (a model folder trained on L_seg alone)")
+        from hidiff.training import train
+
+        args.segmentor = str(Path(args.out) / "segmentor-quick")
+        if not (Path(args.segmentor) / "checkpoint.pt").is_file():
+            train(dataset="kvasir-seg", data=args.data, preset="tiny", out=args.segmentor,
+                  max_steps=4, pretrain_steps=4, batch_size=2, limit_cases=8, lr=1e-2,
+                  progress=False)
+    model = load_model_dir(args.segmentor)
+    _, cases = get_reader(model.dataset_info.name).open(args.data)
+    rows = []
+    for name, opts in variants:
+        out = Path(args.out) / name
+        run = (json.loads((out / "train.json").read_text())
+               if args.reuse and (out / "refiner.pt").is_file()
+               else train_refiner(model, cases, opts, args, out))
+        (out / "train.json").write_text(json.dumps(run))
+        cfg = model.config.replace(refiner=dataclasses.replace(model.config.refiner,
+                                                               offset=opts["offset"]))
+        _, ref, _ = build_networks(cfg, fp_twin=False)
+        ref.load_state_dict(torch.load(out / "refiner.pt", weights_only=True))
+        val = evaluate_val(model, ref, cfg, cases, args.grid, limit=args.limit_val)
+        rows.append({"name": name, "options": ", ".join(f"{k}={v}" for k, v in opts.items()),
+                     "train": run, "val": val})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results + ".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows},
+                                                       indent=1))
+    Path(args.results + ".md").write_text(report(rows, args))
+    print(f"wrote {args.results}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
