@@ -12,9 +12,12 @@ trains a fresh binary refiner on its outputs for ``--iters`` refiner-phase itera
 AdamW ``--lr``, the same seed, data order and diffusion draws for every variant), then the val
 split is predicted at the model resolution for every (steps, S) of ``--grid`` with seed 0, and
 the Dice (mean over val cases) is reported next to the segmentor's. A variant is
-``NAME[:key=value,...]`` with keys ``offset`` (bayes | none), ``self_align`` (0..1) and
-``lambda_y0`` (weight of a cross-entropy term on y0_hat). Results: ``<results>.md`` / ``.json``;
-the trained refiners stay in ``--out/<name>/refiner.pt`` (``--reuse`` re-evaluates them).
+``NAME[:key=value,...]`` with keys ``offset`` (bayes | none), ``self_align`` (0..1),
+``lambda_y0`` (weight of a cross-entropy term on y0_hat) and ``ema`` (decay of an exponential
+moving average of the refiner's weights, evaluated instead of the last weights). Results:
+``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
+``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid, else
+re-evaluates its refiner).
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ from hidiff.training.steps import (
 from reference.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"offset": str, "self_align": float, "lambda_y0": float}
+KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0}
+    opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key not in KEYS:
@@ -57,6 +60,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
                                              f"{', '.join(KEYS)}")
         opts[key] = KEYS[key](value)
     return name, opts
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (integer
+    buffers are copied): ``ema = decay * ema + (1 - decay) * current`` after every step."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
 
 
 def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
@@ -76,7 +96,10 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
     opts_ = Optimizers(torch.optim.AdamW(model.segmentor.parameters(), lr=0.0), opt)
     diff = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     draws = DiffusionDraws(cfg.diffusion.num_steps, args.seed)
-    settings = StepSettings(parameterization=cfg.refiner.parameterization, **opts)
+    settings = StepSettings(parameterization=cfg.refiner.parameterization,
+                            offset=opts["offset"], self_align=opts["self_align"],
+                            lambda_y0=opts["lambda_y0"])
+    ema = EMA(ref, opts["ema"]) if opts["ema"] else None
     order_rng, order = np.random.default_rng(args.seed), []
     start = time.time()
     for it in range(args.iters):
@@ -87,10 +110,12 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
         x = torch.stack([b["image"] for b in items])
         y0 = torch.stack([b["mask"] for b in items])
         logs = refiner_phase(nets, opts_, diff, draws, x, y0, settings)
+        if ema is not None:
+            ema.update(ref)
         if not args.quiet and it % 50 == 0:
             print(f"  {out.name} it {it}: loss {logs['loss_refiner']:.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(ref.state_dict(), out / "refiner.pt")
+    torch.save(ref.state_dict() if ema is None else ema.state, out / "refiner.pt")
     return {"iters": args.iters, "seconds": round(time.time() - start, 1)}
 
 
@@ -177,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, opts in variants:
         out = Path(args.out) / name
+        grid = [f"{s}x{k}" for s, k in args.grid]
+        if args.reuse and (out / "result.json").is_file():
+            row = json.loads((out / "result.json").read_text())
+            if all(g in row["val"] for g in grid):
+                rows.append(row)
+                continue
         run = (json.loads((out / "train.json").read_text())
                if args.reuse and (out / "refiner.pt").is_file()
                else train_refiner(model, cases, opts, args, out))
@@ -188,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         val = evaluate_val(model, ref, cfg, cases, args.grid, limit=args.limit_val)
         rows.append({"name": name, "options": ", ".join(f"{k}={v}" for k, v in opts.items()),
                      "train": run, "val": val})
+        (out / "result.json").write_text(json.dumps(rows[-1], indent=1))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results + ".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows},

@@ -148,8 +148,9 @@ def info_lines(session) -> list[str]:
         f"{str(raw.get('source_commit', '?'))[:12]}",
         f"task             K = {facts.num_classes}  labels {facts.labels}",
         f"diffusion        T = {facts.num_steps}  schedule {facts.schedule}  sampler "
-        f"{facts.sampler}  parameterization {facts.parameterization}",
-        f"sampling         {facts.sampling_steps} steps: {list(facts.timesteps)}",
+        f"{facts.sampler}  parameterization {facts.parameterization}  offset {facts.offset}",
+        f"sampling         {facts.sampling_steps} steps: {list(facts.timesteps)}, "
+        f"{facts.sampling_samples} chain(s) averaged per image",
         f"input            {facts.in_channels} x {facts.input_size[0]} x {facts.input_size[1]}"
         f"  normalization mean {list(facts.mean)} std {list(facts.std)}",
         f"preprocessing    {facts.policy}" + (
@@ -164,7 +165,8 @@ def info_lines(session) -> list[str]:
         size = path.stat().st_size if path.is_file() else 0
         total += size
         ops = ", ".join(entry.get("custom_ops") or []) or "-"
-        lines.append(f"  {entry['name']:<22} {entry['role']:<16} {_human(size):>10}  "
+        shown = _human(size) if path.is_file() else "missing"
+        lines.append(f"  {entry['name']:<22} {entry['role']:<16} {shown:>10}  "
                      f"custom ops: {ops}")
     lines.append(f"  total {_human(total)}")
     lines.append(f"backend          {session.backend}  refiner {session.refiner_name}  threads "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hidiff.diffusion import BernoulliDiffusion, diffusion_loss
+from hidiff.diffusion import BernoulliDiffusion, DiffusionLoss, diffusion_loss, nll_bits
 from hidiff.seg_loss import segmentation_loss
 from hidiff.segmentor import prior_from_logits
 from hidiff.training.distributed import unwrap
@@ -57,6 +57,7 @@ class StepSettings:
     offset: str = "none"
     grad_clip: float | None = 1.0
     self_align: float = 0.0
+    lambda_y0: float = 0.0
 
 
 class DiffusionDraws:
@@ -127,9 +128,15 @@ def _refiner_loss(refiner: nn.Module, diffusion: BernoulliDiffusion, settings: S
     output = diffusion.refiner_output(logits, y_t=y_t, prior=prior, t=t,
                                       parameterization=settings.parameterization,
                                       offset=settings.offset)
-    return diffusion_loss(diffusion, output, y0=y0, y_t=y_t, prior=prior, t=t,
+    loss = diffusion_loss(diffusion, output, y0=y0, y_t=y_t, prior=prior, t=t,
                           parameterization=settings.parameterization,
                           lambda_focal=settings.lambda_focal)
+    if not settings.lambda_y0:
+        return loss
+    # cross-entropy of the y0 estimate at every t (what one-step sampling thresholds)
+    y0_hat = diffusion.y0_from_output(y_t, output, settings.parameterization)
+    extra = nll_bits(y0, y0_hat).mean()
+    return DiffusionLoss(loss.total + settings.lambda_y0 * extra, loss.kl, loss.focal)
 
 
 @torch.no_grad()
