@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="kvasir-seg,chase-db1")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-fraction", type=float, default=0.6)
-    p.add_argument("--self-align", type=float, default=0.0)
+    p.add_argument("--self-align", type=float, default=0.5)
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),
                    help="STEPSxS,... for the first seed (empty: none)")
     p.add_argument("--reuse", action="store_true", help="re-evaluate finished model folders")

@@ -46,7 +46,8 @@ def build_model(preset_name: str, cache: Path) -> tuple[Path, Path]:
     model_dir, export_dir = cache / "model", cache / "export"
     if (export_dir / "manifest.json").is_file() and (model_dir / "checkpoint.pt").is_file():
         return model_dir, export_dir
-    sys.path.insert(0, str(ROOT / "tests" / "edge"))
+    # the tests' random-model builder (tests/edge/conftest.py, which imports tests/model_factory)
+    sys.path[:0] = [str(ROOT / "tests" / "edge"), str(ROOT / "tests")]
     import torch
     from conftest import make_model_dir  # the tests' random-model builder
 

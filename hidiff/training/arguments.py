@@ -58,7 +58,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="refiner output form: bayes (default; starts at the segmentor) or none")
     p.add_argument("--self-align", type=float, metavar="R",
                    help="fraction of refiner samples trained on y_t built from the refiner's own "
-                        "estimate (default 0)")
+                        "estimate (default 0.5)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "DistContext", "all_true", "broadcast_object", "derive_seed", "gather_objects",
-    "parameter_digest", "setup_distributed", "teardown_distributed", "unwrap", "wrap",
+    "barrier", "parameter_digest", "setup_distributed", "teardown_distributed", "unwrap", "wrap",
 ]
 
 
@@ -71,6 +71,12 @@ def setup_distributed(device: str | torch.device | None = None) -> DistContext:
             owns = True
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistContext(rank, world, local_rank, dev, owns)
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every process of the run gets here (nothing without a process group)."""
+    if ctx.enabled:
+        dist.barrier()
 
 
 def teardown_distributed(ctx: DistContext) -> None:

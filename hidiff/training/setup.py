@@ -64,7 +64,7 @@ class TrainArgs:
     grad_clip: float | None = 1.0
     device: str | None = None
     offset: str = "bayes"
-    self_align: float = 0.0
+    self_align: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -180,11 +180,12 @@ def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusio
     y_t = diffusion.q_sample(y0, prior, t, u)
     if settings.self_align > 0:
         pick, u_start = draws.draw_align(y0, settings.self_align)
-        if bool(pick.any()):
-            aligned = self_aligned_sample(nets.refiner, diffusion, settings, x, y0, prior,
-                                          features, t, u, u_start)
-            rows = pick.to(y_t.device).view(-1, *([1] * (y_t.ndim - 1)))
-            y_t = torch.where(rows, aligned, y_t)
+        if bool(pick.any()):  # only the picked rows run (eval mode: rows are independent)
+            rows = pick.nonzero().squeeze(1).to(y_t.device)
+            y_t = y_t.clone()
+            y_t[rows] = self_aligned_sample(
+                nets.refiner, diffusion, settings, x[rows], y0[rows], prior[rows],
+                tuple(f[rows] for f in features), t[rows.cpu()], u[rows], u_start[rows])
     logs: dict[str, float] = {}
     pairs = [("refiner", nets.refiner, opts.refiner)]
     if nets.refiner_fp is not None and opts.refiner_fp is not None:

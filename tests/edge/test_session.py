@@ -74,16 +74,17 @@ def _torch_trajectory(pipe, x: np.ndarray, steps, seed: int, refiner: str = "bin
                 states.append(y.numpy())
                 means.append(res.prev_mean.numpy())
     y0 = res.pred_original_sample.numpy()
-    expected = pipe.predict(xt, steps=steps, seed=seed, refiner=refiner).mask.numpy()
+    expected = pipe.predict(xt, steps=steps, samples=1, seed=seed, refiner=refiner).mask.numpy()
     assert np.array_equal((y0[:, 0] > 0.5).astype(np.uint8), expected)
     return prior64.numpy(), states, means, y0
 
 
 def _compare_with_torch(session, x: np.ndarray, pipe, steps, seed: int):
     """Per image (tile): did its trajectory diverge from torch's? Asserts the module
-    docstring's conditions; returns the flags and the counts for the report."""
+    docstring's conditions; returns the flags and the counts for the report. One chain (S = 1):
+    S chains: test_s_chains_packed_ort_torch."""
     trace: list = []
-    res = session.predict_batch(x, steps=steps, seed=seed, trace=trace)
+    res = session.predict_batch(x, steps=steps, samples=1, seed=seed, trace=trace)
     y0_e, prior_e = res.prob, res.prior
     prior_t, states_t, means_t, y0_t = _torch_trajectory(pipe, x, steps, seed,
                                                          session.refiner_name)
@@ -131,7 +132,7 @@ def torch_pipe(tiny_export):
     return pipeline_from_model_dir(tiny_export[0])[1]
 
 
-@pytest.mark.parametrize("steps", [None, 4])
+@pytest.mark.parametrize("steps", [None, 4, 10])
 def test_batch_masks_packed_ort_torch(sessions, torch_pipe, kvasir_root, steps):
     """Three real images at the model's size: backends bit-identical, torch along the
     trajectory (module docstring)."""
