@@ -247,9 +247,16 @@ def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.special.xlogy(x, y)
 
 
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    """x log x with 0 log 0 = 0 and a finite gradient at x = 0 (``xlogy(x, x)`` has 0 / 0 there:
+    the KL target is the posterior of a saturated prior, exactly 0 or 1 in float32, and its
+    gradient reaches the segmentor)."""
+    return torch.special.xlogy(x, x.clamp_min(torch.finfo(x.dtype).tiny))
+
+
 def bernoulli_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """KL(B(a) || B(b)) in nats, elementwise, 0 log 0 = 0 (exact; may be inf)."""
-    return _xlogy(a, a) - _xlogy(a, b) + _xlogy(1.0 - a, 1.0 - a) - _xlogy(1.0 - a, 1.0 - b)
+    return _xlogx(a) - _xlogy(a, b) + _xlogx(1.0 - a) - _xlogy(1.0 - a, 1.0 - b)
 
 
 def kl_bits(target_mean: torch.Tensor, model_mean: torch.Tensor) -> torch.Tensor:

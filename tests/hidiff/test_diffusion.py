@@ -198,6 +198,24 @@ def test_gradients_flow_through_the_loss_to_the_output():
 
 
 @pytest.mark.parametrize("param", ["eps", "y0"])
+def test_saturated_priors_give_finite_gradients_to_the_segmentor(param):
+    """A trained segmentor's float32 prior is often exactly 0 or 1; the KL target (the posterior,
+    a function of the prior) is then exactly 0 or 1, where ``xlogy(a, a)`` has a 0 / 0 gradient.
+    The loss's gradient reaching the prior (the segmentor's diffusion loss) must stay finite."""
+    d = BernoulliDiffusion.from_name("cosine", 10)
+    prior = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5, 1e-30, 1.0 - 2**-24, 0.3]).view(2, 1, 2, 2)
+    prior.requires_grad_(True)
+    y0 = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]).view(2, 1, 2, 2)
+    y_t = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]).view(2, 1, 2, 2)
+    out = torch.full_like(y0, 0.3, requires_grad=True)
+    loss = diffusion_loss(d, out, y0=y0, y_t=y_t, prior=prior, t=torch.tensor([3, 7]),
+                          parameterization=param)
+    loss.total.backward()
+    assert torch.isfinite(loss.total)
+    assert torch.all(torch.isfinite(prior.grad)) and torch.all(torch.isfinite(out.grad))
+
+
+@pytest.mark.parametrize("param", ["eps", "y0"])
 def test_training_offset_in_logit_space_equals_the_oracle(param):
     """refiner_output (training, logits + logit(estimate)) == reference.refiner_output applied to
     sigmoid(logits), and an all-zero logit map gives the analytic estimate."""
