@@ -35,8 +35,8 @@ import torch
 from hidiff.data import get_reader
 from hidiff.data.torch_dataset import SegmentationDataset
 from hidiff.diffusion import BernoulliDiffusion
+from hidiff.model_dir import build_networks, load_model_dir
 from hidiff.pipeline import HiDiffPipeline
-from hidiff.training.model_dir import build_networks, load_model_dir
 from hidiff.training.steps import (
     DiffusionDraws,
     Networks,

@@ -252,8 +252,8 @@ def _input(export: Path, seed: int) -> np.ndarray:
     """A real Kvasir-SEG image (else a seeded random one) preprocessed for the model."""
     from PIL import Image
 
-    from edge_runtime import images
     from edge_runtime.model import load_model
+    from reference import images as rimages
 
     facts = load_model(export, roles=("segmentor",), verify_hashes=False).facts
     h, w = facts.input_size
@@ -265,7 +265,7 @@ def _input(export: Path, seed: int) -> np.ndarray:
     else:
         image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     image = image.astype(np.float32) / np.float32(255)
-    small = images.normalize(images.resize_planes(image, h, w), facts.mean, facts.std)
+    small = rimages.normalize(rimages.resize_planes(image, h, w), facts.mean, facts.std)
     return np.ascontiguousarray(np.moveaxis(small, -1, 0))[None]
 
 

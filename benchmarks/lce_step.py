@@ -51,11 +51,11 @@ def build(out: Path, preset_name: str, model_dir: str | None) -> Path:
 
     torch.manual_seed(0)
     if model_dir is None:
+        from hidiff.checkpoint import save_checkpoint
         from hidiff.config import preset
         from hidiff.data.info import DatasetInfo
         from hidiff.data.splits import load_split
-        from hidiff.training.checkpoint import save_checkpoint
-        from hidiff.training.model_dir import CHECKPOINT, build_networks, write_model_files
+        from hidiff.model_dir import CHECKPOINT, build_networks, write_model_files
         from hidiff.training.setup import model_dataset_info
 
         config = preset(preset_name)

@@ -2,7 +2,8 @@
 
     hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
                         [--backend packed|onnxruntime] [--refiner binary|fp] [--steps N]
-                        [--samples S] [--uncertainty] [--seed S] [--threads T] [--no-progress]
+                        [--samples S] [--uncertainty] [--seed S] [--threads T] [--overwrite]
+                        [--no-progress]
     hidiff-edge info --model DIR [--backend ...] [--refiner ...]
 
 ``predict`` writes ``OUT/<stem>.png`` per image (0/255 for a binary model, label values for a
@@ -11,13 +12,17 @@ multi-class one) at the image's size, and with ``--overlay`` ``OUT/<stem>_overla
 ``--labels DIR`` it prints Dice and HD95 (``reference.metrics``) per image and their means.
 Before anything is written the model is loaded and checked and every input decoded, so a bad
 model folder or image fails with nothing left behind; files are written under a temporary name
-and renamed. Errors print ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
+and renamed. Images are read upright (EXIF orientation). An input (image or label) is never
+overwritten, and an output file that already exists is refused unless ``--overwrite``.
+``--threads`` above the CPUs this process may use is capped, with a warning. Errors print
+``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <stem>_uncertainty.png, the spread across the chains")
     p.add_argument("--labels", metavar="DIR",
                    help="ground-truth masks (same stems): print Dice / HD95 per image and mean")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_predict)
     text = "describe an exported model and the kernel path this CPU gets"
@@ -91,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        # the runtime's warnings (e.g. threads capped to the CPUs) as one line each
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_args, **_kw: print(
+            f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
@@ -108,6 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import reference
+    from reference.files import make_folder, mask_pixels, remove_made_folders, write_png
 
     from . import images
     from .cli_io import collect_images, match_labels, metrics_line, overlay, read_labels
@@ -134,6 +151,10 @@ def _predict(args: argparse.Namespace) -> int:
         if target.resolve() in inputs:
             raise ValueError(f"{inputs[target.resolve()]}: an input would be overwritten by "
                              f"{target.name}; choose another output folder")
+    existing = [t for t in outputs if t.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]}: already exists; pass --overwrite to replace the "
+                         f"outputs of an earlier run ({len(existing)} file(s))")
     sizes = {}
     for path in files:  # decode every input (and check every label) before writing anything
         sizes[path] = images.read_image(path, facts.in_channels).shape[:2]
@@ -145,8 +166,7 @@ def _predict(args: argparse.Namespace) -> int:
                 raise ValueError(f"{labels[path]}: mask size {gts[path].shape[::-1]} (WxH) "
                                  f"differs from image size {sizes[path][::-1]}")
 
-    created = _missing_folders(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = make_folder(out_dir)
     written: list[Path] = []
     scores: list[tuple[float, float]] = []
     try:
@@ -156,25 +176,21 @@ def _predict(args: argparse.Namespace) -> int:
             rgb = images.read_image(path, facts.in_channels)
             pred = session.predict(rgb, steps=args.steps, samples=args.samples, seed=args.seed)
             gt = gts.get(path)
-            pixels = pred.mask * np.uint8(255) if facts.num_classes == 1 else pred.mask
-            written.append(images.write_png(out_dir / f"{path.stem}.png", pixels))
+            written.append(write_png(out_dir / f"{path.stem}.png",
+                                     mask_pixels(pred.mask, facts.num_classes)))
             if args.overlay:
-                written.append(images.write_png(out_dir / f"{path.stem}_overlay.png",
-                                                overlay(rgb, pred.mask, gt)))
+                written.append(write_png(out_dir / f"{path.stem}_overlay.png",
+                                         overlay(rgb, pred.mask, gt)))
             if args.uncertainty:
-                written.append(images.write_png(out_dir / f"{path.stem}_uncertainty.png",
-                                                reference.uncertainty_pixels(pred.spread)))
+                written.append(write_png(out_dir / f"{path.stem}_uncertainty.png",
+                                         reference.uncertainty_pixels(pred.spread)))
             if gt is not None:
                 line, score = metrics_line(path.name, pred.mask, gt)
                 scores.append(score)
                 tqdm.write(line, file=sys.stdout)
     except BaseException:
         if not written:
-            for folder in created:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            remove_made_folders(created)
         raise
     if scores:
         print(_mean_line(scores))
@@ -191,14 +207,6 @@ def _mean_line(scores: list[tuple[float, float]]) -> str:
     skipped = (len(dice) - fd.size) + (len(hd) - fh.size)
     note = f"  ({skipped} non-finite value(s) left out)" if skipped else ""
     return f"mean  dice {mean_d}  hd95 {mean_h}  over {len(scores)} image(s){note}"
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
 
 
 # -- info ---------------------------------------------------------------------------------------

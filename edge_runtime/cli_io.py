@@ -2,63 +2,33 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from reference import files as ref_files
 from reference import metrics
+from reference.overlay import overlay
 
 from .errors import InputError
-from .images import IMAGE_SUFFIXES
 
 __all__ = ["collect_images", "info_lines", "match_labels", "metrics_line", "overlay",
            "read_labels"]
 
-_FILL = np.array([255, 48, 48], dtype=np.float32)
-_GT = np.array([0, 255, 0], dtype=np.uint8)
-
-
-def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``inputs`` (folders expanded, not recursively); stems unique."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = _image_files(path)
-            if not found:
-                raise InputError(path, "no image files (" + " ".join(
-                    "*" + s for s in IMAGE_SUFFIXES) + ") in this folder")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise InputError(path, "no such image file or folder")
-    stems: dict[str, Path] = {}
-    for path in files:
-        other = stems.setdefault(path.stem, path)
-        if other != path:
-            raise InputError(path, f"has the same name stem as {other}; both would be written "
-                                   f"to {path.stem}.png")
-    return files
+    """:func:`reference.files.collect_images`, its problems as :class:`InputError`."""
+    return ref_files.collect_images(inputs, error=InputError)
 
 
 def match_labels(files: list[Path], folder: Path) -> dict[Path, Path]:
     """The ground-truth file of every image: same stem in ``folder`` (any image suffix)."""
     if not folder.is_dir():
         raise InputError(folder, "labels folder not found")
-    by_stem = {p.stem: p for p in _image_files(folder)}
+    by_stem = {p.stem: p for p in ref_files.image_files(folder)}
     out = {}
     for path in files:
         if path.stem not in by_stem:
@@ -73,6 +43,7 @@ def read_labels(path: Path, num_classes: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # the frame its image is read in
             if img.mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr") and num_classes == 1:
                 img = img.convert("L")
             array = np.asarray(img)
@@ -103,28 +74,6 @@ def metrics_line(name: str, pred: np.ndarray, gt: np.ndarray) -> tuple[str, tupl
         d = float(np.mean(ds)) if ds else float("nan")
         h = float(np.mean(hs)) if hs else float("nan")
     return f"{name}  dice {d:.4f}  hd95 {h:.2f}", (d, h)
-
-
-def _contour(mask: np.ndarray) -> np.ndarray:
-    m = mask.astype(bool)
-    p = np.pad(m, 1)
-    inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    edge = m & ~inner
-    q = np.pad(edge, 1)
-    return edge | q[:-2, 1:-1] | q[2:, 1:-1] | q[1:-1, :-2] | q[1:-1, 2:]
-
-
-def overlay(rgb: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
-    """The image with the predicted mask filled (40 %) and outlined in red, and the ground-truth
-    outline in green (uint8 RGB)."""
-    out = rgb.astype(np.float32)
-    fg = mask != 0
-    out[fg] = 0.6 * out[fg] + 0.4 * _FILL
-    out = out.astype(np.uint8)
-    out[_contour(fg)] = _FILL.astype(np.uint8)
-    if gt is not None:
-        out[_contour(gt != 0)] = _GT
-    return out
 
 
 def _human(n: int) -> str:

@@ -25,6 +25,14 @@ from typing import Any
 import reference
 
 from .errors import ModelError
+from .export_format import (
+    FACT_KEYS,
+    FILES,
+    FORMAT,
+    MANIFEST,
+    META_PREFIX,
+    SUPPORTED_FORMAT_VERSIONS,
+)
 
 __all__ = [
     "FACT_KEYS",
@@ -38,21 +46,7 @@ __all__ = [
     "read_metadata",
 ]
 
-FORMAT = "hidiff-onnx"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST = "manifest.json"
-ROLES = {
-    "segmentor": "segmentor.onnx",
-    "refiner_step": "refiner_step.onnx",
-    "refiner_step_fp": "refiner_step_fp.onnx",
-}
-#: facts every graph and the manifest must agree on
-FACT_KEYS = (
-    "schedule", "num_steps", "sampler", "sampling_steps", "timesteps", "parameterization",
-    "offset", "sampling_samples", "num_classes", "labels", "input_size", "in_channels",
-    "normalization", "preprocessing",
-    "binarization", "feature_strides",
-)
+ROLES = FILES  # role -> file name
 _FACT_WORDS = {"num_steps": "T (num_steps)", "num_classes": "K (num_classes)",
                "input_size": "the input size"}
 
@@ -82,12 +76,21 @@ class ModelFacts:
     feature_strides: tuple[int, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
 
+    @property
+    def preprocessing(self) -> reference.Preprocessing:
+        """The preprocessing facts as :func:`reference.predict_image` takes them."""
+        tiled = self.policy == "tile"
+        return reference.Preprocessing(
+            policy=self.policy, mean=self.mean, std=self.std,
+            input_size=None if tiled else self.input_size,
+            tile=self.tile if tiled else 0, overlap=self.overlap if tiled else 0)
+
     @classmethod
     def from_dict(cls, facts: dict[str, Any], where: Path) -> ModelFacts:
         try:
             pre = facts["preprocessing"]
             norm = facts["normalization"]
-            return cls(
+            out = cls(
                 schedule=str(facts["schedule"]), num_steps=int(facts["num_steps"]),
                 sampler=str(facts["sampler"]), sampling_steps=int(facts["sampling_steps"]),
                 timesteps=tuple(int(t) for t in facts["timesteps"]),
@@ -107,6 +110,8 @@ class ModelFacts:
                 feature_strides=tuple(int(s) for s in facts["feature_strides"]),
                 raw=dict(facts),
             )
+            out.preprocessing  # noqa: B018 -- checks policy, normalisation and tile facts
+            return out
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ModelError(where, f"malformed model facts ({type(err).__name__}: {err})"
                              ) from err
@@ -136,8 +141,8 @@ def _parse_value(value: str) -> Any:
 
 def read_metadata(proto) -> dict[str, Any]:
     """``hidiff.*`` metadata of a ModelProto, values parsed (JSON where it parses)."""
-    return {p.key[len("hidiff."):]: _parse_value(p.value) for p in proto.metadata_props
-            if p.key.startswith("hidiff.")}
+    return {p.key[len(META_PREFIX):]: _parse_value(p.value) for p in proto.metadata_props
+            if p.key.startswith(META_PREFIX)}
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -31,9 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-import reference
-
 from . import _packed
+from .export_format import PAD_VALUES as _PAD_VALUES
 
 __all__ = [
     "WORD_BITS",
@@ -50,7 +49,6 @@ __all__ = [
 ]
 
 WORD_BITS = 32
-_PAD_VALUES = reference.ALLOWED_PAD_VALUES
 
 
 def available_paths() -> tuple[str, ...]:

@@ -28,14 +28,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import nhwc, npops
+from .export_format import BINARY_CONV, DOMAIN
 
 __all__ = [
     "BINARY_CONV", "DOMAIN", "FUSED", "Fusion", "assign", "const_values", "fuse", "last_reads",
     "packed_conv_spec", "schedule",
 ]
 
-DOMAIN = "ai.hidiff"
-BINARY_CONV = "BinaryConv"
 FUSED = "FusedBinaryConv"  # plan-only node (domain ai.hidiff.edge): a packed conv + epilogue
 
 

@@ -24,7 +24,8 @@ average).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +43,26 @@ __all__ = ["BACKENDS", "EdgePrediction", "HiDiffSession", "default_backend"]
 REFINERS = {"binary": "refiner_step", "fp": "refiner_step_fp"}
 
 
-@dataclass(frozen=True)
-class EdgePrediction:
-    """One image's result at its original size: ``mask`` (H, W) uint8 label map (0/1 for
-    K = 1), ``prob`` (K, H, W) float32 mean final y0_hat over the chains, ``prior`` (K, H, W)
-    float32, ``spread`` (K, H, W) float32 standard deviation of y0_hat across the chains."""
+#: one image's result at its own size (mask, prob, prior, spread): the reference's
+EdgePrediction = reference.ImagePrediction
 
-    mask: np.ndarray
-    prob: np.ndarray
-    prior: np.ndarray
-    spread: np.ndarray
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_threads(threads: int) -> int:
+    """``threads`` capped to :func:`usable_cpus`, with a ``RuntimeWarning`` when it is."""
+    cpus = usable_cpus()
+    if threads > cpus:
+        warnings.warn(f"threads={threads} is more than the {cpus} CPU(s) this process may use; "
+                      f"using {cpus}", RuntimeWarning, stacklevel=3)
+        return cpus
+    return threads
 
 
 def default_backend() -> str:
@@ -71,7 +82,9 @@ class HiDiffSession:
         backend: ``"packed"`` (binary convs on the native XNOR-popcount kernel; default where
             the extension is built) or ``"onnxruntime"`` (stock ORT, binary layers through
             their function bodies).
-        threads: intra-op threads of every session and kernel.
+        threads: intra-op threads of every session and kernel; more than the CPUs this process
+            may use are capped to that number, with a warning (oversubscribed threads run many
+            times slower).
         refiner: ``"binary"`` (HiDiff) or ``"fp"`` (the full-precision twin, when exported).
         tile_batch: tiles per network run for tile-policy models.
     """
@@ -86,6 +99,7 @@ class HiDiffSession:
             raise EdgeError(f"refiner must be one of {', '.join(REFINERS)}; got {refiner!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EdgeError(f"threads must be an int >= 1; got {threads!r}")
+        threads = cap_threads(threads)
         if backend == "packed" and default_backend() != "packed":
             raise EdgeError("backend 'packed' needs the native extension edge_runtime._packed "
                             "(build it: python setup.py build_ext --inplace)")
@@ -166,30 +180,15 @@ class HiDiffSession:
     # -- whole images -----------------------------------------------------------------------
     def predict(self, image: np.ndarray, *, steps: int | None = None,
                 samples: int | None = None, seed: int = 0) -> EdgePrediction:
-        """Predict one HWC image (uint8 RGB or float in [0, 1]) at its original size."""
+        """Predict one HWC image (uint8 RGB or float in [0, 1]) at its original size with
+        :func:`reference.predict_image`."""
         facts = self.facts
         image = images.as_float_image(image, facts.in_channels)
-        height, width = image.shape[:2]
-        kw = dict(steps=steps, samples=samples, seed=seed)
-        if facts.policy == "tile":
-            normalised = images.normalize(image, facts.mean, facts.std)
-            tiles, starts = images.extract_tiles(normalised, facts.tile, facts.overlap)
-            x = np.ascontiguousarray(np.moveaxis(tiles, -1, 1))
-            out = self.predict_batch(x, batch_size=self.tile_batch, **kw)
-            prob, prior, spread = (images.stitch_tiles(a, starts, (height, width))
-                                   for a in (out.prob, out.prior, out.spread))
-            return EdgePrediction(reference.final_labels(prob[None])[0], prob.astype(np.float32),
-                                  prior.astype(np.float32), spread.astype(np.float32))
-        h, w = facts.input_size
-        small = images.normalize(images.resize_planes(image, h, w), facts.mean, facts.std)
-        x = np.ascontiguousarray(np.moveaxis(small, -1, 0))[None]
-        out = self.predict_batch(x, **kw)
-        return EdgePrediction(
-            images.resize_labels(reference.final_labels(out.prob)[0], height, width),
-            _resize_maps(out.prob[0], height, width),
-            _resize_maps(out.prior[0], height, width),
-            _resize_maps(out.spread[0], height, width),
-        )
+        sampler = self.sampler(steps, samples)
+        return reference.predict_image(
+            image, preprocessing=facts.preprocessing,
+            segment=lambda part: self._segment(part, sampler.samples),
+            denoise=self._denoise, sampler=sampler, seed=int(seed), tile_batch=self.tile_batch)
 
     def describe(self) -> dict:
         """What runs where (for ``hidiff-edge info``)."""
@@ -199,7 +198,3 @@ class HiDiffSession:
             info["plan"] = self.refiner.executor.stats
         return info
 
-
-def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    hwc = np.moveaxis(maps.astype(np.float32), 0, -1)
-    return np.ascontiguousarray(np.moveaxis(images.resize_planes(hwc, height, width), -1, 0))

@@ -34,8 +34,10 @@ from typing import Any
 import onnx
 import torch
 
+from edge_runtime.export_format import DOMAIN, FILES, MANIFEST
 from export.convert import ConversionReport, check_equivalent, prepare_refiner
 from export.graphs import RefinerStepGraph, SegmentorGraph, refiner_feature_indices, to_onnx
+from export.loading import ExportError, load_model
 from export.metadata import (
     CUSTOM_OPS_DOC,
     EXPORT_FORMAT,
@@ -44,7 +46,7 @@ from export.metadata import (
     graph_metadata,
     model_facts,
 )
-from export.ops import DOMAIN
+from export.verify import verify_export
 
 __all__ = [
     "MANIFEST",
@@ -60,21 +62,12 @@ __all__ = [
 SUPPORTED_OPSETS: tuple[int, ...] = (17, 18, 19, 20)
 SUPPORTED_IR_VERSIONS: tuple[int, ...] = (8, 9, 10)
 _MIN_IR = {17: 8, 18: 8, 19: 9, 20: 9}  # onnx.helper.find_min_ir_version_for
-MANIFEST = "manifest.json"
-ROLES = {
-    "segmentor": "segmentor.onnx",
-    "refiner_step": "refiner_step.onnx",
-    "refiner_step_fp": "refiner_step_fp.onnx",
-}
+ROLES = FILES  # role -> file name (edge_runtime.export_format)
 #: the export-ready refiner copy may differ from the original by float rounding (BN folding,
 #: table rows evaluated in one batch); a wrong replacement changes most outputs. Fail when more
 #: than this fraction of logits differ by more than ``_EQUIV_RTOL * max(1, max|logits|)``.
 _EQUIV_RTOL = 1e-3
 _EQUIV_MAX_FRACTION = 0.01
-
-
-class ExportError(ValueError):
-    """A bad export request (arguments, model folder, output folder) or a failed check."""
 
 
 @dataclass
@@ -120,25 +113,6 @@ def _check_out_dir(out_dir: Path) -> None:
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
         raise ExportError(f"{parent}: parent of the output folder is a file")
-
-
-def load_model(model_dir: str | Path):
-    """The model folder as a :class:`hidiff.training.LoadedModel` (eval mode, CPU).
-
-    A missing folder, ``checkpoint.pt`` or header file raises :class:`ExportError`.
-    """
-    from hidiff.training import load_model_dir
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        what = "is a file, not a model folder" if path.exists() else "does not exist"
-        raise ExportError(f"{path}: {what}")
-    if not (path / "checkpoint.pt").is_file():
-        raise ExportError(f"{path}: no checkpoint.pt in the model folder (train first)")
-    try:
-        return load_model_dir(path, map_location="cpu")
-    except ValueError as err:  # ModelDirError
-        raise ExportError(str(err)) from err
 
 
 def example_inputs(loaded, batch: int = 2, seed: int = 0) -> tuple:
@@ -253,8 +227,6 @@ def export_model_dir(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         report = None
         if verify:
-            from export.verify import verify_export
-
             report = verify_export(tmp, model=loaded)
             if not report.passed:
                 raise ExportError(f"verification failed:\n{report.format()}")

@@ -33,6 +33,8 @@ Keys (see :func:`model_facts` and :func:`graph_metadata`):
 ``hidiff.folded``            JSON: what the export folded (refiner graphs)
 ``hidiff.source_commit``     commit of the code that trained the model (``unknown`` if none)
 ``hidiff.training_step``     training iterations of the checkpoint
+``hidiff.model_id``          sha256 of the checkpoint file the graphs come from: every graph of
+                             one export carries the same one (a reader refuses a mix)
 ``hidiff.dataset``           dataset name
 ===========================  ==================================================================
 
@@ -50,7 +52,16 @@ from typing import Any
 import onnx
 
 import reference
-from export.ops import BINARY_CONV, BINARY_LINEAR, DOMAIN, DOMAIN_VERSION
+from edge_runtime.export_format import (
+    BINARY_CONV,
+    BINARY_LINEAR,
+    DOMAIN,
+    DOMAIN_VERSION,
+    FORMAT,
+    FORMAT_VERSION,
+    META_PREFIX,
+)
+from hidiff.model_dir import CHECKPOINT
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -62,8 +73,8 @@ __all__ = [
     "sha256_file",
 ]
 
-EXPORT_FORMAT = "hidiff-onnx"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT = FORMAT
+EXPORT_FORMAT_VERSION = FORMAT_VERSION
 
 STEP_INPUT_DOC = (
     "int64 tensor of shape (N,): the ORIGINAL step index t of each sample (0..T; the sampler "
@@ -131,6 +142,7 @@ def model_facts(loaded: Any, feature_strides: Sequence[int]) -> dict[str, Any]:
         "feature_strides": [int(s) for s in feature_strides],
         "source_commit": str(commit),
         "training_step": int(loaded.step),
+        "model_id": sha256_file(Path(loaded.path) / CHECKPOINT),
         "dataset": info.name,
         "preset": config.preset,
     }
@@ -160,7 +172,8 @@ def graph_metadata(
     if folded is not None:
         meta["folded"] = dict(folded)
     return {
-        f"hidiff.{k}": v if isinstance(v, str) else _json(v) for k, v in sorted(meta.items())
+        f"{META_PREFIX}{k}": v if isinstance(v, str) else _json(v)
+        for k, v in sorted(meta.items())
     }
 
 

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from onnx import AttributeProto, TensorProto, helper
 from torch import Tensor
 
+from edge_runtime.export_format import BINARY_CONV, BINARY_LINEAR, DOMAIN, DOMAIN_VERSION
+
 __all__ = [
     "BINARY_CONV",
     "BINARY_LINEAR",
@@ -59,10 +61,6 @@ __all__ = [
     "torch_sign",
 ]
 
-DOMAIN = "ai.hidiff"
-DOMAIN_VERSION = 1
-BINARY_CONV = "BinaryConv"
-BINARY_LINEAR = "BinaryLinear"
 
 _INTS = AttributeProto.INTS
 _FLOAT = AttributeProto.FLOAT

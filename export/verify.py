@@ -40,7 +40,10 @@ import onnx
 import onnx.reference
 
 import reference
+from export.loading import load_model
 from export.metadata import sha256_file
+from reference import files as ref_files
+from reference.images import normalize, resize_planes
 
 __all__ = [
     "TOLERANCES",
@@ -59,7 +62,6 @@ TOLERANCES: dict[str, tuple[float, float, float]] = {
 }
 #: outputs judged per case (one sample at one step) rather than per element
 _PER_CASE = ("probabilities",)
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def tolerance_for(output: str, expected: np.ndarray) -> tuple[float, float]:
@@ -135,12 +137,11 @@ def load_images(
 ) -> tuple[np.ndarray, list[str]]:
     """Up to ``count`` images from ``data`` as normalised float32 NCHW, and their file names."""
     from hidiff.data.io import read_image
-    from hidiff.data.transforms import normalize, resize_image, to_chw
 
     path = Path(data)
     if path.is_dir():
         folder = path / "images" if (path / "images").is_dir() else path
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        files = ref_files.image_files(folder)
     elif path.is_file():
         files = [path]
     else:
@@ -149,7 +150,8 @@ def load_images(
         raise ValueError(f"{path}: no images found")
     files = files[:count]
     arrays = [
-        to_chw(normalize(resize_image(read_image(f, channels), size), mean, std)) for f in files
+        np.moveaxis(normalize(resize_planes(read_image(f, channels), size, size), mean, std), -1, 0)
+        for f in files
     ]
     return np.stack(arrays).astype(np.float32), [f.name for f in files]
 
@@ -247,8 +249,6 @@ def verify_export(
         report.problems.append("no segmentor graph")
         return report
     if isinstance(model, str | Path):
-        from export.api import load_model
-
         model = load_model(model)
     use_reference = (model is None) if reference_evaluator is None else reference_evaluator
 

@@ -3,7 +3,7 @@
 Layout (a dict, loadable with ``torch.load(..., weights_only=True)``)::
 
     format_version   1
-    step             completed iterations (the data position follows from it, see batches.py)
+    step             completed iterations (the data position follows, hidiff/training/batches.py)
     segmentor / refiner / refiner_fp (None without the twin)        state dicts
     optimizers       {"segmentor", "refiner", "refiner_fp" (or None)} optimizer state dicts
     rng              [{"torch", "cuda", "numpy", "python", "diffusion"} one dict per rank]
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hidiff.training.model_dir import ModelDirError, atomic_write
+from hidiff.model_files import ModelDirError, atomic_write
 
 __all__ = [
     "CHECKPOINT_VERSION", "capture_global_rng", "load_checkpoint", "restore_global_rng",

@@ -92,7 +92,8 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
+    p.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--limit", type=_positive, help="only the first N cases of the subset")
     p.add_argument("--overlays", type=_non_negative, default=4,
                    help="overlay PNGs of the first N cases (default 4)")
@@ -124,11 +125,14 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Bernoulli draws (default 0)")
+    p.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write <stem>_uncertainty.png, the spread across the chains")
     p.add_argument("--refiner", choices=("binary", "fp", "none"), default="binary",
                    help="binary (HiDiff, default), fp (full-precision twin), none (segmentor)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (never an input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
     def run(args: argparse.Namespace) -> int:
@@ -136,7 +140,8 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
 
         written = predict_paths(args.model_dir, args.inputs, out=args.out, steps=args.steps,
                                 samples=args.samples, seed=args.seed, refiner=args.refiner,
-                                uncertainty=args.uncertainty, progress=not args.quiet)
+                                uncertainty=args.uncertainty, overwrite=args.overwrite,
+                                progress=not args.quiet)
         if not args.quiet:
             print(f"wrote {len(written)} file(s) to {args.out}")
         return 0
@@ -157,7 +162,7 @@ def _demo(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--limit", type=_positive, help="evaluate only the first N test cases")
     p.add_argument("--resume", action="store_true", help="continue a demo run in --out")
     p.add_argument("--fp-twin", action="store_true",
@@ -239,9 +244,10 @@ def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     except USER_ERRORS as err:
         print(f"{parser.prog} {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; training: a signal after its checkpoint
+        detail = f": {err}" if str(err) else ""
+        print(f"{parser.prog} {args.command}: interrupted{detail}", file=sys.stderr)
+        return 128 + int(getattr(err, "signum", 2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

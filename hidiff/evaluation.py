@@ -46,8 +46,10 @@ from tqdm import tqdm
 
 from hidiff.data.io import load_case
 from hidiff.data.readers import get_reader
+from hidiff.model_dir import load_model_dir
 from hidiff.overlay import save_overlay
 from hidiff.pipeline import HiDiffPipeline
+from reference import files
 from reference import metrics as rm
 
 __all__ = ["PREDICTORS", "evaluate", "format_table", "pipeline_from_model_dir"]
@@ -67,8 +69,6 @@ _DATASET_KEYS = ("dataset", "dataset_name")
 
 def pipeline_from_model_dir(model_dir: str | Path):
     """``(LoadedModel, HiDiffPipeline)`` of a trained model folder."""
-    from hidiff.training.model_dir import load_model_dir
-
     model = load_model_dir(model_dir)
     pipe = HiDiffPipeline(model.segmentor, model.refiner, config=model.config,
                           dataset_info=model.dataset_info, refiner_fp=model.refiner_fp)
@@ -187,39 +187,17 @@ def evaluate(
                  and (predictors is None or k in predictors) for k in PREDICTORS}
     active = [k for k in PREDICTORS if available[k]]
     out_dir = Path(out) if out is not None else Path(model_dir) / "eval" / split
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overlays > 0:
-        (out_dir / "overlays").mkdir(exist_ok=True)
-
-    _warm_up(pipe, [PREDICTORS[k][0] for k in active])
-    timings = dict.fromkeys(active, 0.0)
-    per_case: list[dict[str, Any]] = []
+    made = files.make_folder(out_dir / "overlays" if overlays > 0 else out_dir)
     overlay_files: list[str] = []
-    bar = tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress, leave=False)
-    for index, case in enumerate(bar):
-        image, gt = load_case(case, info)
-        record: dict[str, Any] = {"case_id": case.case_id, "image": str(case.image),
-                                  "mask": str(case.mask), "size": list(gt.shape),
-                                  "metrics": {}}
-        masks = {}
-        for key in active:
-            start = time.perf_counter()
-            pred = pipe.predict_image(image, steps=steps_used, samples=samples_used, seed=seed,
-                                      refiner=PREDICTORS[key][0])
-            timings[key] += time.perf_counter() - start
-            masks[key] = pred.mask
-            values, per_class = _case_metrics(pred.mask, gt, info.num_classes)
-            record["metrics"][key] = values
-            if per_class is not None:
-                record.setdefault("classes", {})[key] = per_class
-        per_case.append(record)
-        if index < overlays:
-            panels = [(f"{_SHORT[k]}  Dice {record['metrics'][k]['dice']:.3f}", masks[k])
-                      for k in active]
-            path = save_overlay(out_dir / "overlays" / f"{case.case_id}.png", image, gt, panels,
-                                title=f"{case.case_id} (ground truth)",
-                                height=512 if info.policy == "tile" else 256)
-            overlay_files.append(str(path))
+    try:
+        per_case, timings = _run_cases(pipe, cases, info, active, out_dir, overlays,
+                                       overlay_files, split=split, steps=steps_used,
+                                       samples=samples_used, seed=seed, progress=progress)
+    except BaseException:  # nothing half-written: this call's overlays and folders go
+        for name in overlay_files:
+            Path(name).unlink(missing_ok=True)
+        files.remove_made_folders(made)
+        raise
 
     settings = {"split": split, "steps": steps_used, "samples": samples_used, "seed": seed}
     _write_json(out_dir / "per_case.json",
@@ -243,6 +221,43 @@ def evaluate(
                "overlays": overlay_files, "out_dir": str(out_dir)}
     _write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _run_cases(pipe: HiDiffPipeline, cases: list, info, active: list[str], out_dir: Path,
+               overlays: int, overlay_files: list[str], *, split: str, steps: int, samples: int,
+               seed: int, progress: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Predict and score every case with every active predictor; the first ``overlays`` cases
+    get an overlay PNG (its path appended to ``overlay_files`` as soon as it is written)."""
+    _warm_up(pipe, [PREDICTORS[k][0] for k in active])
+    timings = dict.fromkeys(active, 0.0)
+    per_case: list[dict[str, Any]] = []
+    bar = tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress, leave=False)
+    for index, case in enumerate(bar):
+        image, gt = load_case(case, info)
+        record: dict[str, Any] = {"case_id": case.case_id, "image": str(case.image),
+                                  "mask": str(case.mask), "size": list(gt.shape),
+                                  "metrics": {}}
+        masks = {}
+        for key in active:
+            start = time.perf_counter()
+            pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed,
+                                      refiner=PREDICTORS[key][0])
+            timings[key] += time.perf_counter() - start
+            masks[key] = pred.mask
+            values, per_class = _case_metrics(pred.mask, gt, info.num_classes)
+            record["metrics"][key] = values
+            if per_class is not None:
+                record.setdefault("classes", {})[key] = per_class
+        per_case.append(record)
+        if index < overlays:
+            panels = [(f"{_SHORT[k]}  Dice {record['metrics'][k]['dice']:.3f}", masks[k])
+                      for k in active]
+            path = save_overlay(out_dir / "overlays" / f"{case.case_id}.png", image, gt, panels,
+                                title=f"{case.case_id} (ground truth)",
+                                height=512 if info.policy == "tile" else 256)
+            overlay_files.append(str(path))
+
+    return per_case, timings
 
 
 def _num(value: Any) -> float:

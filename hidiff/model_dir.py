@@ -6,7 +6,7 @@
     DIR/config.json         ModelConfig.to_dict()
     DIR/dataset.json        DatasetInfo.to_dict() (preprocessing at the model's image size)
     DIR/split.json          the split used (train ids as trained on)
-    DIR/checkpoint.pt       networks, optimizers, RNG states, train_args (see checkpoint.py)
+    DIR/checkpoint.pt       networks, optimizers, RNG states, train_args (see hidiff/checkpoint.py)
     DIR/train_log.jsonl     one JSON object per logged step
     DIR/training_curve.png  losses against steps
 
@@ -19,20 +19,26 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from hidiff.checkpoint import load_checkpoint
 from hidiff.config import ModelConfig
 from hidiff.data.info import DatasetInfo
 from hidiff.data.splits import Split
+from hidiff.model_files import (
+    ModelDirError,
+    atomic_write,
+    atomic_write_text,
+    remove_stale_temp_files,
+    write_json,
+)
 from hidiff.refiner import BinaryRefiner
 from hidiff.segmentor import UNetSegmentor
 
@@ -54,62 +60,6 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 CURVE_PNG = "training_curve.png"
 HEADER_FILES = (MODEL_JSON, CONFIG_JSON, DATASET_JSON, SPLIT_JSON)
-
-
-class ModelDirError(ValueError):
-    """A model folder (or one of its files) is missing, corrupt or of an unknown format.
-
-    The message is the offending path followed by the problem ("DIR/checkpoint.pt is missing:
-    train first or pass the right folder"); ``path`` holds the path.
-    """
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{path} {problem}")
-
-
-# -- atomic writes --------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete temporary files a killed :func:`atomic_write` left in ``folder``."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    data = text.encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -253,8 +203,6 @@ def load_model_dir(path: str | Path, *, map_location: str | torch.device = "cpu"
     Raises :class:`ModelDirError` (a ``ValueError``) naming the folder and the missing or corrupt
     file, or an unknown ``format_version``.
     """
-    from hidiff.training.checkpoint import load_checkpoint
-
     folder = Path(path)
     header = read_model_header(folder)
     config = read_config(folder)

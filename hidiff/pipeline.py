@@ -55,8 +55,6 @@ from torch import Tensor, nn
 import reference
 from hidiff.config import ModelConfig
 from hidiff.data.info import DatasetInfo
-from hidiff.data.tiling import extract_tiles, stitch_tiles
-from hidiff.data.transforms import normalize, resize_image, resize_mask, to_chw
 from hidiff.scheduler import BernoulliScheduler, BernoulliSchedulerConfig
 from hidiff.segmentor import prior_from_logits
 
@@ -89,18 +87,8 @@ class PipelineOutput:
     spread: Tensor
 
 
-@dataclass(frozen=True)
-class ImagePrediction:
-    """Result of :meth:`HiDiffPipeline.predict_image`, all at the image's original size.
-
-    ``mask``: (H, W) uint8 label map; ``prob`` / ``prior`` / ``spread`` (the uncertainty map):
-    (K, H, W) float32.
-    """
-
-    mask: np.ndarray
-    prob: np.ndarray
-    prior: np.ndarray
-    spread: np.ndarray
+#: one image's result at its own size (mask, prob, prior, spread)
+ImagePrediction = reference.ImagePrediction
 
 
 def make_scheduler(config: ModelConfig, steps: int | None = None) -> BernoulliScheduler:
@@ -265,9 +253,19 @@ class HiDiffPipeline:
                               torch.from_numpy(result.prior), torch.from_numpy(result.spread))
 
     # -- whole images -------------------------------------------------------------------------
-    def _to_input(self, image: np.ndarray) -> np.ndarray:
-        info = self.dataset_info
-        return to_chw(normalize(image, info.mean, info.std))
+    def preprocessing(self) -> reference.Preprocessing:
+        """The dataset's preprocessing facts, as :func:`reference.predict_image` takes them."""
+        info, size = self.dataset_info, self.config.image_size
+        if info.policy == "tile" and info.tile % self.net_multiple:
+            raise ValueError(
+                f"tile size {info.tile} of the dataset must be a multiple of {self.net_multiple}"
+            )
+        return reference.Preprocessing(
+            policy=info.policy, mean=tuple(info.mean), std=tuple(info.std),
+            input_size=(size, size) if info.policy == "resize" else None,
+            tile=info.tile if info.policy == "tile" else 0,
+            overlap=info.overlap if info.policy == "tile" else 0,
+        )
 
     def predict_image(
         self,
@@ -279,47 +277,27 @@ class HiDiffPipeline:
         refiner: str | None = "binary",
         tile_batch: int = reference.DEFAULT_TILE_BATCH,
     ) -> ImagePrediction:
-        """Predict one HWC float image in [0, 1] at its original size (see module docstring)."""
+        """Predict one HWC float image in [0, 1] at its original size with
+        :func:`reference.predict_image` (see module docstring)."""
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 3 or image.shape[-1] != self.config.in_channels:
             raise ValueError(
                 f"image must be HWC with {self.config.in_channels} channels; got shape "
                 f"{image.shape}"
             )
-        height, width = image.shape[:2]
-        info = self.dataset_info
-        kw = dict(steps=steps, samples=samples, seed=seed, refiner=refiner)
-        if info.policy == "resize":
-            size = self.config.image_size
-            x = torch.from_numpy(self._to_input(resize_image(image, size)))[None]
-            out = self.predict(x, **kw)
-            mask = resize_mask(out.mask[0].numpy(), (height, width))
-            return ImagePrediction(
-                mask,
-                self._resize_maps(out.prob[0], height, width),
-                self._resize_maps(out.prior[0], height, width),
-                self._resize_maps(out.spread[0], height, width),
+        module = self.refiner_module(refiner)
+        sampler = self.sampler(steps, samples) if module is not None else None
+        s = 1 if sampler is None else sampler.samples
+        with torch.no_grad():
+            return reference.predict_image(
+                image,
+                preprocessing=self.preprocessing(),
+                segment=lambda x: self._segment(x, module, s),
+                denoise=self._denoise if module is not None else None,
+                sampler=sampler,
+                seed=seed,
+                tile_batch=tile_batch,
             )
-        tile = info.tile
-        if tile % self.net_multiple:
-            raise ValueError(
-                f"tile size {tile} of the dataset must be a multiple of {self.net_multiple}"
-            )
-        normalised = normalize(image, info.mean, info.std)
-        tiles, starts = extract_tiles(normalised, tile, info.overlap)
-        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(tiles, -1, 1)))
-        out = self.predict(x, batch_size=tile_batch, **kw)
-        prob = stitch_tiles(out.prob.numpy(), starts, (height, width), channels_first=True)
-        prior = stitch_tiles(out.prior.numpy(), starts, (height, width), channels_first=True)
-        spread = stitch_tiles(out.spread.numpy(), starts, (height, width), channels_first=True)
-        mask = reference.final_labels(prob[None])[0]
-        return ImagePrediction(mask, prob.astype(np.float32), prior.astype(np.float32),
-                               spread.astype(np.float32))
-
-    @staticmethod
-    def _resize_maps(maps: Tensor, height: int, width: int) -> np.ndarray:
-        hwc = np.moveaxis(maps.float().numpy(), 0, -1)
-        return np.ascontiguousarray(np.moveaxis(resize_image(hwc, (height, width)), -1, 0))
 
 
 def _repeat_batch(obj, times: int):

@@ -8,6 +8,10 @@ Readable first, float64 inside, no dependency but numpy. One module per concept:
 - :mod:`reference.sampling`   parameterisations, DDIM-style / ancestral steps, the loop (§5)
 - :mod:`reference.estimate`   the analytic estimate E[y0 | y_t, p] and the ``bayes`` offset
 - :mod:`reference.inference`  the whole-batch predict loop (segment once, S chains averaged)
+- :mod:`reference.whole_image` whole images: resize or tile, predict, back to the image's size
+- :mod:`reference.images`     inference preprocessing: resize, normalise, tiles, stitching
+- :mod:`reference.files`      image-file collection, mask PNGs (encoded without Pillow)
+- :mod:`reference.overlay`    a prediction drawn over its image
 - :mod:`reference.losses`     KL / NLL in bits, focal loss (§6)
 - :mod:`reference.quantize`   sign with sign(0) = +1 (§7)
 - :mod:`reference.bitpack`    LCE bit packing, popcount, the XNOR-popcount dot product (§7)
@@ -16,7 +20,7 @@ Readable first, float64 inside, no dependency but numpy. One module per concept:
 - :mod:`reference.metrics`    Dice, IoU, HD95, recall, accuracy and aggregation (§10)
 """
 
-from . import metrics
+from . import files, images, metrics, overlay
 from .binary_conv import ALLOWED_PAD_VALUES, binary_conv2d, binary_linear, conv_output_size
 from .bitpack import WORD_BITS, bitpack, bitunpack, num_words, popcount, xnor_popcount_dot
 from .estimate import OFFSETS, add_logits, bayes_estimate, check_offset, refiner_output
@@ -62,8 +66,16 @@ from .sampling import (
 )
 from .schedule import SCHEDULE_NAMES, Schedule, make_schedule, respace, spaced_steps
 from .time_conditioning import time_activation, time_binarization
+from .whole_image import POLICIES, ImagePrediction, Preprocessing, predict_image
 
 __all__ = [
+    "POLICIES",
+    "ImagePrediction",
+    "Preprocessing",
+    "files",
+    "images",
+    "overlay",
+    "predict_image",
     "OFFSETS",
     "DEFAULT_TILE_BATCH",
     "BatchPrediction",

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hidiff.checkpoint import save_checkpoint
 from hidiff.config import preset
 from hidiff.data.info import DatasetInfo
 from hidiff.data.splits import load_split
-from hidiff.training.checkpoint import save_checkpoint
-from hidiff.training.model_dir import CHECKPOINT, build_networks, write_model_files
+from hidiff.model_dir import CHECKPOINT, build_networks, write_model_files
 from hidiff.training.setup import model_dataset_info
 
 

@@ -31,3 +31,56 @@ def test_hidiff_never_imports_export_or_edge_runtime(module):
     # hidiff.cli finds `export`'s subcommands through an entry point, never by import
     proc = _import_with_blocked(module, ["export", "edge_runtime"])
     assert proc.returncode == 0, proc.stderr
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports anywhere in its file (function-local imports
+    included), resolved to files; package ``__init__`` files are left out (they re-export)."""
+    import ast
+
+    packages = ("reference", "hidiff", "export", "edge_runtime")
+    files = {}
+    for pkg in packages:
+        for path in (REPO_ROOT / pkg).rglob("*.py"):
+            rel = path.relative_to(REPO_ROOT).with_suffix("")
+            name = ".".join(rel.parts)
+            if path.name != "__init__.py":
+                files[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                targets.add(base)
+                targets |= {f"{base}.{a.name}" for a in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    """No module of ours imports, directly or through others, a module that imports it back
+    (function-local imports count: they only hide a cycle)."""
+    graph = _module_imports()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

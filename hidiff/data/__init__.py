@@ -24,12 +24,12 @@ from hidiff.data.readers import (
     open_dataset,
 )
 from hidiff.data.splits import Split, build_split, default_split, load_split, make_split
-from hidiff.data.tiling import extract_tiles, stitch_tiles, tile_starts
-from hidiff.data.transforms import augment, normalize, random_crop, resize_pair
+from hidiff.data.transforms import augment, random_crop, resize_pair
+from reference.images import normalize
 
 __all__ = [
     "Case", "DataError", "DatasetInfo", "DatasetReader", "Split", "augment", "available_readers",
-    "build_split", "chase_subject", "default_split", "extract_tiles", "get_reader", "load_case",
+    "build_split", "chase_subject", "default_split", "get_reader", "load_case",
     "load_split", "make_split", "normalize", "num_classes_for", "open_dataset", "random_crop",
-    "read_image", "read_mask", "resize_pair", "stitch_tiles", "tile_starts",
+    "read_image", "read_mask", "resize_pair",
 ]

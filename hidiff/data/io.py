@@ -2,7 +2,9 @@
 
 Images come back float32 HWC in [0, 1] (uint8 / 255, uint16 / 65535); masks come back uint8
 label maps HW (binary: 0/1). TIFF files are read with tifffile (PIL cannot open the official
-CVC-ClinicDB TIFFs), everything else with PIL. Every failure is a ``DataError`` naming the file.
+CVC-ClinicDB TIFFs), everything else with PIL, turned upright by its EXIF orientation (a camera
+JPEG stored rotated is read as a viewer shows it). Every failure is a ``DataError`` naming the
+file.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hidiff.data.errors import DataError
 from hidiff.data.info import Case, DatasetInfo
@@ -50,6 +52,7 @@ def _read_pil(path: Path, *, kind: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # upright, as a viewer shows it
             mode = img.mode
             if kind != "image":
                 # Colour masks -> luma. Palette masks: the index is the label for "label" maps

@@ -28,14 +28,9 @@ import numpy as np
 from hidiff.data.errors import DataError, preview
 from hidiff.data.info import Case, DatasetInfo
 from hidiff.data.io import load_case
+from reference.files import IMAGE_SUFFIXES, natural_key
 
 KeyFn = Callable[[str], "str | None"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-
-
-def natural_key(text: str) -> list[object]:
-    """Sort key with digit runs compared as numbers: ``2 < 10``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p]
 
 
 def _stem(stem: str) -> str:

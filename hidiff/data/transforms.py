@@ -4,8 +4,9 @@ Images are float32 HWC in [0, 1], masks uint8 HW label maps, as :mod:`hidiff.dat
 them. Geometric transforms act on image and mask alike (masks stay label maps, aligned with the
 image); photometric ones on the image only. All randomness comes from a caller's
 ``numpy.random.Generator``, drawn in a fixed order, so one generator state gives one result.
-The tiling helpers for whole-image vessel prediction live in :mod:`hidiff.data.tiling` and are
-re-exported here.
+Inference preprocessing (the bilinear resize of float planes without Pillow, ``normalize``, tiles
+and stitching) is :mod:`reference.images`, shared with the edge runtime; ``normalize`` is that
+one.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from hidiff.data.tiling import extract_tiles, stitch_tiles, tile_starts
+from reference.images import normalize
 
 __all__ = [
-    "AugmentParams", "apply_augment", "apply_geometry", "augment", "denormalize", "extract_tiles",
+    "AugmentParams", "apply_augment", "apply_geometry", "augment", "denormalize",
     "mask_to_channels", "normalize", "pad_to", "random_crop", "resize_image", "resize_mask",
-    "resize_pair", "sample_augment_params", "stitch_tiles", "tile_starts", "to_chw",
+    "resize_pair", "sample_augment_params", "to_chw",
 ]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -67,13 +68,6 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int | Sequence[int],
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Image bilinear, mask nearest, both to ``size``."""
     return resize_image(image, size), resize_mask(mask, size)
-
-
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """``(image - mean) / std`` per channel (last axis), float32."""
-    mean_a = np.asarray(mean, dtype=np.float32)
-    std_a = np.asarray(std, dtype=np.float32)
-    return ((np.asarray(image, dtype=np.float32) - mean_a) / std_a).astype(np.float32)
 
 
 def denormalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

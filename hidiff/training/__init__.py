@@ -10,14 +10,14 @@
 ``torchrun --nproc_per_node=N -m hidiff.training ...``.
 """
 
-from hidiff.training.loop import TrainResult, train
-from hidiff.training.model_dir import (
+from hidiff.model_dir import (
     FORMAT_VERSION,
     LoadedModel,
     ModelDirError,
     build_networks,
     load_model_dir,
 )
+from hidiff.training.loop import TrainResult, train
 from hidiff.training.setup import DEFAULT_BATCH_SIZE
 
 __all__ = [

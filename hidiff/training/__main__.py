@@ -35,9 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:  # DataError, ModelDirError, argument and file errors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; a signal after its checkpoint
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 128 + int(getattr(err, "signum", 2))
     if result is not None and _is_main():
         print(f"{result.out}: step {result.step} ({result.stopped_by}), "
               f"{result.elapsed_s:.1f} s this run, losses {result.last_losses}"

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hidiff.training.checkpoint import capture_global_rng, save_checkpoint
+from hidiff.checkpoint import capture_global_rng, save_checkpoint
+from hidiff.model_dir import (
+    CHECKPOINT,
+    CURVE_PNG,
+    HEADER_FILES,
+    TRAIN_LOG,
+    remove_stale_temp_files,
+    write_model_files,
+)
 from hidiff.training.distributed import (
     DistContext,
     barrier,
@@ -25,17 +34,10 @@ from hidiff.training.distributed import (
     teardown_distributed,
     unwrap,
 )
-from hidiff.training.model_dir import (
-    CHECKPOINT,
-    CURVE_PNG,
-    HEADER_FILES,
-    TRAIN_LOG,
-    remove_stale_temp_files,
-    write_model_files,
-)
 from hidiff.training.plot import plot_training_curve
 from hidiff.training.run_state import RunState, build_state, run_synchronised
 from hidiff.training.setup import RunSpec, TrainArgs, prepare_run
+from hidiff.training.signals import StopSignals, TrainingInterrupted
 from hidiff.training.steps import train_step
 from hidiff.training.train_log import TrainLog
 from hidiff.training.validation import segmentor_dice
@@ -50,7 +52,8 @@ class TrainResult:
     """What a :func:`train` call did.
 
     ``step``: completed iterations (all sessions); ``start_step``: where this call began (> 0
-    after a resume); ``stopped_by``: ``"max_steps"`` or ``"max_minutes"``; ``elapsed_s``: this
+    after a resume); ``stopped_by``: ``"max_steps"`` or ``"max_minutes"`` (a signal raises
+    :class:`~hidiff.training.signals.TrainingInterrupted` instead); ``elapsed_s``: this
     call's training seconds; ``last_losses``: the losses of the last iteration; ``val_dice``: the
     last validation Dice of the segmentor alone (None without ``val_every``).
     """
@@ -105,9 +108,12 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
         lambda_diff: weight of L_diff in the segmentor phase (0 = no collaboration).
         resume: continue ``out`` from its checkpoint (optimizer, RNG states and data position
             included, so the continuation equals an uninterrupted run). The stored trajectory
-            arguments (batch size, lr, seed, ...) win over the ones given (with a warning).
+            arguments (batch size, lr, seed, ...) win over the ones given (with a warning). A
+            folder whose run was killed before its first checkpoint starts again from step 0.
         log_every / checkpoint_every: iterations between log records / checkpoints (a
-            checkpoint is also written at the end, however the run stops).
+            checkpoint is also written when the run ends, and on SIGINT / SIGTERM, which stop
+            it after the running iteration and raise
+            :class:`~hidiff.training.signals.TrainingInterrupted`, a ``KeyboardInterrupt``).
         val_every: iterations between validation Dice measurements of the segmentor alone on
             the val split (its first ``limit_cases`` cases when that is set); None: never.
         num_workers: DataLoader worker processes. progress: show a tqdm bar (rank 0).
@@ -122,8 +128,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
-    problems, ``ModelDirError`` for the folder) before anything is written; a run failing before
-    its first checkpoint removes what it wrote (the folder too, if it created it).
+    problems, ``ModelDirError`` for the folder) before anything is written; a run failing with an
+    error before its first checkpoint removes what it wrote (the folder too, if it created it).
     """
     args = TrainArgs(dataset=dataset, data=str(data), preset=preset, out=str(out),
                      max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
@@ -138,10 +144,14 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
     ctx = setup_distributed(device)
     try:
         spec = run_synchronised(lambda: prepare_run(args), ctx)
-        result = _Session(spec, ctx).run()
+        session = _Session(spec, ctx)
+        result = session.run()
         # every rank done (rank 0 writes last) before any tears the process group down: a
         # gloo group destroyed while its peer is still connected can abort the process
         barrier(ctx)
+        if result.stopped_by == "signal":  # the checkpoint of the last step is written
+            raise TrainingInterrupted(session.signals.received or signal.SIGTERM, result.step,
+                                      result.out)
         return result
     finally:
         teardown_distributed(ctx)
@@ -262,16 +272,24 @@ class _Session:
         self.alternating = not pretrain
         return pretrain
 
-    def _time_up(self) -> bool:
+    def _stop_reason(self) -> str | None:
+        """``"signal"`` after SIGINT / SIGTERM, ``"max_minutes"`` when the time is up, else None
+        (rank 0 decides for every rank)."""
         limit = self.args.max_minutes
-        up = limit is not None and time.monotonic() - self.t0 >= 60.0 * limit
-        return bool(broadcast_object(up, self.ctx))
+        reason = None
+        if self.signals.received is not None:
+            reason = "signal"
+        elif limit is not None and time.monotonic() - self.t0 >= 60.0 * limit:
+            reason = "max_minutes"
+        return broadcast_object(reason, self.ctx)
 
     def run(self) -> TrainResult:
         args, st = self.args, self.state
         self.t0 = time.monotonic()
         start = st.step
+        self.signals = StopSignals()
         try:
+            self.signals.__enter__()
             run_synchronised(self._start_files, self.ctx)
             if start == 0 and args.val_every is not None and self.ctx.is_main:
                 self.log.append({"step": 0, "val_dice": self._validate(),
@@ -288,6 +306,7 @@ class _Session:
             self._discard_files()
             raise
         finally:
+            self.signals.__exit__()
             if self.bar is not None:
                 self.bar.close()
         return TrainResult(self.out, st.step, start, stopped_by, time.monotonic() - self.t0,
@@ -303,8 +322,9 @@ class _Session:
         while True:
             if args.max_steps is not None and st.step >= args.max_steps:
                 return "max_steps", logs
-            if self._time_up():
-                return "max_minutes", logs
+            stop = self._stop_reason()
+            if stop is not None:
+                return stop, logs
             epoch, batch = next(st.batches)
             self.last_epoch = epoch
             x = batch["image"].to(ctx.device, non_blocking=True)

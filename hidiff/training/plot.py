@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hidiff.training.model_dir import atomic_write
+from hidiff.model_dir import atomic_write
 
 __all__ = ["plot_training_curve"]
 

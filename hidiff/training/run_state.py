@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from hidiff.checkpoint import restore_global_rng
 from hidiff.diffusion import BernoulliDiffusion
+from hidiff.model_dir import CHECKPOINT, ModelDirError, build_networks
 from hidiff.training.batches import BatchPlan, iterate_batches
-from hidiff.training.checkpoint import restore_global_rng
 from hidiff.training.distributed import DistContext, derive_seed, gather_objects, wrap
-from hidiff.training.model_dir import CHECKPOINT, ModelDirError, build_networks
 from hidiff.training.setup import RunSpec
 from hidiff.training.steps import DiffusionDraws, Networks, Optimizers, StepSettings
 

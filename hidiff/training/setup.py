@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hidiff.checkpoint import load_checkpoint
 from hidiff.config import OFFSETS, ModelConfig, preset
 from hidiff.data.info import DatasetInfo
 from hidiff.data.readers import get_reader
 from hidiff.data.splits import Split, default_split
 from hidiff.data.torch_dataset import SegmentationDataset
-from hidiff.training.checkpoint import load_checkpoint
-from hidiff.training.model_dir import (
+from hidiff.model_dir import (
     CHECKPOINT,
+    CURVE_PNG,
+    HEADER_FILES,
+    TRAIN_LOG,
     ModelDirError,
     read_config,
     read_dataset_info,
@@ -124,17 +127,36 @@ def model_dataset_info(info: DatasetInfo, image_size: int) -> DatasetInfo:
                         overlap=min(info.overlap, image_size // 4))
 
 
-def _check_out(out: Path, resume: bool) -> None:
+#: what a fresh run writes before its first checkpoint (a run killed then can start again)
+_BEFORE_FIRST_CHECKPOINT = (*HEADER_FILES, TRAIN_LOG, CURVE_PNG)
+
+
+def _check_out(out: Path, resume: bool) -> bool:
+    """Check the output folder; True when ``resume`` must start from step 0 instead (the
+    folder holds a run that was stopped before its first checkpoint, and nothing else)."""
     if out.exists() and not out.is_dir():
         raise ModelDirError(out, "exists and is a file; --out must be a folder (new or empty)")
     if resume:
-        read_model_header(out)
-        if not (out / CHECKPOINT).is_file():
-            raise ModelDirError(out / CHECKPOINT, "is missing: nothing to resume (train first or "
-                                                  "pass the right folder)")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ModelDirError(out, "already exists and is not empty: pass resume=True (--resume) "
-                                 "to continue the model in it, or choose a new folder")
+        if not out.is_dir():
+            raise ModelDirError(out, "does not exist: nothing to resume (train without --resume "
+                                     "to start a new model there)")
+        if (out / CHECKPOINT).is_file():
+            read_model_header(out)
+            return False
+        others = [p.name for p in out.iterdir() if p.name not in _BEFORE_FIRST_CHECKPOINT
+                  and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        if others:
+            raise ModelDirError(out / CHECKPOINT, f"is missing and the folder holds other files "
+                                                  f"({', '.join(sorted(others)[:5])}): nothing "
+                                                  f"to resume; choose a new folder")
+        warnings.warn(f"{out} has no checkpoint (its run stopped before the first one): "
+                      f"--resume starts it again from step 0", stacklevel=3)
+        return True
+    if out.is_dir() and any(out.iterdir()):
+        raise ModelDirError(out, "already exists and is not empty: pass --resume to continue "
+                                 "the model in it (or to restart a run stopped before its first "
+                                 "checkpoint), or choose a new folder")
+    return False
 
 
 def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> TrainArgs:
@@ -172,7 +194,8 @@ def prepare_run(args: TrainArgs) -> RunSpec:
     args = dataclasses.replace(args, dataset=reader.name)
     preset(args.preset)  # ValueError listing the presets
     out = Path(args.out)
-    _check_out(out, args.resume)
+    if _check_out(out, args.resume):
+        args = dataclasses.replace(args, resume=False)  # start again in the same folder
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(out / CHECKPOINT)

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hidiff.training.model_dir import ModelDirError, atomic_write_text
+from hidiff.model_dir import ModelDirError, atomic_write_text
 
 __all__ = ["TrainLog", "read_log"]
 

@@ -2,7 +2,7 @@
 
 Resize-policy datasets are predicted at the model's image size (the dataset resizes); tile-policy
 datasets are predicted whole at native resolution with overlapping tiles
-(:mod:`hidiff.data.tiling`). The mask is ``prob > 0.5`` for K = 1, the argmax over channels for
+(:mod:`reference.images`). The mask is ``prob > 0.5`` for K = 1, the argmax over channels for
 K > 1 (Dice averaged over the foreground classes). Cases where prediction and ground truth are
 both empty (Dice undefined, ``reference.metrics``) are left out of the mean.
 """
@@ -15,18 +15,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hidiff.data.tiling import extract_tiles, stitch_tiles
 from hidiff.segmentor import prior_from_logits
+from reference.images import extract_tiles, stitch_tiles
 from reference.metrics import dice
+from reference.sampling import final_labels
 
-__all__ = ["mask_from_prob", "segmentor_dice", "segmentor_prob"]
+__all__ = ["segmentor_dice", "segmentor_prob"]
 
 
-def mask_from_prob(prob: np.ndarray) -> np.ndarray:
-    """(K, H, W) probabilities -> (K, H, W) bool mask: > 0.5 for K = 1, one-hot argmax else."""
+def _channel_masks(prob: np.ndarray) -> np.ndarray:
+    """(K, H, W) probabilities -> (K, H, W) bool masks of :func:`reference.final_labels`'s
+    label map (K = 1: the foreground; K > 1: one-hot)."""
+    labels = final_labels(prob[None])[0]
     if prob.shape[0] == 1:
-        return prob > 0.5
-    return np.arange(prob.shape[0]).reshape(-1, 1, 1) == prob.argmax(axis=0)[None]
+        return (labels == 1)[None]
+    return np.arange(prob.shape[0]).reshape(-1, 1, 1) == labels[None]
 
 
 @torch.no_grad()
@@ -61,7 +64,7 @@ def segmentor_dice(segmentor: nn.Module, dataset, *, max_cases: int | None = Non
             prob = segmentor_prob(segmentor, item["image"],
                                   tile=dataset.crop if tiled else None,
                                   overlap=min(info.overlap, dataset.crop - 1) if tiled else 0)
-            pred = mask_from_prob(prob)
+            pred = _channel_masks(prob)
             gt = item["mask"].numpy() > 0.5
             channels = range(pred.shape[0]) if pred.shape[0] == 1 else range(1, pred.shape[0])
             per_class = [dice(pred[k], gt[k]) for k in channels]

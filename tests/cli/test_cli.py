@@ -181,3 +181,54 @@ def test_predict_failing_midway_removes_the_folders_it_created(model_dir, two_im
     with pytest.raises(KeyboardInterrupt):
         predict_paths(model_dir, [two_images], out=existing, progress=False)
     assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_predict_refuses_existing_outputs_unless_overwrite(model_dir, two_images, tmp_path):
+    out = tmp_path / "masks"
+    args = ("predict", model_dir, two_images, "-o", out, "--steps", 1, "--samples", 1, "--quiet")
+    _ok(hidiff(*args))
+    first = sorted(out.iterdir())[0]
+    first.write_bytes(b"an earlier result")
+    proc = hidiff(*args)
+    assert proc.returncode == 2 and f"{first}: already exists; pass --overwrite" in proc.stderr
+    assert first.read_bytes() == b"an earlier result"
+    _ok(hidiff(*args, "--overwrite"))
+    assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = hidiff("predict", model_dir, two_images, "-o", out, "--seed", "-1")
+    assert proc.returncode == 2 and "--seed" in proc.stderr and "must be >= 0" in proc.stderr
+
+
+def test_predict_reads_exif_rotated_photos_upright(model_dir, kvasir_root, tmp_path):
+    src = sorted((kvasir_root / "images").glob("*.jpg"))[2]
+    with Image.open(src) as im:
+        upright = im.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; a viewer turns it upright
+    photo = tmp_path / "in" / "photo.jpg"
+    photo.parent.mkdir()
+    upright.transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif, quality=95)
+    out = tmp_path / "out"
+    _ok(hidiff("predict", model_dir, photo, "-o", out, "--steps", 1, "--samples", 1, "--quiet"))
+    with Image.open(out / "photo.png") as mask:
+        assert mask.size == upright.size  # the upright frame (W, H), not the stored one
+
+
+def test_evaluate_failing_midway_leaves_no_overlays(model_dir, tmp_path, monkeypatch):
+    from hidiff import evaluation
+    from hidiff.pipeline import HiDiffPipeline
+
+    calls = {"n": 0}
+    real = HiDiffPipeline.predict_image
+
+    def fails_on_the_second_case(self, image, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # after the first case (and its overlay)
+            raise ValueError("a corrupt case")
+        return real(self, image, **kwargs)
+
+    monkeypatch.setattr(HiDiffPipeline, "predict_image", fails_on_the_second_case)
+    out = tmp_path / "eval" / "test"
+    with pytest.raises(ValueError, match="a corrupt case"):
+        evaluation.evaluate(model_dir, out=out, steps=1, samples=1, limit=2, overlays=2,
+                            progress=False)
+    assert not (tmp_path / "eval").exists()

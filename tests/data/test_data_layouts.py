@@ -185,7 +185,7 @@ def test_core_package_imports_without_torch():
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('torch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import hidiff.data, hidiff.data.transforms, hidiff.data.tiling, hidiff.data.splits\n"
+        "import hidiff.data, hidiff.data.transforms, hidiff.data.splits\n"
         "assert 'torch' not in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hidiff.data.tiling import extract_tiles, stitch_tiles, tile_starts
 from hidiff.data.transforms import (
     apply_geometry,
     augment,
@@ -18,6 +17,7 @@ from hidiff.data.transforms import (
     sample_augment_params,
 )
 from hidiff.data.transforms import denormalize as denorm
+from reference.images import extract_tiles, stitch_tiles, tile_starts
 
 
 def _marked_pair(h=20, w=28):

@@ -184,6 +184,7 @@ def _edit_metadata(path: Path, key: str, value: str) -> None:
     ("truncated", "refiner_step.onnx"),
     ("foreign", "not a hidiff export"),
     ("T", "disagree on T"),
+    ("model_id", "disagree on model_id"),
     ("format", "unsupported format_version"),
     ("missing", "missing"),
 ])
@@ -197,6 +198,12 @@ def test_bad_model_exits_2_and_writes_nothing(exported, tmp_path, capsys, damage
         _foreign_model(refiner)
     elif damage == "T":
         _edit_metadata(refiner, "hidiff.num_steps", "12")
+    elif damage == "model_id":  # a refiner of another training, its sha256 line removed
+        _edit_metadata(refiner, "hidiff.model_id", "0" * 64)
+        manifest = json.loads((model / "manifest.json").read_text())
+        for entry in manifest["files"]:
+            entry.pop("sha256", None)
+        (model / "manifest.json").write_text(json.dumps(manifest))
     elif damage == "format":
         manifest = json.loads((model / "manifest.json").read_text())
         manifest["format_version"] = 99

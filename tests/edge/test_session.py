@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 
 import reference
-from edge_runtime import EdgeError, HiDiffSession, images
+from edge_runtime import EdgeError, HiDiffSession
+from reference import images as rimages
 
 PROB_ATOL = 1e-4
 MIN_AGREEMENT = 0.98
@@ -138,7 +139,7 @@ def test_batch_masks_packed_ort_torch(sessions, torch_pipe, kvasir_root, steps):
     trajectory (module docstring)."""
     s = sessions["packed"]
     h, w = s.facts.input_size
-    x = np.stack([np.moveaxis(images.normalize(images.resize_planes(im / np.float32(255), h, w),
+    x = np.stack([np.moveaxis(rimages.normalize(rimages.resize_planes(im / np.float32(255), h, w),
                                                s.facts.mean, s.facts.std), -1, 0)
                   for im in _kvasir(kvasir_root, 3)]).astype(np.float32)
     results, traces = {}, {}
@@ -189,8 +190,8 @@ def test_tile_policy_matches_torch(tiny_tile_export, kvasir_root):
     assert pred.mask.shape == (150, 200)
 
     facts = packed.facts
-    tiles, starts = images.extract_tiles(
-        images.normalize(image / np.float32(255), facts.mean, facts.std), facts.tile,
+    tiles, starts = rimages.extract_tiles(
+        rimages.normalize(image / np.float32(255), facts.mean, facts.std), facts.tile,
         facts.overlap)
     x = np.ascontiguousarray(np.moveaxis(tiles, -1, 1), dtype=np.float32)
     diverged, report = _compare_with_torch(packed, x, pipe, None, 3)
@@ -214,7 +215,7 @@ def test_fp_twin_matches_torch(tiny_export, torch_pipe, kvasir_root, backend):
     all in onnxruntime pieces)."""
     session = HiDiffSession(tiny_export[1], backend=backend, refiner="fp")
     h, w = session.facts.input_size
-    x = np.stack([np.moveaxis(images.normalize(images.resize_planes(im / np.float32(255), h, w),
+    x = np.stack([np.moveaxis(rimages.normalize(rimages.resize_planes(im / np.float32(255), h, w),
                                                session.facts.mean, session.facts.std), -1, 0)
                   for im in _kvasir(kvasir_root, 2, offset=5)]).astype(np.float32)
     diverged, report = _compare_with_torch(session, x, torch_pipe, 5, SEED)
@@ -272,7 +273,7 @@ def test_s_chains_packed_ort_torch(sessions, torch_pipe, kvasir_root):
     masks agree on at least MIN_AGREEMENT of the pixels."""
     s = sessions["packed"]
     h, w = s.facts.input_size
-    x = np.stack([np.moveaxis(images.normalize(images.resize_planes(im / np.float32(255), h, w),
+    x = np.stack([np.moveaxis(rimages.normalize(rimages.resize_planes(im / np.float32(255), h, w),
                                                s.facts.mean, s.facts.std), -1, 0)
                   for im in _kvasir(kvasir_root, 2)]).astype(np.float32)
     got = {name: sess.predict_batch(x, steps=3, samples=3, seed=SEED)

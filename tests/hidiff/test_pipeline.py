@@ -21,11 +21,10 @@ import torch
 import reference
 from hidiff.config import DiffusionConfig, preset
 from hidiff.data.info import DatasetInfo
-from hidiff.data.tiling import extract_tiles, stitch_tiles
-from hidiff.data.transforms import normalize, resize_image, resize_mask, to_chw
 from hidiff.pipeline import HiDiffPipeline, make_scheduler
 from hidiff.refiner import BinaryRefiner
 from hidiff.segmentor import UNetSegmentor
+from reference.images import extract_tiles, normalize, resize_labels, resize_planes, stitch_tiles
 
 PROB_ATOL = 1e-12
 INFO = DatasetInfo(name="test", labels={"background": 0, "polyp": 1}, size=64)
@@ -247,9 +246,10 @@ def test_resize_policy_predicts_at_config_size_and_restores_the_size(tiny):
     pred = pipe.predict_image(image, steps=3, seed=4)
     assert pred.mask.shape == (90, 130) and pred.mask.dtype == np.uint8
     assert pred.prob.shape == pred.prior.shape == (1, 90, 130)
-    x = torch.from_numpy(to_chw(normalize(resize_image(image, 64), INFO.mean, INFO.std)))[None]
-    small = pipe.predict(x, steps=3, seed=4).mask[0].numpy()
-    np.testing.assert_array_equal(pred.mask, resize_mask(small, (90, 130)))
+    small = normalize(resize_planes(image, 64, 64), INFO.mean, INFO.std)
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(small, -1, 0)))[None]
+    mask = pipe.predict(x, steps=3, seed=4).mask[0].numpy()
+    np.testing.assert_array_equal(pred.mask, resize_labels(mask, 90, 130))
 
 
 @pytest.mark.parametrize("shape", [(150, 100), (40, 50)])

@@ -11,8 +11,8 @@ import torch
 import hidiff.training.loop as loop
 from hidiff.config import preset
 from hidiff.data import DataError, DatasetInfo, load_split
+from hidiff.model_dir import write_model_files
 from hidiff.training import FORMAT_VERSION, ModelDirError, load_model_dir, train
-from hidiff.training.model_dir import write_model_files
 
 pytestmark = pytest.mark.data
 
@@ -63,10 +63,13 @@ def test_non_empty_out_needs_resume_and_resume_needs_a_checkpoint(kvasir_root, t
     out = tmp_path / "m"
     out.mkdir()
     (out / "notes.txt").write_text("x")
-    with pytest.raises(ModelDirError, match="not empty: pass resume=True"):
+    with pytest.raises(ModelDirError, match="not empty: pass --resume"):
         _train(kvasir_root, out)
-    with pytest.raises(ModelDirError, match="hidiff_model.json is missing"):
+    with pytest.raises(ModelDirError, match=r"checkpoint.pt is missing and the folder holds other "
+                                            r"files \(notes.txt\): nothing to resume"):
         _train(kvasir_root, out, resume=True)
+    with pytest.raises(ModelDirError, match="does not exist: nothing to resume"):
+        _train(kvasir_root, tmp_path / "never", resume=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from hidiff.checkpoint import load_checkpoint
 from hidiff.training import load_model_dir
 from hidiff.training.batches import BatchPlan
-from hidiff.training.checkpoint import load_checkpoint
 from hidiff.training.distributed import parameter_digest
 from hidiff.training.train_log import read_log
 

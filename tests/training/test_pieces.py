@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from hidiff.model_dir import atomic_write, atomic_write_text, remove_stale_temp_files
 from hidiff.training.batches import BatchPlan, iterate_batches
-from hidiff.training.model_dir import atomic_write, atomic_write_text, remove_stale_temp_files
 from hidiff.training.plot import plot_training_curve
 from hidiff.training.train_log import TrainLog, read_log
 

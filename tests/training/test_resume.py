@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
+from hidiff.checkpoint import load_checkpoint
 from hidiff.training import load_model_dir, train
-from hidiff.training.checkpoint import load_checkpoint
 from hidiff.training.train_log import read_log
 
 pytestmark = pytest.mark.data
@@ -108,3 +108,60 @@ def test_sigkill_mid_run_then_resume(kvasir_root, tmp_path, one_thread, cli):
     assert steps == list(range(1, saved + 3))  # lost steps after the checkpoint were dropped
     assert load_model_dir(out).step == saved + 2
     assert not list(out.glob(".*.tmp"))
+
+
+def _wait_for_log_steps(proc, log, count: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}): {proc.stdout.read()}")
+        if log.is_file() and len(log.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail("no log lines within the time limit")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_checkpoint_of_the_last_step_then_resume(kvasir_root, tmp_path,
+                                                                 one_thread, cli, sig):
+    """SIGTERM / Ctrl-C before the first periodic checkpoint: the run stops after its running
+    iteration, writes a checkpoint of it, exits 128 + signal naming --resume; resume goes on."""
+    out = tmp_path / "stopped"
+    proc = cli.popen(cli.args(kvasir_root, out, "--max-steps", "1000", "--checkpoint-every",
+                              "1000", *CLI_RUN))
+    try:
+        _wait_for_log_steps(proc, out / "train_log.jsonl", 3)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)  # stderr goes to stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, output
+    assert f"stopped by {signal.Signals(sig).name}" in output and "--resume" in output
+    saved = load_model_dir(out).step
+    steps = [r["step"] for r in read_log(out / "train_log.jsonl")]
+    assert saved >= 3 and steps[-1] == saved  # the last completed step, logged and saved
+
+    result = train(data=kvasir_root, out=out, max_steps=saved + 1, resume=True, **RUN)
+    assert (result.start_step, result.step) == (saved, saved + 1)
+
+
+def test_killed_before_the_first_checkpoint_resume_starts_again(kvasir_root, tmp_path,
+                                                                one_thread, cli):
+    """SIGKILL (no handler runs) before any checkpoint: --resume restarts the folder from step 0
+    with a warning instead of sending the user in circles."""
+    out = tmp_path / "killed_early"
+    proc = cli.popen(cli.args(kvasir_root, out, "--max-steps", "1000", "--checkpoint-every",
+                              "1000", *CLI_RUN))
+    try:
+        _wait_for_log_steps(proc, out / "train_log.jsonl", 2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "checkpoint.pt").exists() and (out / "config.json").is_file()
+    with pytest.warns(UserWarning, match="no checkpoint .* starts it again from step 0"):
+        result = train(data=kvasir_root, out=out, max_steps=2, resume=True, **RUN)
+    assert (result.start_step, result.step) == (0, 2)
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]

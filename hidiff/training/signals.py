@@ -1,0 +1,55 @@
+"""Stopping a training run cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler).
+
+While :class:`StopSignals` is active, the first SIGINT or SIGTERM only sets a flag: the running
+iteration completes, the training loop sees the flag before the next one, writes a checkpoint of
+the last completed step and raises :class:`TrainingInterrupted`. A second signal of the same kind
+acts at once, as it would without the handler. SIGKILL cannot be caught: a killed run resumes
+from its last periodic checkpoint (``--resume``; before the first one, ``--resume`` starts it
+again from step 0).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+__all__ = ["StopSignals", "TrainingInterrupted"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal after writing its checkpoint; ``signum``, ``step``, ``out``."""
+
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        self.signum, self.step, self.out = signum, step, Path(out)
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; checkpoint written to "
+                         f"{self.out / 'checkpoint.pt'} (continue with --resume)")
+
+
+class StopSignals:
+    """Context manager: SIGINT / SIGTERM set :attr:`received` (the signal number) instead of
+    stopping the process. Only installs handlers in the main thread (Python's rule)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous[signum])  # a second one acts at once
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
