@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         # the runtime's warnings (e.g. threads capped to the CPUs) as one line each
-        warnings.simplefilter("always")
+        warnings.filterwarnings("always", category=RuntimeWarning, module=r"edge_runtime\.")
         warnings.showwarning = lambda message, *_args, **_kw: print(
             f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
         return _run(args)

@@ -27,13 +27,21 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 def match_labels(files: list[Path], folder: Path) -> dict[Path, Path]:
     """The ground-truth file of every image: same stem in ``folder`` (any image suffix)."""
     if not folder.is_dir():
-        raise InputError(folder, "labels folder not found")
-    by_stem = {p.stem: p for p in ref_files.image_files(folder)}
+        what = "is a file; --labels takes the folder of ground-truth masks" if folder.exists() \
+            else "labels folder not found"
+        raise InputError(folder, what)
+    by_stem: dict[str, list[Path]] = {}
+    for label in ref_files.image_files(folder):
+        by_stem.setdefault(label.stem, []).append(label)
     out = {}
     for path in files:
-        if path.stem not in by_stem:
+        found = by_stem.get(path.stem, [])
+        if not found:
             raise InputError(path, f"no ground-truth mask named {path.stem}.* in {folder}")
-        out[path] = by_stem[path.stem]
+        if len(found) > 1:
+            raise InputError(found[1], f"and {found[0].name} are both ground truth for "
+                                       f"{path.name}; keep one")
+        out[path] = found[0]
     return out
 
 

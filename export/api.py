@@ -113,6 +113,9 @@ def _check_out_dir(out_dir: Path) -> None:
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
         raise ExportError(f"{parent}: parent of the output folder is a file")
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"{existing}: folder is not writable; choose another output folder")
 
 
 def example_inputs(loaded, batch: int = 2, seed: int = 0) -> tuple:

@@ -47,11 +47,20 @@ def load_checkpoint(path: str | Path, *, map_location: Any = "cpu") -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise ModelDirError(path, "is missing: train first or pass the right folder")
+    if path.stat().st_size == 0:
+        raise ModelDirError(path, "is empty (0 bytes): a run was killed while creating it, or "
+                                  "the file was truncated; train again or restore the file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:
-        raise ModelDirError(path, f"is corrupt or not a hidiff checkpoint: {err}") from err
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # weights_only refused an object
+            raise ModelDirError(path, "holds Python objects other than tensors and plain data, "
+                                      "so it is not a hidiff checkpoint and is not loaded (an "
+                                      "untrusted file could run code when unpickled)") from err
+        raise ModelDirError(path, f"is corrupt or not a hidiff checkpoint ({err})") from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelDirError(path, f"is corrupt or not a hidiff checkpoint ({reason})") from err
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise ModelDirError(path, f"is not a hidiff checkpoint (needs keys {REQUIRED_KEYS})")
     version = ckpt.get("format_version", CHECKPOINT_VERSION)

@@ -33,13 +33,13 @@ Whole images (:meth:`HiDiffPipeline.predict_image`) follow the dataset's preproc
   of one, and the mask is resized back to the original size by nearest neighbour; ``prob`` and
   ``prior`` are resized back bilinearly (for display; the mask is not re-thresholded from them).
 - ``tile``: the image is predicted at native resolution, cut by
-  :func:`hidiff.data.tiling.extract_tiles` into ``info.tile`` x ``info.tile`` tiles overlapping by
+  :func:`reference.images.extract_tiles` into ``info.tile`` x ``info.tile`` tiles overlapping by
   ``info.overlap`` pixels (zero-padded bottom/right when smaller than a tile). All tiles form one
   batch for the uniforms (``draw_uniforms(seed, (n_tiles, K, tile, tile), n)``, tiles in the
   row-major order of ``extract_tiles``); the network runs on ``tile_batch`` tiles at a time (the
   uniforms do not depend on it; float32 kernels may round differently per batch size). The
   probability maps (y0_hat, or the prior for the segmentor alone) are averaged where tiles overlap
-  (:func:`hidiff.data.tiling.stitch_tiles`) and the mask is taken from the stitched
+  (:func:`reference.images.stitch_tiles`) and the mask is taken from the stitched
   probabilities. The normalised image is tiled (padding is therefore 0 in the
   normalised space).
 """

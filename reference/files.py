@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "collect_images", "encode_png", "image_files", "make_folder",
-           "mask_pixels", "natural_key", "remove_made_folders", "write_png"]
+           "mask_pixels", "natural_key", "png_bit_depth", "remove_made_folders", "write_png"]
 
 #: image files the runtimes read (lower case; matched case-insensitively)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -83,6 +83,19 @@ def collect_images(inputs: Sequence[str | Path], *,
     return files
 
 
+def png_bit_depth(path: str | Path) -> int | None:
+    """Bits per sample of a PNG file (from its ``IHDR``), None for any other file. The
+    runtimes refuse 16-bit colour PNGs: Pillow would silently cut them to 8 bits."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
 def mask_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """A uint8 label map as PNG pixels: 0 / 255 for ``num_classes == 1``, else the labels."""
     mask = np.asarray(mask, dtype=np.uint8)
@@ -120,6 +133,8 @@ def write_png(path: str | Path, pixels: np.ndarray) -> Path:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as err:  # name the file the user asked for, not the temporary one
+        raise OSError(err.errno, f"cannot write it ({err.strerror or err})", str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -70,7 +70,7 @@ def _bilinear_pass(planes: np.ndarray, n_out: int, axis: int) -> np.ndarray:
 
 def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an HW or HWC float array to ``(height, width)``, each channel on its
-    own (float32; equal to Pillow's mode-``F`` resize)."""
+    own (float32; Pillow's mode-``F`` algorithm, module docstring)."""
     planes = np.asarray(planes, dtype=np.float32)
     if planes.ndim not in (2, 3):
         raise ValueError(f"expected an HW or HWC array; got shape {planes.shape}")

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import reference
 from hidiff.data.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-POLICIES = ("resize", "tile")
+POLICIES = reference.POLICIES  # how a whole image reaches the network (reference.whole_image)
 MASK_ENCODINGS = ("threshold", "labels")
 
 
@@ -120,6 +121,10 @@ class DatasetInfo:
         if self.mask_encoding not in MASK_ENCODINGS:
             raise ValueError(f"mask_encoding {self.mask_encoding!r} not allowed; allowed: "
                              f"{', '.join(MASK_ENCODINGS)}")
+        for key in ("size", "tile", "overlap"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"preprocessing {key} must be an integer; got {value!r}")
         if self.size < 1 or self.tile < 1:
             raise ValueError(f"size and tile must be >= 1; got size={self.size}, tile={self.tile}")
         if not 0 <= self.overlap < self.tile:

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 
 from hidiff.data.errors import DataError
 from hidiff.data.info import Case, DatasetInfo
+from reference.files import png_bit_depth
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -51,6 +52,11 @@ def _read_tiff(path: Path, *, kind: str) -> np.ndarray:
 def _read_pil(path: Path, *, kind: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            if kind == "image" and png_bit_depth(path) == 16 and img.mode not in (
+                    "L", "LA", "I", "I;16", "I;16B", "I;16L"):
+                # one rule with hidiff-edge: Pillow would cut it to 8 bits silently
+                raise DataError(path, "16-bit colour PNG; the model takes 8-bit colour images "
+                                      "(convert it to 8-bit RGB first)")
             img.load()
             img = ImageOps.exif_transpose(img)  # upright, as a viewer shows it
             mode = img.mode
@@ -66,6 +72,8 @@ def _read_pil(path: Path, *, kind: str) -> np.ndarray:
             elif mode == "LA":
                 img = img.convert("L")
             array = np.array(img)
+    except DataError:
+        raise
     except FileNotFoundError as err:
         raise DataError(path, "file not found") from err
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:

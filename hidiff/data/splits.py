@@ -136,6 +136,10 @@ class Split:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Split:
+        if not isinstance(data, Mapping) or not isinstance(data.get("subsets"), Mapping):
+            got = type(data).__name__ if not isinstance(data, Mapping) else "no 'subsets' object"
+            raise ValueError(f"a split must be a JSON object with 'dataset' and a 'subsets' "
+                             f"object of id lists; got {got}")
         subsets = {str(k): [str(i) for i in v] for k, v in data["subsets"].items()}
         seen: dict[str, str] = {}
         for name, ids in subsets.items():

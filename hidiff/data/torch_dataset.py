@@ -6,7 +6,7 @@ Preprocessing follows ``info.policy``:
 - ``"resize"``: image and mask resized to ``size`` (default ``info.size``) square.
 - ``"tile"``: training items are random ``crop`` x ``crop`` patches (default ``info.tile``) at
   native resolution; evaluation items are whole images at native resolution (batch them one at a
-  time, or with equal sizes, and predict them with ``hidiff.data.tiling``).
+  time, or with equal sizes, and predict them with ``reference.images``).
 
 Augmentation (:func:`hidiff.data.transforms.augment`) only when ``train=True``. Every item draws
 from its own generator seeded by ``(seed, epoch, index)``, so results do not depend on worker

@@ -41,7 +41,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
-        signal.signal(signum, self._previous[signum])  # a second one acts at once
+        signal.signal(signum, self._restore(signum))  # a second one acts at once
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -49,7 +49,11 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def _restore(self, sig: int) -> Any:
+        previous = self._previous.get(sig)
+        return signal.SIG_DFL if previous is None else previous  # None: set from C
+
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig in list(self._previous):
+            signal.signal(sig, self._restore(sig))
         self._previous.clear()

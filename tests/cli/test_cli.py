@@ -232,3 +232,28 @@ def test_evaluate_failing_midway_leaves_no_overlays(model_dir, tmp_path, monkeyp
         evaluation.evaluate(model_dir, out=out, steps=1, samples=1, limit=2, overlays=2,
                             progress=False)
     assert not (tmp_path / "eval").exists()
+
+
+def _png48(path: Path, height: int = 6, width: int = 7) -> Path:
+    """A 16-bit-per-channel RGB PNG (Pillow reads it as 8-bit RGB, silently)."""
+    import struct
+    import zlib
+
+    rows = (np.arange(height * width * 3).reshape(height, width, 3) * 997).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_predict_refuses_48_bit_png_like_hidiff_edge(model_dir, tmp_path):
+    deep = _png48(tmp_path / "deep.png")
+    proc = hidiff("predict", model_dir, deep, "-o", tmp_path / "out")
+    assert proc.returncode == 2 and f"{deep}: 16-bit colour PNG" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -103,3 +103,28 @@ def test_threads_above_the_cpu_count_are_capped_with_a_warning(tiny_export, one_
                                     "--steps", "1", "--samples", "1"])
     assert code == 0
     assert f"hidiff-edge predict: warning: threads={cpus + 62} is more than" in stderr
+
+
+def test_write_errors_name_the_output_file_and_labels_must_be_a_folder(tiny_export, one_image,
+                                                                        tmp_path, capsys):
+    images, labels = one_image
+    out = tmp_path / "out"
+    blocker = out / f"{next(images.iterdir()).stem}.png"
+    blocker.mkdir(parents=True)  # the mask's name is taken by a folder: the write fails
+    code, _, stderr = _run(capsys, ["predict", "--model", tiny_export[1], images, "-o", out,
+                                    "--overwrite", "--no-progress", "--steps", "1"])
+    assert code == 2 and f"{blocker}: cannot write it" in stderr and ".tmp" not in stderr
+    label_file = next(labels.iterdir())
+    code, _, stderr = _run(capsys, ["predict", "--model", tiny_export[1], images, "-o",
+                                    tmp_path / "o2", "--labels", label_file, "--no-progress"])
+    assert code == 2 and f"{label_file}: is a file; --labels takes the folder" in stderr
+
+
+def test_two_ground_truths_for_one_image_are_refused(tiny_export, one_image, tmp_path, capsys):
+    images, labels = one_image
+    gt = next(labels.iterdir())
+    shutil.copy(gt, labels / f"{gt.stem}.jpg")  # same stem, another suffix
+    code, _, stderr = _run(capsys, ["predict", "--model", tiny_export[1], images, "-o",
+                                    tmp_path / "o", "--labels", labels, "--no-progress"])
+    assert code == 2 and "are both ground truth for" in stderr
+    assert not (tmp_path / "o").exists()

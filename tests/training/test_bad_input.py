@@ -11,7 +11,7 @@ import torch
 import hidiff.training.loop as loop
 from hidiff.config import preset
 from hidiff.data import DataError, DatasetInfo, load_split
-from hidiff.model_dir import write_model_files
+from hidiff.model_dir import read_dataset_info, read_split, write_model_files
 from hidiff.training import FORMAT_VERSION, ModelDirError, load_model_dir, train
 
 pytestmark = pytest.mark.data
@@ -102,6 +102,16 @@ def test_cli_reports_bad_input_with_exit_status_2(kvasir_root, tmp_path, cli):
     assert not (tmp_path / "m").exists()
 
 
+class _Payload:
+    """Unpickling this would create ``path`` (stands in for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.fixture
 def header_only(tmp_path):
     folder = tmp_path / "model"
@@ -122,9 +132,32 @@ def test_load_model_dir_errors_name_the_file(tmp_path, header_only):
     torch.save({"step": 1}, header_only / "checkpoint.pt")
     with pytest.raises(ModelDirError, match="not a hidiff checkpoint"):
         load_model_dir(header_only)
+    (header_only / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ModelDirError, match=r"checkpoint.pt is empty \(0 bytes\)"):
+        load_model_dir(header_only)
+    # a pickled object (it would run code if unpickled): refused, never executed
+    marker = header_only / "executed"
+    torch.save({"step": 1, "segmentor": _Payload(marker), "refiner": {}},
+               header_only / "checkpoint.pt")
+    with pytest.raises(ModelDirError, match="is not loaded .*untrusted") as err:
+        load_model_dir(header_only)
+    assert "weights_only" not in str(err.value) and not marker.exists()
     (header_only / "config.json").write_text("{broken")
     with pytest.raises(ModelDirError, match=r"config.json is corrupt"):
         load_model_dir(header_only)
+
+
+def test_invalid_model_files_say_what_is_wrong(header_only):
+    info = json.loads((header_only / "dataset.json").read_text())
+    info["preprocessing"]["size"] = "big"
+    (header_only / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ModelDirError, match=r"dataset.json is corrupt or invalid: preprocessing "
+                                            r"size must be an integer; got 'big'"):
+        read_dataset_info(header_only)
+    (header_only / "split.json").write_text("[]")
+    with pytest.raises(ModelDirError, match=r"split.json is corrupt or invalid: a split must be a "
+                                            r"JSON object .*; got list"):
+        read_split(header_only)
 
 
 def test_unknown_format_version_is_refused(header_only):
