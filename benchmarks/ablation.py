@@ -13,8 +13,10 @@ AdamW ``--lr``, the same seed, data order and diffusion draws for every variant)
 split is predicted at the model resolution for every (steps, S) of ``--grid`` with seed 0, and
 the Dice (mean over val cases) is reported next to the segmentor's. A variant is
 ``NAME[:key=value,...]`` with keys ``offset`` (bayes | none), ``self_align`` (0..1),
-``lambda_y0`` (weight of a cross-entropy term on y0_hat) and ``ema`` (decay of an exponential
-moving average of the refiner's weights, evaluated instead of the last weights). Results:
+``lambda_y0`` (weight of a cross-entropy term on y0_hat), ``ema`` (decay of an exponential
+moving average of the refiner's weights, evaluated instead of the last weights) and
+``prior_noise`` (std of the smooth logit-space perturbation of the training prior,
+``hidiff.training.steps.perturbed_prior``). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
 ``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid, else
 re-evaluates its refiner).
@@ -47,12 +49,14 @@ from hidiff.training.steps import (
 from reference.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float}
+KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float,
+        "prior_noise": float}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0}
+    opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0,
+            "prior_noise": 0.0}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key not in KEYS:
@@ -98,7 +102,7 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
     draws = DiffusionDraws(cfg.diffusion.num_steps, args.seed)
     settings = StepSettings(parameterization=cfg.refiner.parameterization,
                             offset=opts["offset"], self_align=opts["self_align"],
-                            lambda_y0=opts["lambda_y0"])
+                            lambda_y0=opts["lambda_y0"], prior_noise=opts["prior_noise"])
     ema = EMA(ref, opts["ema"]) if opts["ema"] else None
     order_rng, order = np.random.default_rng(args.seed), []
     start = time.time()

@@ -1,17 +1,23 @@
-"""Edge runtime benchmark: binary layers, one refiner step and the whole pipeline, per engine.
+"""Edge runtime benchmark: binary layers, one refiner step and one image, per engine.
 
-Same inputs for every engine, one thread, batch 1, a ``cpu-base`` model (256 x 256; random
-weights, built with hidiff + export and cached, unless ``--model EXPORT [--model-dir DIR]``).
-Engines are timed round-robin (one run of each per round: the same machine load); minimum and
-median ms. Measured: each binary conv shape of the refiner (native packed kernel vs onnxruntime
-float ``Conv``); one refiner step and the pipeline (segmentor + all steps) for torch eager,
-onnxruntime on the stock files (fp twin; binary through the function bodies), the edge
-``onnxruntime`` and ``packed`` backends; peak RSS of each engine in its own subprocess; bytes
-read from disk; mask agreement.
+Same inputs for every engine, batch 1, a ``cpu-base`` model (256 x 256; random weights, built
+with hidiff + export and cached, unless ``--model EXPORT [--model-dir DIR]``). Engines are timed
+round-robin (one run of each per round: the same machine load); minimum and median ms.
+Measured: each binary conv shape of the refiner (native packed kernel vs onnxruntime float
+``Conv``, 1 thread); one refiner step (batch 1) and one image at the model's default sampling
+(segmentor once, steps x S chains, the S chains one batch) for torch eager, onnxruntime on the
+stock files (fp twin; binary through the function bodies), the edge ``onnxruntime`` and
+``packed`` backends, at 1 thread and (where the process may use 2 CPUs) the fp twin and packed
+at 2 threads; the segmentor fp32 vs int8 (``hidiff-edge quantize``, calibrated on training
+images) and the packed image with the int8 segmentor; where the packed step's time goes (per
+executor and per onnxruntime piece); peak RSS of each engine in its own subprocess; bytes read
+from disk; mask agreement. ``--dice-model EXPORT`` (a trained Kvasir-SEG export) adds the int8
+segmentor's Dice change on the Kvasir-SEG test split.
 
     python benchmarks/edge.py [--quick] [--json PATH] [--model EXPORT --model-dir DIR]
+                              [--dice-model EXPORT]
 
-``--quick`` (< 60 s): ``cpu-small`` (128 x 128), few runs, no torch, JSON only. The full run
+``--quick`` (< 90 s): ``cpu-small`` (128 x 128), few runs, no torch, JSON only. The full run
 writes ``benchmarks/results/edge.md`` and ``edge.json``.
 """
 
@@ -147,105 +153,7 @@ def bench_layers(layers: list, runs: int) -> list[dict]:
     return rows
 
 
-# -- engines ------------------------------------------------------------------------------------
-class Engine:
-    """``step()`` runs one refiner step (T, same y_t), ``pipeline()`` segmentor + all steps."""
-
-    def __init__(self, name: str, step, pipeline, files: list[Path]) -> None:
-        self.name, self.step, self.pipeline, self.files = name, step, pipeline, files
-
-
-def _torch_engine(model_dir: Path, refiner: str, x: np.ndarray, seed: int) -> Engine:
-    import torch
-
-    from hidiff.evaluation import pipeline_from_model_dir
-    from hidiff.segmentor import prior_from_logits
-
-    torch.set_num_threads(1)
-    pipe = pipeline_from_model_dir(model_dir)[1]
-    module = pipe.refiner_module(refiner)
-    xt = torch.from_numpy(x)
-    with torch.no_grad():
-        seg = pipe.segmentor(xt)
-        prior = prior_from_logits(seg.logits)
-        cache = module.precompute(xt, prior, tuple(seg.features))
-        y = (torch.from_numpy(np.random.default_rng(seed).random(prior.shape)) < prior).float()
-    t_max = torch.full((x.shape[0],), pipe.config.diffusion.num_steps, dtype=torch.long)
-
-    def step():
-        with torch.no_grad():
-            return torch.sigmoid(module.forward_step(cache, y, t_max))
-
-    return Engine(f"torch eager ({refiner})", step,
-                  lambda: pipe.predict(xt, seed=seed, refiner=refiner),
-                  [model_dir / "checkpoint.pt"])
-
-
-def _stock_ort_engine(export_dir: Path, role: str, x: np.ndarray, seed: int) -> Engine:
-    """The exported files as they are: the whole refiner graph at every step."""
-    import reference
-    from edge_runtime.model import load_model
-    from edge_runtime.ortutil import make_session
-
-    facts = load_model(export_dir, roles=(role,), verify_hashes=False).facts
-    seg = make_session(export_dir / "segmentor.onnx")
-    ref = make_session(export_dir / f"{role}.onnx")
-    names = [o.name for o in seg.get_outputs()]
-    inputs = [i.name for i in ref.get_inputs()]
-    outs = dict(zip(names, seg.run(None, {"image": x}), strict=True))
-    y = (np.random.default_rng(seed).random(outs["prior"].shape) < outs["prior"]).astype(
-        np.float32)
-    kept = sorted(facts.timesteps)
-    schedule = reference.respace(reference.make_schedule(facts.schedule, facts.num_steps), kept)
-
-    def run(values, y_t, step):
-        feeds = dict(values, image=x, y_t=y_t.astype(np.float32),
-                     step=np.full(x.shape[0], step, np.int64))
-        return ref.run(None, {n: feeds[n] for n in inputs})[0]
-
-    def pipeline():
-        values = dict(zip(names, seg.run(None, {"image": x}), strict=True))
-        u = reference.draw_uniforms(seed, values["prior"].shape, len(kept))
-        return reference.reverse_process(
-            values["prior"], lambda y_t, s: run(values, y_t, s), schedule=schedule,
-            uniforms=u, method=facts.sampler, parameterization=facts.parameterization,
-            offset=facts.offset).y0_hat
-
-    label = "fp twin" if role.endswith("_fp") else "binary, function bodies"
-    return Engine(f"ORT stock ({label})", lambda: run(outs, y, facts.num_steps), pipeline,
-                  [export_dir / "segmentor.onnx", export_dir / f"{role}.onnx"])
-
-
-def _edge_engine(export_dir: Path, backend: str, refiner: str, x: np.ndarray,
-                 seed: int) -> Engine:
-    from edge_runtime import HiDiffSession
-
-    session = HiDiffSession(export_dir, backend=backend, refiner=refiner, threads=1)
-    seg = session.segment(x)
-    prepared = session.refiner.prepare({"image": x, **seg})
-    y = (np.random.default_rng(seed).random(seg["prior"].shape) < seg["prior"]).astype(
-        np.float32)
-    t_max = session.facts.num_steps
-    role = "refiner_step_fp" if refiner == "fp" else "refiner_step"
-    engine = Engine(f"edge {backend} ({refiner})", lambda: session.refiner(prepared, y, t_max),
-                    lambda: session.predict_batch(x, seed=seed),
-                    [export_dir / "segmentor.onnx", export_dir / f"{role}.onnx"])
-    engine.session = session
-    engine.feeds = session.refiner.feeds(prepared, y, t_max)
-    return engine
-
-
-ENGINES = {
-    "torch_binary": lambda a: _torch_engine(a.model_dir, "binary", a.x, a.seed),
-    "torch_fp": lambda a: _torch_engine(a.model_dir, "fp", a.x, a.seed),
-    "ort_stock_fp": lambda a: _stock_ort_engine(a.export, "refiner_step_fp", a.x, a.seed),
-    "ort_stock_binary": lambda a: _stock_ort_engine(a.export, "refiner_step", a.x, a.seed),
-    "edge_ort_fp": lambda a: _edge_engine(a.export, "onnxruntime", "fp", a.x, a.seed),
-    "edge_ort_binary": lambda a: _edge_engine(a.export, "onnxruntime", "binary", a.x, a.seed),
-    "edge_packed": lambda a: _edge_engine(a.export, "packed", "binary", a.x, a.seed),
-}
-QUICK = ("ort_stock_fp", "edge_ort_fp", "edge_ort_binary", "edge_packed")
-QUICK_RSS = ("edge_ort_binary", "edge_packed")
+from edge_engines import ENGINES, QUICK, QUICK_RSS  # noqa: E402
 
 
 def _input(export: Path, seed: int) -> np.ndarray:
@@ -269,11 +177,22 @@ def _input(export: Path, seed: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(small, -1, 0))[None]
 
 
+def _available(name: str, args) -> bool:
+    from edge_engines import NEEDS
+
+    from edge_runtime.session import usable_cpus
+
+    need = NEEDS.get(name)
+    if need == "two_cpus":
+        return usable_cpus() >= 2
+    return need is None or getattr(args, need, None) is not None
+
+
 def rss_child(args) -> int:
-    """``--_rss ENGINE``: build one engine, run the pipeline once, print peak RSS."""
+    """``--_rss ENGINE``: build one engine, predict one image once, print peak RSS."""
     args.x = _input(args.export, args.seed)
     if args._rss != "baseline":
-        ENGINES[args._rss](args).pipeline()
+        ENGINES[args._rss](args).image()
     # ru_maxrss survives execve (it would report the parent's peak); VmHWM is this image's
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     status = Path("/proc/self/status")
@@ -289,6 +208,8 @@ def measure_rss(args, names) -> dict[str, float]:
     for name in ("baseline", *names):
         cmd = [sys.executable, __file__, "--_rss", name, "--model", str(args.export),
                "--model-dir", str(args.model_dir), "--seed", str(args.seed)]
+        if args.int8_export is not None:
+            cmd += ["--_int8", str(args.int8_export)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"RSS child {name} failed:\n{proc.stderr[-2000:]}")
@@ -308,8 +229,34 @@ def _parse(argv):
                                                        "cpu-small)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per engine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "HIDIFF_DATA", ROOT.parent / "shared" / "data")), help="datasets root (../shared/data)")
+    parser.add_argument("--dice-model", type=Path, default=None, metavar="EXPORT",
+                        help="a trained Kvasir-SEG export: also measure the int8 segmentor's "
+                             "Dice change on the test split")
     parser.add_argument("--_rss", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_int8", dest="int8_export", type=Path, default=None,
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _ratios(step: dict, image: dict) -> dict[str, float]:
+    """Every speed ratio the report states (higher: the packed binary refiner is faster)."""
+    out = {}
+    for kind, table in (("step", step), ("image", image)):
+        for label, key in report.RATIO_BASES:
+            if key in table:
+                out[f"{kind}: {label} / edge packed"] = (table[key]["min_ms"]
+                                                        / table["edge_packed"]["min_ms"])
+        if "ort_stock_fp_2t" in table:
+            out[f"{kind}, 2 threads: ORT stock fp twin / edge packed"] = (
+                table["ort_stock_fp_2t"]["min_ms"] / table["edge_packed_2t"]["min_ms"])
+            out[f"{kind}: edge packed 1 thread / 2 threads"] = (
+                table["edge_packed"]["min_ms"] / table["edge_packed_2t"]["min_ms"])
+    if "edge_packed_int8" in image and "ort_stock_fp" in image:
+        out["image: ORT stock fp twin / edge packed with int8 segmentor"] = (
+            image["ort_stock_fp"]["min_ms"] / image["edge_packed_int8"]["min_ms"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._rss:
         return rss_child(args)
     import onnxruntime
+    from edge_int8 import CALIBRATION_IMAGES, dice_change, int8_copy
 
     from edge_runtime import packed as kernel
 
@@ -325,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is None:
         cache = Path(tempfile.gettempdir()) / f"hidiff-bench-{preset_name}"
         args.model_dir, args.export = build_model(preset_name, cache)
+    work = tempfile.TemporaryDirectory(prefix="hidiff-bench-int8-")
+    args.int8_export = int8_copy(args.export, args.data, Path(work.name),
+                                 8 if args.quick else CALIBRATION_IMAGES)
     runs = args.runs or (3 if args.quick else 25)
-    pipeline_runs = 1 if args.quick else 5
+    image_runs = 1 if args.quick else 5
     args.x = _input(args.export, args.seed)
-    names = [n for n in ENGINES if (n in QUICK if args.quick else
-                                    args.model_dir is not None or not n.startswith("torch"))]
+    names = [n for n in ENGINES if (n in QUICK if args.quick else _available(n, args))]
     real = {name: ENGINES[name](args) for name in names}
     for e in real.values():
         e.x = args.x
@@ -337,20 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     weights = binary_layers(args.export, packed.feeds)
     layers = bench_layers(weights, runs)
     step = round_robin({k: e.step for k, e in real.items()}, runs)
-    pipeline = round_robin({k: e.pipeline for k, e in real.items()}, pipeline_runs)
+    image = round_robin({k: e.image for k, e in real.items()}, image_runs)
+    segmentor = round_robin({
+        "fp32": lambda: packed.session.segment(args.x),
+        "int8": lambda: real["edge_packed_int8"].session.segment(args.x)}, runs)
     seeds = (0, 1) if args.quick else (0, 1, 2, 3)
     agree = report.agreement({**real, "_model_dir": args.model_dir}, seeds)
     rss = measure_rss(args, QUICK_RSS if args.quick else names)
     chaos = None if args.quick or args.model_dir is None else report.torch_sensitivity(
         args.model_dir, args.x, args.seed)
+    dice = None if args.dice_model is None else dice_change(args.dice_model, args.data)
     plan, facts = packed.session.refiner.executor.stats, packed.session.facts
     float_bytes = sum(spec["weight"].size * 4 for _, _, spec in weights)
     packed_bytes = sum(w.shape[0] * w.shape[2] * w.shape[3] * ((w.shape[1] + 31) // 32) * 4
                        for w in (spec["weight"] for _, _, spec in weights))
-    ratios = {f"{kind}: {label} / edge packed": table[key]["min_ms"] / table["edge_packed"][
-        "min_ms"] for kind, table in (("step", step), ("pipeline", pipeline))
-        for label, key in report.RATIO_BASES if key in table}
-    breakdown = report.step_breakdown(packed)
+    ratios = _ratios(step, image)
+    breakdown, pieces = report.step_breakdown(packed)
     if "ort_stock_fp" in step:  # what the real-valued layers alone allow
         ratios["step bound if binary convs + NumPy ops were free: ORT stock fp / packed ORT "
                "part"] = step["ort_stock_fp"]["min_ms"] / breakdown["ort"]
@@ -361,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                     "kernel_path": kernel.current_path(),
                     "kernel_paths": list(kernel.available_paths())},
         "model": {"preset": preset_name, "input_size": list(facts.input_size),
-                  "sampling_steps": facts.sampling_steps, "export": str(args.export)},
-        "quick": args.quick, "runs": runs, "pipeline_runs": pipeline_runs,
+                  "sampling_steps": facts.sampling_steps,
+                  "sampling_samples": facts.sampling_samples, "export": str(args.export)},
+        "quick": args.quick, "runs": runs, "image_runs": image_runs,
         "load_average_start_end": [load_start, os.getloadavg()],
-        "layers": layers, "step": step, "pipeline": pipeline,
+        "layers": layers, "step": step, "image": image, "segmentor": segmentor,
         "engine_labels": {k: e.name for k, e in real.items()},
         "rss_mib": rss, "disk_bytes": {k: sum(f.stat().st_size for f in e.files)
                                        for k, e in real.items()},
@@ -374,13 +327,15 @@ def main(argv: list[str] | None = None) -> int:
                  "emit_next_words": plan.packed_words, "numpy": plan.numpy,
                  "ort": plan.ort, "ort_sessions": plan.ort_sessions,
                  "fallbacks": plan.fallbacks},
-        "packed_step_breakdown_ms": breakdown, "ratios": ratios, "agreement": agree,
-        "torch_sensitivity_1ulp": chaos,
+        "packed_step_breakdown_ms": breakdown, "packed_step_pieces": pieces,
+        "ratios": ratios, "agreement": agree, "torch_sensitivity_1ulp": chaos,
+        "int8_dice": dice,
         "notes": report.NOTES.format(float_mb=float_bytes / 2**20,
                                      packed_kb=packed_bytes / 1024,
                                      ort_sessions=plan.ort_sessions),
         "wall_s": time.perf_counter() - started,
     }
+    work.cleanup()
     text = json.dumps(result, indent=1, default=float) + "\n"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -42,18 +42,25 @@ def torch_sensitivity(model_dir: Path, x: np.ndarray, seed: int) -> dict:
     return {"max_abs_diff": float(diff.max()), "share_off_by_1e-2": float((diff > 1e-2).mean())}
 
 
-def step_breakdown(engine, repeats: int = 5) -> dict[str, float]:
-    """Milliseconds of the packed step by executor (minimum per scheduled piece)."""
+def step_breakdown(engine, repeats: int = 5) -> tuple[dict[str, float], list[dict]]:
+    """Milliseconds of the packed step by executor, and every onnxruntime piece's milliseconds
+    with its ops, largest first (minimum per scheduled piece over ``repeats`` runs)."""
     executor = engine.session.refiner.executor
     best: dict[int, float] = {}
     for _ in range(repeats):
         for i, (_, t) in enumerate(executor.profile(engine.feeds)):
             best[i] = min(best.get(i, t), t)
     out: dict[str, float] = {}
+    pieces = []
     for i, label in enumerate(executor.labels):
         kind = label.split(":")[0]
         out[kind] = out.get(kind, 0.0) + best[i] * 1e3
-    return out
+        if kind == "ort":
+            ops: dict[str, int] = {}
+            for op in label.split(":", 1)[1].split("+"):
+                ops[op] = ops.get(op, 0) + 1
+            pieces.append({"ms": best[i] * 1e3, "ops": ops})
+    return out, sorted(pieces, key=lambda p: -p["ms"])
 
 
 def agreement(engines: dict, seeds: tuple[int, ...]) -> list[dict]:
@@ -94,9 +101,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"`python benchmarks/edge.py` on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}, numpy {m['numpy']}, kernel path `{m['kernel_path']}`."
         f" Model: `{result['model']['preset']}` ({result['model']['input_size']}, "
-        f"{result['model']['sampling_steps']} sampling steps, random weights), batch 1, "
-        f"1 thread. Round-robin timing ({result['runs']} runs per step / layer, "
-        f"{result['pipeline_runs']} per pipeline), minimum (median) ms. Load average at "
+        f"random weights), batch 1, "
+        f"1 thread unless stated. Round-robin timing ({result['runs']} runs per step / layer, "
+        f"{result['image_runs']} per image), minimum (median) ms. Load average at "
         f"start / end: {result['load_average_start_end'][0][0]:.1f} / "
         f"{result['load_average_start_end'][1][0]:.1f} (a shared 2-core machine: the minimum "
         "is the comparable figure).", "",
@@ -110,23 +117,46 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {label} | {'x'.join(map(str, r['input_nchw']))} | {r['out_channels']} | "
                      f"{r['stride'][0]} | {r['packed_ms']:.3f} | {r['pack_and_packed_ms']:.3f} "
                      f"| {r['ort_float_conv_ms']:.3f} | {r['speedup']:.1f}x |")
-    lines += ["", "## One refiner step and the whole pipeline", "",
-              "| engine | one step | pipeline (segmentor + all steps) | peak RSS (MiB) | "
-              "model bytes read |", "|---|---|---|---|---|"]
+    model = result["model"]
+    lines += ["", "## One refiner step and one image", "",
+              f"`one step`: batch 1 at step T. `one image`: the model's default sampling, "
+              f"{model['sampling_steps']} step(s) x {model['sampling_samples']} chain(s) (the "
+              "chains one batch), segmentor included.", "",
+              "| engine | one step | one image | peak RSS (MiB) | model bytes read |",
+              "|---|---|---|---|---|"]
     for name, label in result["engine_labels"].items():
-        st, pl, rss = result["step"][name], result["pipeline"][name], result["rss_mib"].get(name)
+        st, im, rss = result["step"][name], result["image"][name], result["rss_mib"].get(name)
         lines.append(f"| {label} | {st['min_ms']:.1f} ({st['median_ms']:.1f}) | "
-                     f"{pl['min_ms']:.0f} ({pl['median_ms']:.0f}) | "
+                     f"{im['min_ms']:.0f} ({im['median_ms']:.0f}) | "
                      f"{'-' if rss is None else f'{rss:.0f}'} | {result['disk_bytes'][name]:,} |")
-    r = result["ratios"]
+    seg = result["segmentor"]
     lines += ["", f"Baseline RSS of a bare `python` with numpy + onnxruntime imported: "
               f"{result['rss_mib'].get('baseline', float('nan')):.0f} MiB.", "",
-              "## Ratios (targets: step >= 6x, pipeline >= 4x vs the fp twin in ORT)", ""]
-    for key, value in r.items():
+              f"Segmentor alone (1 thread): fp32 {seg['fp32']['min_ms']:.1f} "
+              f"({seg['fp32']['median_ms']:.1f}) ms, int8 {seg['int8']['min_ms']:.1f} "
+              f"({seg['int8']['median_ms']:.1f}) ms: "
+              f"**{seg['fp32']['min_ms'] / seg['int8']['min_ms']:.2f}x**.", "",
+              "## Ratios (issue 12 targets: binary conv >= 16x; step >= 8x at 1 thread, >= 6x "
+              "at 2 threads; image >= 6x and < 150 ms at 1 thread)", ""]
+    for key, value in result["ratios"].items():
         lines.append(f"- {key}: **{value:.2f}x**")
+    dice = result.get("int8_dice")
+    if dice:
+        lines += ["", "## int8 segmentor: Dice change", "",
+                  f"`--dice-model {dice['export']}`: {dice['cases']} Kvasir-SEG {dice['subset']} "
+                  f"images, calibrated on {dice['calibration_images']} train images, seed 0, "
+                  "Dice at image size.", "",
+                  "| predictor | fp32 segmentor | int8 segmentor | change |", "|---|---|---|---|"]
+        for key, label in (("segmentor", "segmentor alone"), ("hidiff", "HiDiff binary")):
+            lines.append(f"| {label} | {dice['fp32'][key]:.4f} | {dice['int8'][key]:.4f} | "
+                         f"{dice['change'][key]:+.4f} |")
     b = result["packed_step_breakdown_ms"]
     lines += ["", "## Where the packed step's time goes", "",
               "| executor | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in b.items()]
+    lines += ["", "onnxruntime pieces of the packed step, largest first:", "",
+              "| ms | ops |", "|---|---|"] + [
+        f"| {p['ms']:.2f} | {', '.join(f'{op} x{n}' for op, n in p['ops'].items())} |"
+        for p in result["packed_step_pieces"]]
     lines += ["", result["notes"], "", "## Mask agreement (model space, per seed)", "",
               "| seed | pixels | packed vs onnxruntime | max prob diff | packed vs torch |",
               "|---|---|---|---|---|"] + [

@@ -1,10 +1,11 @@
 """``hidiff-edge``: torch-free prediction with an exported HiDiff model.
 
     hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
-                        [--backend packed|onnxruntime] [--refiner binary|fp] [--steps N]
-                        [--samples S] [--uncertainty] [--seed S] [--threads T] [--overwrite]
-                        [--no-progress]
-    hidiff-edge info --model DIR [--backend ...] [--refiner ...]
+                        [--backend packed|onnxruntime] [--refiner binary|fp]
+                        [--segmentor fp32|int8] [--steps N] [--samples S] [--uncertainty]
+                        [--seed S] [--threads T] [--overwrite] [--no-progress]
+    hidiff-edge info --model DIR [--backend ...] [--refiner ...] [--segmentor ...]
+    hidiff-edge quantize --model DIR IMAGE_OR_FOLDER... [--max-images N] [--overwrite]
 
 ``predict`` writes ``OUT/<stem>.png`` per image (0/255 for a binary model, label values for a
 multi-class one) at the image's size, and with ``--overlay`` ``OUT/<stem>_overlay.png``; with
@@ -16,6 +17,9 @@ and renamed. Images are read upright (EXIF orientation). An input (image or labe
 overwritten, and an output file that already exists is refused unless ``--overwrite``.
 ``--threads`` above the CPUs this process may use is capped, with a warning. Errors print
 ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
+
+``quantize`` adds ``segmentor_int8.onnx`` to the model folder (onnxruntime static quantization
+calibrated on the given images, :mod:`edge_runtime.quantize`); ``--segmentor int8`` uses it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "where built); onnxruntime: stock ORT")
     p.add_argument("--refiner", choices=("binary", "fp"), default="binary",
                    help="the binary refiner (HiDiff, default) or the full-precision twin")
+    p.add_argument("--segmentor", choices=("fp32", "int8"), default="fp32",
+                   help="fp32 (default) or int8: the graph 'hidiff-edge quantize' adds")
     p.add_argument("--threads", type=_positive, default=1, help="threads (default 1)")
 
 
@@ -92,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help=text, description=text)
     _common(i)
     i.set_defaults(handler=_info)
+    text = "add an int8 segmentor to an exported model, calibrated on your images"
+    q = sub.add_parser("quantize", help=text, description=text)
+    q.add_argument("--model", required=True, metavar="DIR",
+                   help="exported model folder (manifest.json + ONNX graphs)")
+    q.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="calibration images, like the ones the model will see")
+    q.add_argument("--max-images", type=_positive, default=32,
+                   help="calibrate on the first N images (natural order; default 32)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the model's existing int8 segmentor")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(handler=_quantize)
     return parser
 
 
@@ -134,7 +152,7 @@ def _predict(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
-                            refiner=args.refiner)
+                            refiner=args.refiner, segmentor=args.segmentor)
     session.sampler(args.steps, args.samples)  # validates steps and samples
     facts = session.facts
     files = collect_images(args.inputs)
@@ -215,9 +233,33 @@ def _info(args: argparse.Namespace) -> int:
     from .session import HiDiffSession
 
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
-                            refiner=args.refiner)
+                            refiner=args.refiner, segmentor=args.segmentor)
     for line in info_lines(session):
         print(line)
+    return 0
+
+
+# -- quantize -----------------------------------------------------------------------------------
+def _quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .quantize import quantize_segmentor
+
+    bar = tqdm(desc="calibrate", unit="image", leave=False, disable=args.no_progress,
+               file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        path = quantize_segmentor(args.model, images_from=args.inputs,
+                                  max_images=args.max_images, overwrite=args.overwrite,
+                                  progress=progress)
+    finally:
+        bar.close()
+    print(f"wrote {path} ({path.stat().st_size:,} bytes); use it with --segmentor int8",
+          file=sys.stderr)
     return 0
 
 

@@ -19,9 +19,9 @@ __all__ = ["collect_images", "info_lines", "match_labels", "metrics_line", "over
 
 
 
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+def collect_images(inputs: Sequence[str | Path], *, unique_stems: bool = True) -> list[Path]:
     """:func:`reference.files.collect_images`, its problems as :class:`InputError`."""
-    return ref_files.collect_images(inputs, error=InputError)
+    return ref_files.collect_images(inputs, error=InputError, unique_stems=unique_stems)
 
 
 def match_labels(files: list[Path], folder: Path) -> dict[Path, Path]:
@@ -126,8 +126,8 @@ def info_lines(session) -> list[str]:
         lines.append(f"  {entry['name']:<22} {entry['role']:<16} {shown:>10}  "
                      f"custom ops: {ops}")
     lines.append(f"  total {_human(total)}")
-    lines.append(f"backend          {session.backend}  refiner {session.refiner_name}  threads "
-                 f"{session.threads}")
+    lines.append(f"backend          {session.backend}  refiner {session.refiner_name}  segmentor "
+                 f"{session.segmentor_name}  threads {session.threads}")
     try:
         from . import packed
 

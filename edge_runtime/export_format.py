@@ -32,6 +32,8 @@ FILES = {
     "segmentor": "segmentor.onnx",
     "refiner_step": "refiner_step.onnx",
     "refiner_step_fp": "refiner_step_fp.onnx",
+    # added to an export by ``hidiff-edge quantize`` (edge_runtime.quantize), never by export
+    "segmentor_int8": "segmentor_int8.onnx",
 }
 #: namespace of the ONNX ``metadata_props`` keys
 META_PREFIX = "hidiff."

@@ -1,7 +1,8 @@
 """Reading and checking an exported model folder (``export_model_dir``'s output).
 
-A folder holds ``manifest.json`` and the graphs ``segmentor.onnx``, ``refiner_step.onnx`` and
-(optionally) ``refiner_step_fp.onnx``. Every ``.onnx`` file carries the model facts in its
+A folder holds ``manifest.json`` and the graphs ``segmentor.onnx``, ``refiner_step.onnx``,
+(optionally) ``refiner_step_fp.onnx`` and (added by ``hidiff-edge quantize``)
+``segmentor_int8.onnx``. Every ``.onnx`` file carries the model facts in its
 ``metadata_props`` (``hidiff.*`` keys, JSON values except plain strings). :func:`load_model`
 refuses, with a :class:`~edge_runtime.errors.ModelError` naming the file:
 
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 ROLES = FILES  # role -> file name
+_MISSING = {"refiner_step_fp": "no full-precision twin graph",
+            "segmentor_int8": "no int8 segmentor graph; make one with hidiff-edge quantize"}
 _FACT_WORDS = {"num_steps": "T (num_steps)", "num_classes": "K (num_classes)",
                "input_size": "the input size"}
 
@@ -223,6 +226,13 @@ def _check_signatures(files: dict[str, Path], protos: dict[str, Any], facts: Mod
         raise ModelError(files["segmentor"], f"unexpected segmentor signature {seg_in} -> "
                                              f"{seg_out} (expected image -> prior, features)")
     features = seg_out[1:]
+    if "segmentor_int8" in protos:
+        q = protos["segmentor_int8"].graph
+        if (_io_names(q.input), _io_names(q.output)) != (seg_in, seg_out):
+            raise ModelError(files["segmentor_int8"], f"int8 segmentor signature "
+                                                      f"{_io_names(q.input)} -> "
+                                                      f"{_io_names(q.output)} differs from the "
+                                                      f"segmentor's {seg_in} -> {seg_out}")
     for role in ("refiner_step", "refiner_step_fp"):
         if role not in protos:
             continue
@@ -271,8 +281,8 @@ def load_model(folder: str | Path, *, roles: tuple[str, ...] | None = None,
         r for r in roles if r != "segmentor"]
     for role in wanted:
         if role not in entries:
-            what = "full-precision twin" if role == "refiner_step_fp" else role
-            raise ModelError(folder, f"this model has no {what} graph ({ROLES[role]})")
+            what = _MISSING.get(role, f"no {role} graph")
+            raise ModelError(folder, f"this model has {what} ({ROLES[role]})")
     files = {role: folder / ROLES[role] for role in wanted}
     protos = {role: _load_proto(files[role], role) for role in wanted}
     metas = {role: read_metadata(protos[role]) for role in wanted}

@@ -38,9 +38,11 @@ from .model import ExportedModel, load_model
 from .ortutil import make_session
 from .refiner import BACKENDS, RefinerRunner
 
-__all__ = ["BACKENDS", "EdgePrediction", "HiDiffSession", "default_backend"]
+__all__ = ["BACKENDS", "SEGMENTORS", "EdgePrediction", "HiDiffSession", "default_backend"]
 
 REFINERS = {"binary": "refiner_step", "fp": "refiner_step_fp"}
+#: segmentor precision -> graph role (``int8``: made by ``hidiff-edge quantize``)
+SEGMENTORS = {"fp32": "segmentor", "int8": "segmentor_int8"}
 
 
 #: one image's result at its own size (mask, prob, prior, spread): the reference's
@@ -86,17 +88,22 @@ class HiDiffSession:
             may use are capped to that number, with a warning (oversubscribed threads run many
             times slower).
         refiner: ``"binary"`` (HiDiff) or ``"fp"`` (the full-precision twin, when exported).
+        segmentor: ``"fp32"`` (default) or ``"int8"`` (the graph ``hidiff-edge quantize``
+            adds; see :mod:`edge_runtime.quantize`).
         tile_batch: tiles per network run for tile-policy models.
     """
 
     def __init__(self, model_dir: str | Path, *, backend: str | None = None, threads: int = 1,
-                 refiner: str = "binary",
+                 refiner: str = "binary", segmentor: str = "fp32",
                  tile_batch: int = reference.DEFAULT_TILE_BATCH) -> None:
         backend = default_backend() if backend is None else backend
         if backend not in BACKENDS:
             raise EdgeError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if refiner not in REFINERS:
             raise EdgeError(f"refiner must be one of {', '.join(REFINERS)}; got {refiner!r}")
+        if segmentor not in SEGMENTORS:
+            raise EdgeError(f"segmentor must be one of {', '.join(SEGMENTORS)}; "
+                            f"got {segmentor!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EdgeError(f"threads must be an int >= 1; got {threads!r}")
         threads = cap_threads(threads)
@@ -104,14 +111,16 @@ class HiDiffSession:
             raise EdgeError("backend 'packed' needs the native extension edge_runtime._packed "
                             "(build it: python setup.py build_ext --inplace)")
         role = REFINERS[refiner]
-        self.model: ExportedModel = load_model(model_dir, roles=("segmentor", role))
+        seg_role = SEGMENTORS[segmentor]
+        self.model: ExportedModel = load_model(model_dir, roles=(seg_role, role))
         self.facts = facts = self.model.facts
         if facts.policy == "tile" and tuple(facts.input_size) != (facts.tile, facts.tile):
             raise EdgeError(f"{self.model.folder}: tile policy with tile {facts.tile} but the "
                             f"graphs take {facts.input_size}")
         self.backend, self.threads, self.refiner_name = backend, threads, refiner
+        self.segmentor_name = segmentor
         self.tile_batch = max(1, int(tile_batch))
-        self._segmentor = make_session(self.model.files["segmentor"], threads)
+        self._segmentor = make_session(self.model.files[seg_role], threads)
         self._seg_outputs = [o.name for o in self._segmentor.get_outputs()]
         self.refiner = RefinerRunner(self.model.protos[role], backend=backend, threads=threads)
         self.model.protos.clear()  # the sessions hold what they need
@@ -193,7 +202,7 @@ class HiDiffSession:
     def describe(self) -> dict:
         """What runs where (for ``hidiff-edge info``)."""
         info = {"backend": self.backend, "refiner": self.refiner_name,
-                "threads": self.threads}
+                "segmentor": self.segmentor_name, "threads": self.threads}
         if self.refiner.executor is not None:
             info["plan"] = self.refiner.executor.stats
         return info

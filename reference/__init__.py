@@ -66,7 +66,7 @@ from .sampling import (
 )
 from .schedule import SCHEDULE_NAMES, Schedule, make_schedule, respace, spaced_steps
 from .time_conditioning import time_activation, time_binarization
-from .whole_image import POLICIES, ImagePrediction, Preprocessing, predict_image
+from .whole_image import POLICIES, ImagePrediction, Preprocessing, network_inputs, predict_image
 
 __all__ = [
     "POLICIES",
@@ -75,6 +75,7 @@ __all__ = [
     "files",
     "images",
     "overlay",
+    "network_inputs",
     "predict_image",
     "OFFSETS",
     "DEFAULT_TILE_BATCH",

@@ -53,9 +53,10 @@ def image_files(folder: Path) -> list[Path]:
                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
 
 
-def collect_images(inputs: Sequence[str | Path], *,
-                   error: ErrorFactory = _value_error) -> list[Path]:
-    """The image files named by ``inputs`` (files as given, folders expanded); stems unique.
+def collect_images(inputs: Sequence[str | Path], *, error: ErrorFactory = _value_error,
+                   unique_stems: bool = True) -> list[Path]:
+    """The image files named by ``inputs`` (files as given, folders expanded); stems unique
+    unless ``unique_stems=False`` (inputs that produce no output files, e.g. calibration).
 
     Problems raise ``error(path, message)`` (default ``ValueError``), so each runtime reports
     them in its own exception type."""
@@ -75,7 +76,7 @@ def collect_images(inputs: Sequence[str | Path], *,
         else:
             raise error(path, "no such image file or folder")
     by_stem: dict[str, Path] = {}
-    for path in files:
+    for path in files if unique_stems else ():
         other = by_stem.setdefault(path.stem, path)
         if other != path:
             raise error(path, f"has the same name stem as {other}; both would be written to "

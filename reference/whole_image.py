@@ -33,7 +33,7 @@ from .images import extract_tiles, normalize, resize_labels, resize_planes, stit
 from .inference import DEFAULT_TILE_BATCH, Sampler, predict_batch
 from .sampling import final_labels
 
-__all__ = ["POLICIES", "ImagePrediction", "Preprocessing", "predict_image"]
+__all__ = ["POLICIES", "ImagePrediction", "Preprocessing", "network_inputs", "predict_image"]
 
 #: how a whole image reaches the network: resized to the model's size, or tiled at native size
 POLICIES = ("resize", "tile")
@@ -88,6 +88,25 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     return _chw(resize_planes(hwc, height, width))
 
 
+def _check_image(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or image.shape[-1] != len(prep.mean):
+        raise ValueError(f"image must be H x W x {len(prep.mean)}; got shape {image.shape}")
+    return image
+
+
+def network_inputs(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """What the networks see of one HWC float image in [0, 1]: ``(N, C, h, w)`` float32, the
+    resized normalised image (``resize``, N = 1) or its normalised tiles (``tile``, row-major)."""
+    prep = preprocessing
+    image = _check_image(image, prep)
+    if prep.policy == "resize":
+        h, w = prep.input_size
+        return _chw(normalize(resize_planes(image, h, w), prep.mean, prep.std))[None]
+    tiles, _ = extract_tiles(normalize(image, prep.mean, prep.std), prep.tile, prep.overlap)
+    return _chw(tiles)
+
+
 def predict_image(
     image: np.ndarray,
     *,
@@ -101,21 +120,17 @@ def predict_image(
     """Predict one HWC float image in [0, 1] at its own size (module docstring); ``segment``,
     ``denoise`` and ``sampler`` as in :func:`reference.predict_batch` (None: the segmentor
     alone)."""
-    image = np.asarray(image, dtype=np.float32)
     prep = preprocessing
-    if image.ndim != 3 or image.shape[-1] != len(prep.mean):
-        raise ValueError(f"image must be H x W x {len(prep.mean)}; got shape {image.shape}")
+    image = _check_image(image, prep)
     height, width = image.shape[:2]
     run = dict(segment=segment, denoise=denoise, sampler=sampler, seed=seed)
     if prep.policy == "resize":
-        h, w = prep.input_size
-        x = _chw(normalize(resize_planes(image, h, w), prep.mean, prep.std))[None]
-        out = predict_batch(x, **run)
+        out = predict_batch(network_inputs(image, prep), **run)
         return ImagePrediction(resize_labels(final_labels(out.prob)[0], height, width),
                                *(_resize_maps(a[0], height, width)
                                  for a in (out.prob, out.prior, out.spread)))
-    tiles, starts = extract_tiles(normalize(image, prep.mean, prep.std), prep.tile, prep.overlap)
-    out = predict_batch(_chw(tiles), batch_size=tile_batch, **run)
+    starts = extract_tiles(np.zeros((height, width, 1), np.float32), prep.tile, prep.overlap)[1]
+    out = predict_batch(network_inputs(image, prep), batch_size=tile_batch, **run)
     prob, prior, spread = (stitch_tiles(a, starts, (height, width), channels_first=True)
                            for a in (out.prob, out.prior, out.spread))
     return ImagePrediction(final_labels(prob[None])[0], prob.astype(np.float32),

@@ -58,6 +58,16 @@ class StepSettings:
     grad_clip: float | None = 1.0
     self_align: float = 0.0
     lambda_y0: float = 0.0
+    prior_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.prior_noise >= 0:
+            raise ValueError(f"prior_noise must be >= 0; got {self.prior_noise!r}")
+
+
+#: the perturbation field of ``prior_noise`` is drawn at 1 / PRIOR_NOISE_STRIDE of the image size
+#: and upsampled: region-sized errors (a missed or extra blob), like a segmentor's on new images
+PRIOR_NOISE_STRIDE = 8
 
 
 class DiffusionDraws:
@@ -66,8 +76,10 @@ class DiffusionDraws:
 
     def __init__(self, num_steps: int, seed: int) -> None:
         self.num_steps = int(num_steps)
+        self.seed = int(seed)
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(seed))
+        self.generator.manual_seed(self.seed)
+        self._field_generator: torch.Generator | None = None
 
     def draw(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """``t`` (N,) int64 on CPU in 1..T and ``u`` shaped like ``like`` on its device."""
@@ -82,6 +94,22 @@ class DiffusionDraws:
         pick = torch.rand((like.shape[0],), generator=self.generator) < fraction
         u = torch.rand(tuple(like.shape), generator=self.generator, dtype=torch.float32)
         return pick, u.to(device=like.device, dtype=like.dtype)
+
+    def draw_field(self, like: Tensor, stride: int) -> Tensor:
+        """A smooth standard-normal field shaped like ``like`` (N, K, H, W): drawn at 1/stride
+        of H and W, upsampled bilinearly, each sample scaled by its own U(0, 1). From a second
+        generator (seeded from the same seed), so ``t`` and ``u`` are the same draws with or
+        without it; not in :meth:`get_state` (``hidiff train`` does not use it)."""
+        if self._field_generator is None:
+            self._field_generator = torch.Generator(device="cpu")
+            self._field_generator.manual_seed(self.seed + 0x5EED)
+        gen = self._field_generator
+        n, k, h, w = like.shape
+        coarse = torch.randn((n, k, -(-h // stride), -(-w // stride)), generator=gen)
+        scale = torch.rand((n, 1, 1, 1), generator=gen)
+        field = torch.nn.functional.interpolate(coarse * scale, size=(h, w), mode="bilinear",
+                                                align_corners=False)
+        return field.to(device=like.device, dtype=like.dtype)
 
     def get_state(self) -> Tensor:
         return self.generator.get_state()
@@ -165,17 +193,33 @@ def self_aligned_sample(refiner: nn.Module, diffusion: BernoulliDiffusion, setti
     return diffusion.q_sample(y0_hat, prior, t, u)
 
 
+def perturbed_prior(prior: Tensor, field: Tensor, sigma: float) -> Tensor:
+    """The prior moved by ``sigma * field`` in logit space (K = 1: ``sigmoid(logit(p) + n)``;
+    K > 1: ``softmax(log p + n)``), probabilities clamped to [1e-4, 1 - 1e-4] first so that a
+    saturated prior can move."""
+    p = prior.clamp(1e-4, 1.0 - 1e-4)
+    if prior.shape[1] == 1:
+        return torch.sigmoid(torch.log(p) - torch.log1p(-p) + sigma * field)
+    return torch.softmax(torch.log(p) + sigma * field, dim=1)
+
+
 def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
                   draws: DiffusionDraws, x: Tensor, y0: Tensor,
                   settings: StepSettings) -> dict[str, float]:
     """Train the refiner (and its FP twin) on the frozen segmentor's outputs.
 
     With ``settings.self_align = r > 0`` a fraction r of the batch (drawn per sample) gets its
-    y_t from :func:`self_aligned_sample` instead of q(y_t | y0, p)."""
+    y_t from :func:`self_aligned_sample` instead of q(y_t | y0, p). With
+    ``settings.prior_noise = s > 0`` the refiner trains on :func:`perturbed_prior` (a smooth
+    logit-space field of std up to s): priors as wrong as a segmentor's on images it never saw,
+    where on its own training images it is nearly right."""
     with frozen(nets.segmentor) as seg, torch.no_grad():
         out = seg(x)
         prior = prior_from_logits(out.logits)
         features = tuple(f.detach() for f in out.features)
+        if settings.prior_noise > 0:
+            prior = perturbed_prior(prior, draws.draw_field(prior, PRIOR_NOISE_STRIDE),
+                                    settings.prior_noise)
     t, u = draws.draw(y0)
     y_t = diffusion.q_sample(y0, prior, t, u)
     if settings.self_align > 0:
@@ -185,7 +229,8 @@ def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusio
             y_t = y_t.clone()
             y_t[rows] = self_aligned_sample(
                 nets.refiner, diffusion, settings, x[rows], y0[rows], prior[rows],
-                tuple(f[rows] for f in features), t[rows.cpu()], u[rows], u_start[rows])
+                tuple(f[rows] for f in features), t[rows.cpu()], u[rows],
+                u_start[rows]).to(y_t.dtype)  # 0/1 either way (autocast may give bf16)
     logs: dict[str, float] = {}
     pairs = [("refiner", nets.refiner, opts.refiner)]
     if nets.refiner_fp is not None and opts.refiner_fp is not None:

@@ -145,3 +145,38 @@ def test_overlay_fills_outlines_and_marks_the_ground_truth():
     assert ring[2, 2] and not ring[5, 5] and ring.sum() == 24
     with pytest.raises(ValueError, match="shape"):
         overlay(rgb, mask[:5])
+
+
+def test_network_inputs_are_what_predict_image_feeds_the_segmentor():
+    """``network_inputs`` (used to calibrate the int8 segmentor) is exactly the batch
+    ``predict_image`` gives the segmentor, for both policies."""
+    import reference
+
+    rng = np.random.default_rng(0)
+    image = rng.random((50, 70, 3), dtype=np.float32)
+    image[:5] = 0.0  # exact zeros
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for prep in (reference.Preprocessing(policy="resize", mean=mean, std=std,
+                                         input_size=(32, 48)),
+                 reference.Preprocessing(policy="tile", mean=mean, std=std, tile=32,
+                                         overlap=8)):
+        seen = []
+
+        def segment(x, seen=seen):
+            seen.append(x.copy())
+            return np.full((x.shape[0], 1, *x.shape[2:]), 0.5, np.float32), None
+
+        reference.predict_image(image, preprocessing=prep, segment=segment, denoise=None,
+                                sampler=None, tile_batch=100)
+        x = reference.network_inputs(image, prep)
+        assert x.dtype == np.float32 and x.shape[1] == 3
+        np.testing.assert_array_equal(np.concatenate(seen), x)
+        # and what that batch is, from the primitives: resize then normalise / normalise then tile
+        if prep.policy == "resize":
+            want = images.normalize(images.resize_planes(image, 32, 48), mean, std)[None]
+        else:
+            want = images.extract_tiles(images.normalize(image, mean, std), 32, 8)[0]
+            assert want.shape[0] == 6  # 50 x 70 in 32 px tiles overlapping by 8: 2 x 3
+        np.testing.assert_array_equal(x, np.ascontiguousarray(want.transpose(0, 3, 1, 2)))
+    with pytest.raises(ValueError, match="image must be H x W x 3"):
+        reference.network_inputs(image[..., :2], prep)

@@ -14,6 +14,7 @@ from hidiff.training.run_state import build_state
 from hidiff.training.setup import TrainArgs, prepare_run
 from hidiff.training.steps import (
     DiffusionDraws,
+    StepSettings,
     frozen,
     refiner_phase,
     segmentor_losses,
@@ -163,3 +164,60 @@ def test_refiner_phase_with_full_self_alignment_trains_only_the_refiner(run):
     assert _changed(seg_before, nets.segmentor) == set()
     assert any(k.endswith("weight") for k in _changed(ref_before, nets.refiner))
     assert logs["loss_refiner"] > 0
+
+
+def test_perturbed_prior_properties():
+    """Logit-space perturbation: sigma 0 is the (clamped) prior, probabilities stay in (0, 1)
+    (K = 1) or on the simplex (K > 1), a positive field raises p, exact 0 / 1 priors can move."""
+    from hidiff.training.steps import perturbed_prior
+
+    g = torch.Generator().manual_seed(0)
+    prior = torch.rand((2, 1, 8, 8), generator=g)
+    prior[0, 0, 0] = 0.0  # exact zeros and ones, as a trained float32 segmentor gives
+    prior[0, 0, 1] = 1.0
+    field = torch.randn((2, 1, 8, 8), generator=g)
+    same = perturbed_prior(prior, field, 0.0)
+    torch.testing.assert_close(same, prior.clamp(1e-4, 1 - 1e-4), rtol=0, atol=1e-6)
+    moved = perturbed_prior(prior, field, 2.0)
+    assert torch.all((moved > 0) & (moved < 1))
+    up = field > 0
+    assert torch.all(moved[up] > same[up]) and torch.all(moved[~up] <= same[~up])
+    assert moved[0, 0, 0].max() > 1e-4 and moved[0, 0, 1].min() < 1 - 1e-4
+    k3 = torch.softmax(torch.randn((2, 3, 8, 8), generator=g), 1)
+    out = perturbed_prior(k3, torch.randn((2, 3, 8, 8), generator=g), 1.5)
+    torch.testing.assert_close(out.sum(1), torch.ones((2, 8, 8)))
+
+
+def test_prior_field_is_smooth_seeded_and_scaled_per_sample():
+    like = torch.zeros((3, 1, 32, 40))
+    a = DiffusionDraws(10, seed=5).draw_field(like, 8)
+    b = DiffusionDraws(10, seed=5).draw_field(like, 8)
+    assert a.shape == like.shape and torch.equal(a, b)
+    # smooth: neighbouring pixels differ far less than the field's spread
+    assert (a[..., 1:] - a[..., :-1]).abs().mean() < 0.2 * a.std()
+    assert not torch.equal(a[0], a[1])
+    # its own generator: t and u are the same draws with or without the field
+    with_field = DiffusionDraws(10, seed=5)
+    with_field.draw_field(like, 8)
+    plain = DiffusionDraws(10, seed=5)
+    for got, want in zip(with_field.draw(like), plain.draw(like), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="prior_noise must be >= 0; got -1"):
+        StepSettings(prior_noise=-1)
+
+
+def test_refiner_phase_with_prior_noise_is_deterministic_and_differs(run):
+    state, x, y0 = run
+    results = []
+    for noise in (0.0, 2.0, 2.0):
+        nets = copy.deepcopy(state.nets)
+        opts = type(state.opts)(
+            torch.optim.AdamW(nets.segmentor.parameters(), lr=0.0),
+            torch.optim.AdamW(nets.refiner.parameters(), lr=1e-3))
+        draws = DiffusionDraws(state.diffusion.num_steps, seed=3)
+        settings = dataclasses.replace(state.settings, prior_noise=noise)
+        nets.refiner_fp = None
+        logs = refiner_phase(nets, opts, state.diffusion, draws, x, y0, settings)
+        results.append(logs["loss_refiner"])
+    assert results[1] == results[2]
+    assert results[0] != results[1]

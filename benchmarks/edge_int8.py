@@ -1,0 +1,91 @@
+"""The int8 segmentor in ``benchmarks/edge.py``: a quantized copy of the benchmark's export, the
+segmentor's time fp32 vs int8, and (``--dice-model``) the Dice change on a real test split.
+
+Calibration always uses training images (the first ``CALIBRATION_IMAGES`` of the dataset's
+committed ``train`` subset, natural order), never the images scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CALIBRATION_IMAGES", "dice_change", "int8_copy", "split_files"]
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_IMAGES = 32
+
+
+def split_files(data: Path, subset: str, dataset: str = "kvasir-seg") -> list[tuple[Path, Path]]:
+    """``(image, mask)`` of a committed subset of Kvasir-SEG (hidiff/splits), [] without data."""
+    ids = json.loads((ROOT / "hidiff" / "splits" / f"{dataset}.json").read_text())["subsets"][
+        subset]
+    root = data / "Kvasir-SEG"
+    pairs = [(root / "images" / f"{i}.jpg", root / "masks" / f"{i}.jpg") for i in ids]
+    return [p for p in pairs if p[0].is_file()]
+
+
+def int8_copy(export: Path, data: Path, work: Path, max_images: int) -> Path:
+    """A copy of ``export`` with ``segmentor_int8.onnx`` calibrated on training images (random
+    images when the data is absent)."""
+    from PIL import Image
+
+    from edge_runtime.quantize import quantize_segmentor
+
+    out = work / "export_int8"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(export, out)
+    calib = work / "calibration"
+    calib.mkdir(exist_ok=True)
+    train = split_files(data, "train")[:max_images]
+    for image, _ in train:
+        target = calib / image.name
+        if not target.exists():
+            os.symlink(image, target)
+    if not train:
+        rng = np.random.default_rng(0)
+        for i in range(max_images):
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+                calib / f"random{i}.png")
+    quantize_segmentor(out, images_from=[calib], max_images=max_images, overwrite=True)
+    return out
+
+
+def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int = 1) -> dict:
+    """Mean Dice (``reference.metrics``) of HiDiff and of its segmentor alone, fp32 vs int8
+    segmentor, over a committed subset of Kvasir-SEG (one ``predict`` per image, seed 0)."""
+    import reference
+    from edge_runtime import HiDiffSession
+    from edge_runtime.cli_io import read_labels
+    from edge_runtime.images import as_float_image, read_image
+
+    pairs = split_files(data, subset)
+    if not pairs:
+        raise FileNotFoundError(f"{data / 'Kvasir-SEG'}: no Kvasir-SEG images for --dice-model")
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = int8_copy(export, data, Path(tmp), CALIBRATION_IMAGES)
+        out = {"export": str(export), "subset": subset, "cases": len(pairs),
+               "calibration_images": CALIBRATION_IMAGES}
+        for precision in ("fp32", "int8"):
+            session = HiDiffSession(quantized, segmentor=precision, threads=threads)
+            scores = {"hidiff": [], "segmentor": []}
+            for image, mask in pairs:
+                rgb = read_image(image, session.facts.in_channels)
+                gt = read_labels(mask, session.facts.num_classes)
+                pred = session.predict(rgb, seed=0)
+                prior = reference.predict_image(
+                    as_float_image(rgb, session.facts.in_channels),
+                    preprocessing=session.facts.preprocessing,
+                    segment=lambda part, s=session: s._segment(part, 1), denoise=None,
+                    sampler=None)
+                for key, labels in (("hidiff", pred.mask), ("segmentor", prior.mask)):
+                    scores[key].append(reference.metrics.dice(labels, gt))
+            out[precision] = {k: float(np.nanmean(v)) for k, v in scores.items()}
+        out["change"] = {k: out["int8"][k] - out["fp32"][k] for k in ("hidiff", "segmentor")}
+    return out

@@ -1,0 +1,182 @@
+"""``hidiff-edge quantize`` / ``segmentor="int8"``: a real int8 graph from onnxruntime's static
+quantization of a real export, calibrated on real image files; listed in the manifest and checked
+like every graph; both backends bit-identical on it; every user error exits 2 with nothing
+written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from edge_runtime import HiDiffSession
+from edge_runtime.cli import main
+from edge_runtime.errors import EdgeError, ModelError
+from edge_runtime.model import load_model, read_metadata
+from edge_runtime.quantize import INT8_ROLE, quantize_segmentor
+
+BLOCKED = ("torch", "hidiff", "export")
+
+
+def _images(folder: Path, count: int, seed: int = 0) -> Path:
+    """``count`` smooth RGB photos-like PNGs (blobs on a gradient), natural names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:96, 0:112] / 96.0
+    for i in range(count):
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.9), rng.uniform(0.1, 0.3)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float64)
+        rgb = np.stack([0.3 + 0.5 * blob, 0.2 + 0.3 * yy, 0.4 * xx + 0.2 * blob], -1)
+        rgb += rng.normal(0, 0.03, rgb.shape)
+        Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_export, tmp_path_factory) -> Path:
+    """A copy of the tiny export with an int8 segmentor calibrated on 6 images."""
+    out = tmp_path_factory.mktemp("int8") / "model"
+    shutil.copytree(tiny_export[1], out)
+    calib = _images(tmp_path_factory.mktemp("calib"), 6)
+    quantize_segmentor(out, images_from=[calib], max_images=6)
+    return out
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_int8_graph_is_listed_checked_and_tied_to_its_training(quantized, tiny_export):
+    manifest = json.loads((quantized / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["role"] == INT8_ROLE)
+    data = (quantized / "segmentor_int8.onnx").read_bytes()
+    assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["quantization"]["calibration_images"] == 6
+    proto = onnx.load(str(quantized / "segmentor_int8.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized (QDQ)
+    meta, fp = read_metadata(proto), read_metadata(onnx.load(str(quantized / "segmentor.onnx")))
+    assert meta["graph_role"] == INT8_ROLE and meta["model_id"] == fp["model_id"]
+    assert meta["quantization"]["weights"] == "int8 per channel"
+    model = load_model(quantized, roles=(INT8_ROLE, "refiner_step"))
+    assert set(model.files) == {"segmentor", INT8_ROLE, "refiner_step"}
+    # the original export is untouched and has no int8 graph
+    with pytest.raises(ModelError, match="no int8 segmentor graph; make one with hidiff-edge "
+                                         "quantize"):
+        HiDiffSession(tiny_export[1], segmentor="int8")
+
+
+def test_int8_segmentor_predicts_close_to_fp32_and_backends_agree(quantized, tmp_path):
+    rgb = np.asarray(Image.open(_images(tmp_path / "new", 1, seed=7) / "img0.png"))
+    fp32 = HiDiffSession(quantized, backend="onnxruntime").predict(rgb, seed=3)
+    ort8 = HiDiffSession(quantized, backend="onnxruntime", segmentor="int8").predict(rgb, seed=3)
+    packed8 = HiDiffSession(quantized, backend="packed", segmentor="int8").predict(rgb, seed=3)
+    # same int8 segmentor outputs into both refiner backends: bit-identical
+    np.testing.assert_array_equal(packed8.mask, ort8.mask)
+    np.testing.assert_array_equal(packed8.prob, ort8.prob)
+    # int8 changes the prior by a quantization error, not its content (random tiny network:
+    # 8-bit activations over min-max ranges of 6 calibration images)
+    assert not np.array_equal(ort8.prior, fp32.prior)
+    assert np.abs(ort8.prior - fp32.prior).mean() < 0.05
+    assert np.corrcoef(ort8.prior.ravel(), fp32.prior.ravel())[0, 1] > 0.9
+
+
+def test_session_segmentor_choice_is_checked(quantized):
+    with pytest.raises(EdgeError, match="segmentor must be one of fp32, int8; got 'int4'"):
+        HiDiffSession(quantized, segmentor="int4")
+
+
+def test_tampered_int8_graph_is_refused(quantized, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(quantized, copy)
+    data = bytearray((copy / "segmentor_int8.onnx").read_bytes())
+    # flip a byte inside the largest weight: still a valid graph, only the hash can tell
+    proto = onnx.load(str(copy / "segmentor_int8.onnx"))
+    raw = max((init.raw_data for init in proto.graph.initializer), key=len)
+    at = bytes(data).index(raw) + len(raw) // 2
+    data[at] ^= 0x01
+    (copy / "segmentor_int8.onnx").write_bytes(bytes(data))
+    onnx.load(str(copy / "segmentor_int8.onnx"))  # parses
+    with pytest.raises(ModelError, match="segmentor_int8.onnx: sha256 differs"):
+        HiDiffSession(copy, segmentor="int8")
+    HiDiffSession(copy)  # the fp32 path does not read it
+
+
+def test_cli_quantize_torch_free_then_refuses_again_without_overwrite(tiny_export, tmp_path,
+                                                                       run_edge_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export[1], model)
+    calib = _images(tmp_path / "calib", 3)
+    done = run_edge_cli(["quantize", "--model", model, calib, "--no-progress"], blocked=BLOCKED)
+    assert done.returncode == 0, done.stderr
+    assert "segmentor_int8.onnx" in done.stderr and "--segmentor int8" in done.stderr
+    info = run_edge_cli(["info", "--model", model, "--segmentor", "int8"], blocked=BLOCKED)
+    assert info.returncode == 0, info.stderr
+    assert "segmentor int8" in info.stdout and "segmentor_int8.onnx" in info.stdout
+    before = _digest(model)
+    again = run_edge_cli(["quantize", "--model", model, calib, "--no-progress"], blocked=BLOCKED)
+    assert again.returncode == 2
+    assert "segmentor_int8.onnx: this model already has an int8 segmentor; pass --overwrite" \
+        in again.stderr
+    assert _digest(model) == before
+    forced = run_edge_cli(["quantize", "--model", model, calib, "--max-images", "2",
+                           "--overwrite", "--no-progress"], blocked=BLOCKED)
+    assert forced.returncode == 0, forced.stderr
+    entry = next(e for e in json.loads((model / "manifest.json").read_text())["files"]
+                 if e["role"] == INT8_ROLE)
+    assert entry["quantization"]["calibration_images"] == 2
+    assert sum(e["role"] == INT8_ROLE for e in json.loads(
+        (model / "manifest.json").read_text())["files"]) == 1
+
+
+@pytest.mark.parametrize("problem", ["empty", "bad_image", "no_model"])
+def test_cli_quantize_errors_leave_nothing_behind(tiny_export, tmp_path, capsys, problem):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export[1], model)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    if problem == "bad_image":
+        _images(calib, 2)
+        (calib / "img1.png").write_bytes(b"not a png")
+    target = tmp_path / "missing" if problem == "no_model" else model
+    before = _digest(model)
+    code = main(["quantize", "--model", str(target), str(calib), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("hidiff-edge quantize: error: ")
+    expected = {"empty": str(calib), "bad_image": "img1.png", "no_model": "no such model folder"}
+    assert expected[problem] in err
+    assert _digest(model) == before
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]
+
+
+def test_reexport_removes_a_stale_int8_segmentor(quantized, tiny_export, tmp_path):
+    from export import export_model_dir
+
+    copy = tmp_path / "model"
+    shutil.copytree(quantized, copy)
+    export_model_dir(tiny_export[0], copy)
+    assert not (copy / "segmentor_int8.onnx").exists()
+    assert INT8_ROLE not in {e["role"] for e in json.loads(
+        (copy / "manifest.json").read_text())["files"]}
+
+
+def test_quantize_takes_repeated_stems_replaces_leftovers_and_reports_progress(tiny_export,
+                                                                                tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export[1], model)
+    (model / "segmentor_int8.onnx").write_bytes(b"left over by a killed run")  # not listed
+    first, second = _images(tmp_path / "a", 2, seed=1), _images(tmp_path / "b", 2, seed=2)
+    calls = []
+    path = quantize_segmentor(model, images_from=[first, second], max_images=3,
+                              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # img0, img1 of a/, img0 of b/: stems repeat
+    HiDiffSession(model, segmentor="int8")  # the listed graph is the new one (hash checked)
+    assert path.read_bytes() != b"left over by a killed run"
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]
