@@ -16,8 +16,12 @@ model's default sampling (steps x S): predictors *segmentor inside HiDiff*, *HiD
 steps x S table of HiDiff binary (Dice and seconds per case). Results go to
 ``benchmarks/results/accuracy.md`` and ``accuracy.json`` (``--results`` changes the stem).
 Settings are never chosen here: the defaults come from the val split (``benchmarks/ablation.py``);
-this script touches the test split once per reported number. ``--reuse`` re-evaluates model
-folders whose run already finished.
+this script touches the test split once per reported number. ``--reuse`` takes model folders
+whose run already finished and the evaluations already written in them (``eval/test/summary.json``
+at the same sampling and seed, ``sweep.json`` covering the sweep; evaluation is deterministic, so
+a reused number is the number a re-evaluation gives); the report lists what was reused. The
+steps x S sweep runs for ``--sweep-datasets`` only (default Kvasir-SEG: on CHASE_DB1's tiles it
+costs about 30 min of CPU).
 """
 
 from __future__ import annotations
@@ -86,10 +90,31 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
     return run
 
 
+def _evaluate(args, model_dir: Path, reused: list, **kw) -> dict:
+    """``hidiff.evaluation.evaluate`` on the test split, or (``--reuse``) its summary.json when
+    it was written at the same steps and seed."""
+    done = model_dir / "eval" / "test" / "summary.json"
+    if args.reuse and done.is_file():
+        summary = json.loads(done.read_text())
+        wanted = set(kw.get("predictors") or summary["predictors"])
+        if (summary.get("seed") == kw["seed"] and kw.get("steps") in (None, summary["steps"])
+                and wanted <= set(summary["predictors"]) and kw.get("limit") is None):
+            reused.append(str(done.relative_to(Path(args.out))))
+            return summary
+    return evaluate(model_dir, split="test", **kw)
+
+
 def sweep(model_dir: Path, data: Path, dataset: str, combos, *, seed: int,
-          limit: int | None) -> list[dict]:
+          limit: int | None, reuse: bool = False, reused: list | None = None) -> list[dict]:
     """Dice (mean over test cases, original resolution) and s/case of HiDiff binary per (steps,
-    S)."""
+    S); kept in ``model_dir / sweep.json`` (taken from there with ``reuse``)."""
+    cache = model_dir / "sweep.json"
+    stored = json.loads(cache.read_text()) if reuse and cache.is_file() else []
+    key = [{"steps": st, "samples": sa, "seed": seed, "limit": limit} for st, sa in combos]
+    if stored and all(k in [{n: r.get(n) for n in k} for r in stored] for k in key):
+        if reused is not None:
+            reused.append(str(cache.name) + f" of {model_dir.parent.name}/{model_dir.name}")
+        return [r for k in key for r in stored if {n: r.get(n) for n in k} == k]
     model, pipe = pipeline_from_model_dir(model_dir)
     cases = model.split.select(get_reader(dataset).list_cases(data), "test")[:limit]
     loaded = [load_case(c, model.dataset_info) for c in cases]
@@ -100,7 +125,9 @@ def sweep(model_dir: Path, data: Path, dataset: str, combos, *, seed: int,
             pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed)
             scores.append(reference.metrics.dice(pred.mask.astype(bool), gt.astype(bool)))
         rows.append({"steps": steps, "samples": samples, "dice": float(np.nanmean(scores)),
-                     "s_per_case": (time.perf_counter() - start) / len(loaded)})
+                     "s_per_case": (time.perf_counter() - start) / len(loaded), "seed": seed,
+                     "limit": limit})
+    cache.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
@@ -108,16 +135,16 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
     data = Path(args.data) / FOLDERS[dataset]
     limit = (4 if dataset == "kvasir-seg" else 1) if args.quick else None
     steps = 2 if args.quick else None  # quick: fewer steps than the model's default
-    runs = []
+    runs, reused = [], []
     for i, seed in enumerate(seeds):
         base = Path(args.out) / dataset / f"seed{seed}"
         hid = _train(args, dataset, base / "hidiff", seed, minutes, alone=False)
         alone = _train(args, dataset, base / "segmentor_alone", seed, minutes, alone=True)
-        s_h = evaluate(base / "hidiff", data=data, split="test", steps=steps, seed=seed,
-                       limit=limit, overlays=2, progress=not args.quiet)
-        s_a = evaluate(base / "segmentor_alone", data=data, split="test", seed=seed,
-                       limit=limit, overlays=0, predictors=("segmentor",),
-                       progress=not args.quiet)
+        s_h = _evaluate(args, base / "hidiff", reused, data=data, steps=steps, seed=seed,
+                        limit=limit, overlays=2, progress=not args.quiet)
+        s_a = _evaluate(args, base / "segmentor_alone", reused, data=data, seed=seed,
+                        limit=limit, overlays=0, predictors=("segmentor",),
+                        progress=not args.quiet)
         dice = {k: _mean(s_h, k) for k, _ in PREDICTORS[:3]} | {"alone": _mean(s_a, "segmentor")}
         sec = {k: s_h["predictors"][k].get("seconds_per_case") for k, _ in PREDICTORS[:3]}
         run = {"seed": seed, "hidiff_run": hid, "alone_run": alone, "dice": dice,
@@ -125,12 +152,12 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
                    "seconds_per_case"]},
                "steps": s_h["steps"], "samples": s_h.get("samples", 1),
                "n_cases": s_h["n_cases"]}
-        if i == 0 and args.sweep:
+        if i == 0 and args.sweep and dataset in args.sweep_datasets.split(","):
             run["sweep"] = sweep(base / "hidiff", data, dataset, args.sweep, seed=seed,
-                                 limit=limit)
+                                 limit=limit, reuse=args.reuse, reused=reused)
         runs.append(run)
         print(json.dumps({dataset: run}), flush=True)
-    return {"dataset": dataset, "minutes": minutes, "runs": runs}
+    return {"dataset": dataset, "minutes": minutes, "runs": runs, "reused": reused}
 
 
 def _fmt(v) -> str:
@@ -183,6 +210,10 @@ def report(results: list[dict], args, wall: float) -> str:
                                  else "")
                 lines.append(f"| {steps} | " + " | ".join(cells) + " |")
             lines.append("")
+        if res.get("reused"):
+            lines += ["Reused from the run folders (`--reuse`; evaluated by this script in an "
+                      "earlier invocation, same code path): " + ", ".join(
+                          f"`{r}`" for r in res["reused"]) + ".", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-align", type=float, default=0.5)
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),
                    help="STEPSxS,... for the first seed (empty: none)")
-    p.add_argument("--reuse", action="store_true", help="re-evaluate finished model folders")
+    p.add_argument("--sweep-datasets", default="kvasir-seg",
+                   help="datasets that get the sweep (default kvasir-seg)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished model folders and the evaluations written in them")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny preset, 8 cases, a few iterations, 4 test cases")
@@ -219,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset = "tiny"
         args.sweep = [(1, 1), (2, 2)]
+        args.sweep_datasets = "kvasir-seg,chase-db1"
         args.out = str(Path(args.results).parent / "accuracy-quick-runs")
     start = time.time()
     results = []
