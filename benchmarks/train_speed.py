@@ -55,9 +55,12 @@ def _batches(state, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def run_variant(name: str, state, batches, iters: int, warmup: int) -> dict:
     nets = copy.deepcopy(state.nets)
     # fresh optimizers with hidiff train's settings (lr, weight decay) on the copies
-    opts = type(state.opts)(
-        type(state.opts.segmentor)(nets.segmentor.parameters(), **state.opts.segmentor.defaults),
-        type(state.opts.refiner)(nets.refiner.parameters(), **state.opts.refiner.defaults))
+    def fresh(opt, params):
+        keep = {k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        return torch.optim.AdamW(params, **keep)
+
+    opts = type(state.opts)(fresh(state.opts.segmentor, nets.segmentor.parameters()),
+                            fresh(state.opts.refiner, nets.refiner.parameters()))
     draws = DiffusionDraws(state.diffusion.num_steps, seed=0)
     threads = torch.get_num_threads()
     fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format

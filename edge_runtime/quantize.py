@@ -158,9 +158,10 @@ def quantize_segmentor(
             quantize_static(str(model.files["segmentor"]), str(out), _Reader(),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            # ranges merged every 8 runs, so a big image's tiles are not all kept
-                            extra_options={"CalibMaxIntermediateOutputs": 8})
+                            calibrate_method=CalibrationMethod.MinMax)
+            # (not CalibMaxIntermediateOutputs: onnxruntime 1.32 then fails with "No data is
+            # collected" when the run count is a multiple of it; calibration memory grows with
+            # max_images x tiles per image)
         except (ValueError, FileNotFoundError):
             raise
         except Exception as err:  # noqa: BLE001 - onnxruntime's own errors, named for the user
