@@ -16,7 +16,10 @@ the Dice (mean over val cases) is reported next to the segmentor's. A variant is
 ``lambda_y0`` (weight of a cross-entropy term on y0_hat), ``ema`` (decay of an exponential
 moving average of the refiner's weights, evaluated instead of the last weights) and
 ``prior_noise`` (std of the smooth logit-space perturbation of the training prior,
-``hidiff.training.steps.perturbed_prior``). Results:
+``hidiff.training.steps.perturbed_prior``) and ``train_on`` (``seen``: the refiner trains on the
+segmentor's own training cases, where its priors are nearly right; ``unseen``: on the cases of
+the dataset's committed train split that the segmentor was *not* trained on, e.g. those cut by
+``hidiff train --limit-cases``, where its priors are as wrong as on new images). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
 ``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid, else
 re-evaluates its refiner).
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hidiff.data import get_reader
+from hidiff.data import default_split, get_reader
 from hidiff.data.torch_dataset import SegmentationDataset
 from hidiff.diffusion import BernoulliDiffusion
 from hidiff.model_dir import build_networks, load_model_dir
@@ -50,20 +53,39 @@ from reference.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float,
-        "prior_noise": float}
+        "prior_noise": float, "train_on": str}
+TRAIN_ON = ("seen", "unseen")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0,
-            "prior_noise": 0.0}
+            "prior_noise": 0.0, "train_on": "seen"}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key not in KEYS:
             raise argparse.ArgumentTypeError(f"unknown variant key {key!r}; allowed: "
                                              f"{', '.join(KEYS)}")
         opts[key] = KEYS[key](value)
+    if opts["train_on"] not in TRAIN_ON:
+        raise argparse.ArgumentTypeError(f"train_on must be one of {', '.join(TRAIN_ON)}; "
+                                          f"got {opts['train_on']!r}")
     return name, opts
+
+
+def refiner_cases(model, cases, train_on: str) -> list:
+    """The refiner's training cases: the segmentor's own (``seen``) or the committed train
+    split's cases that the segmentor's folder does not list as trained on (``unseen``)."""
+    seen = model.split.select(cases, "train")
+    if train_on == "seen":
+        return seen
+    ids = {c.case_id for c in seen}
+    unseen = [c for c in default_split(model.dataset_info.name, cases).select(cases, "train")
+              if c.case_id not in ids]
+    if not unseen:
+        raise ValueError("train_on=unseen: the segmentor was trained on every case of the "
+                         "committed train split (train it with --limit-cases to hold some out)")
+    return unseen
 
 
 class EMA:
@@ -92,7 +114,8 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
     build_networks(model.config, fp_twin=model.refiner_fp is not None)
     _, ref, _ = build_networks(cfg, fp_twin=False)
     size = cfg.image_size
-    train_set = SegmentationDataset(model.split.select(cases, "train")[:args.limit_train],
+    train_cases = refiner_cases(model, cases, opts["train_on"])[:args.limit_train]
+    train_set = SegmentationDataset(train_cases,
                                     model.dataset_info, train=True, size=size, crop=size,
                                     seed=args.seed, cache=True)
     nets = Networks(model.segmentor, ref)
@@ -191,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         args.grid = [(1, 1), (2, 2)]
         args.out = str(Path(args.results).parent / "ablation-quick-runs")
     variants = args.variants or [parse_variant("bayes")]
+    if args.quick and not args.variants:  # the quick segmentor sees 8 cases: unseen runs too
+        variants.append(parse_variant("bayes_unseen:train_on=unseen"))
     if args.segmentor is None:
         if not args.quick:
             p.error("--segmentor is required (a model folder trained on L_seg alone)")
