@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import reference
+from reference.files import atomic_write_bytes
 
 from . import images
 from .errors import ModelError
@@ -87,17 +87,6 @@ class _QuietQuantizer(logging.Filter):
         root.removeFilter(self)
         if self._null is not None:
             root.removeHandler(self._null)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def quantize_segmentor(
@@ -188,15 +177,15 @@ def quantize_segmentor(
     manifest["files"] = [e for e in manifest["files"] if e.get("role") != INT8_ROLE] + [entry]
     old = target.read_bytes() if target.is_file() else None
     try:
-        _atomic_bytes(target, data)
-        _atomic_bytes(folder / MANIFEST,
-                      (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(target, data)
+        atomic_write_bytes(folder / MANIFEST,
+                           (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     except BaseException as err:
         # the manifest still lists what it listed: put the graph it lists back
         if old is None:
             target.unlink(missing_ok=True)
         else:
-            _atomic_bytes(target, old)
+            atomic_write_bytes(target, old)
         if isinstance(err, OSError):
             raise ModelError(folder, f"cannot write the int8 segmentor ({err})") from err
         raise

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from hidiff.data.io import load_case
 from hidiff.data.readers import get_reader
 from hidiff.model_dir import load_model_dir
+from hidiff.model_files import atomic_write_text
 from hidiff.overlay import save_overlay
 from hidiff.pipeline import HiDiffPipeline
 from reference import files
@@ -90,12 +90,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int):

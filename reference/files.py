@@ -6,8 +6,12 @@
   no two share a name stem (their outputs ``<stem>.png`` would collide);
 - :func:`mask_pixels`: a label map as PNG pixels (0 / 255 for one foreground class, the labels
   themselves for several);
-- :func:`write_png`: 8-bit grey or RGB PNG, written atomically (a hidden temporary file in the
-  same folder, then renamed over the target), so a reader never sees half a file;
+- :func:`atomic_write`: the one way every part of the project writes a file (a hidden
+  temporary file ``.<name>.*.tmp`` in the same folder, fsynced, then ``os.replace``-d over the
+  target), so a reader sees the old file or the new one, never half of one;
+  :func:`atomic_write_bytes` for data in memory; :func:`remove_stale_temp_files` deletes what a
+  killed writer left;
+- :func:`write_png`: 8-bit grey or RGB PNG, written with :func:`atomic_write`;
 - :func:`make_folder` / :func:`remove_made_folders`: an output folder created with its missing
   parents, and removed again (only those, only while empty) when a run fails, so a failed run
   leaves nothing behind.
@@ -21,14 +25,17 @@ from __future__ import annotations
 import os
 import re
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "collect_images", "encode_png", "image_files", "make_folder",
-           "mask_pixels", "natural_key", "png_bit_depth", "remove_made_folders", "write_png"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_write", "atomic_write_bytes", "collect_images", "encode_png",
+           "image_files", "make_folder", "mask_pixels", "natural_key", "png_bit_depth",
+           "remove_made_folders", "remove_stale_temp_files", "write_png"]
 
 #: image files the runtimes read (lower case; matched case-insensitively)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -126,19 +133,51 @@ def encode_png(pixels: np.ndarray) -> bytes:
             + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then ``os.replace``;
+    on any failure the temporary file is removed and the target left as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder``."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_png(path: str | Path, pixels: np.ndarray) -> Path:
     """Write ``pixels`` (see :func:`encode_png`) to ``path`` atomically; returns ``path``."""
     path = Path(path)
     data = encode_png(pixels)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        return atomic_write_bytes(path, data)
     except OSError as err:  # name the file the user asked for, not the temporary one
         raise OSError(err.errno, f"cannot write it ({err.strerror or err})", str(path)) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def make_folder(folder: str | Path) -> list[Path]:
