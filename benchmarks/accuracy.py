@@ -82,7 +82,7 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
         kw.update(pretrain_minutes=minutes, pretrain_steps=10**9, train_fp_twin=False)
     else:
         kw.update(pretrain_minutes=args.pretrain_fraction * minutes, train_fp_twin=True,
-                  self_align=args.self_align,
+                  self_align=args.self_align, refiner_holdout=args.refiner_holdout,
                   pretrain_steps=args.quick_steps // 2 if args.quick else 0)
     result = train(**kw)
     run = {"iterations": result.step, "minutes": round(result.elapsed_s / 60, 2)}
@@ -171,8 +171,9 @@ def report(results: list[dict], args, wall: float) -> str:
              "```", "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "```", "",
              f"Preset `{args.preset}`, AdamW lr {args.lr}; HiDiff: segmentor alone for "
              f"{args.pretrain_fraction:.0%} of the budget, then alternating training, binary "
-             f"refiner with the `bayes` offset, self-align {args.self_align}, full-precision twin "
-             "trained beside it for its column. *Segmentor trained alone*: the same segmentor "
+             f"refiner with the `bayes` offset, self-align {args.self_align}, refiner holdout "
+             f"{args.refiner_holdout:g}, full-precision twin trained beside it for its column. "
+             "*Segmentor trained alone*: the same segmentor "
              "trained on L_seg only for the same wall clock. Test splits are the committed "
              "ones; Dice means over the test cases at the original mask resolution.", ""]
     for res in results:
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-fraction", type=float, default=0.6)
     p.add_argument("--self-align", type=float, default=0.5)
+    p.add_argument("--refiner-holdout", type=float, default=0.0,
+                   help="fraction of the train cases kept from HiDiff's segmentor for its "
+                        "refiner (hidiff train --refiner-holdout)")
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),
                    help="STEPSxS,... for the first seed (empty: none)")
     p.add_argument("--sweep-datasets", default="kvasir-seg",

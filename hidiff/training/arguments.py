@@ -59,6 +59,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-align", type=float, metavar="R",
                    help="fraction of refiner samples trained on y_t built from the refiner's own "
                         "estimate (default 0.5)")
+    p.add_argument("--refiner-holdout", type=float, metavar="F",
+                   help="fraction of the train cases kept from the segmentor for the refiner "
+                        "phase (default 0)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,
@@ -75,7 +78,7 @@ def train_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`hidiff.training.train` from parsed options."""
     names = ("dataset", "data", "preset", "out", "max_steps", "max_minutes", "batch_size", "lr",
              "weight_decay", "grad_clip", "seed", "pretrain_steps", "pretrain_minutes",
-             "train_fp_twin", "lambda_diff", "offset", "self_align", "log_every",
+             "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "log_every",
              "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
     kwargs = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     if kwargs.get("grad_clip") == 0:

@@ -84,7 +84,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           val_every: int | None = None, num_workers: int = 0, progress: bool = True,
           limit_cases: int | None = None, weight_decay: float = 0.01,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
-          self_align: float = 0.5) -> TrainResult:
+          self_align: float = 0.5, refiner_holdout: float = 0.0) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -125,6 +125,10 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
         self_align: fraction of each refiner batch whose y_t is built from the refiner's own
             estimate (:func:`hidiff.training.steps.self_aligned_sample`); 0 = off. Default 0.5
             (chosen on the val split: without it more sampling steps destroy the mask).
+        refiner_holdout: fraction of the train cases the segmentor never trains on; the
+            refiner phase trains on them alone (their priors are as wrong as the segmentor's on
+            new images, where on its own training cases they are nearly right). Recorded as the
+            ``train_refiner`` subset of the folder's ``split.json``. 0 (default): one set.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -139,7 +143,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
                      log_every=log_every, checkpoint_every=checkpoint_every,
                      val_every=val_every, num_workers=num_workers, progress=progress,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
-                     device=device, offset=offset, self_align=self_align)
+                     device=device, offset=offset, self_align=self_align,
+                     refiner_holdout=refiner_holdout)
     args.check()
     ctx = setup_distributed(device)
     try:
@@ -213,6 +218,7 @@ class _Session:
         nets, opts = st.nets, st.opts
         save_checkpoint(self.out / CHECKPOINT, {
             "step": st.step,
+            "refiner_steps": st.refiner_steps,
             "segmentor": unwrap(nets.segmentor).state_dict(),
             "refiner": unwrap(nets.refiner).state_dict(),
             "refiner_fp": None if nets.refiner_fp is None
@@ -330,8 +336,15 @@ class _Session:
             x = batch["image"].to(ctx.device, non_blocking=True)
             y0 = batch["mask"].to(ctx.device, non_blocking=True)
             pretrain = self._pretraining()
+            refiner_batch = None
+            if not pretrain and st.refiner_batches is not None:
+                _, rb = next(st.refiner_batches)
+                refiner_batch = (rb["image"].to(ctx.device, non_blocking=True),
+                                 rb["mask"].to(ctx.device, non_blocking=True))
             logs = train_step(st.nets, st.opts, st.diffusion, st.draws, x, y0, st.settings,
-                              pretrain=pretrain)
+                              pretrain=pretrain, refiner_batch=refiner_batch)
+            if not pretrain:
+                st.refiner_steps += 1
             self.last_phase = "pretrain" if pretrain else "alternate"
             st.step += 1
             if not all(math.isfinite(v) for v in logs.values()):

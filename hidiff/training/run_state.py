@@ -40,6 +40,9 @@ class RunState:
     batches: Iterator[tuple[int, dict[str, Any]]]
     step: int = 0
     elapsed_before: float = 0.0
+    #: the refiner phase's own batches (``refiner_holdout``) and how many it has taken
+    refiner_batches: Iterator[tuple[int, dict[str, Any]]] | None = None
+    refiner_steps: int = 0
 
 
 def run_synchronised(fn: Callable[[], T], ctx: DistContext) -> T:
@@ -93,7 +96,7 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
     torch.manual_seed(rank_seed)
     np.random.seed(rank_seed % 2**32)
     random.seed(rank_seed)
-    step, elapsed = 0, 0.0
+    step, elapsed, refiner_steps = 0, 0.0, 0
     if ckpt is not None:
         states = ckpt["optimizers"]
         opts.segmentor.load_state_dict(states["segmentor"])
@@ -104,6 +107,7 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
         restore_global_rng(rng)
         draws.set_state(rng["diffusion"])
         step, elapsed = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
+        refiner_steps = int(ckpt.get("refiner_steps", 0))
     plan = BatchPlan(len(spec.train_set), args.batch_size, args.seed, ctx.rank, ctx.world_size)
     settings = StepSettings(lambda_diff=float(args.lambda_diff),
                             lambda_focal=cfg.diffusion.lambda_focal,
@@ -113,4 +117,11 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
                             grad_clip=args.grad_clip)
     diffusion = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     batches = iterate_batches(spec.train_set, plan, step, num_workers=args.num_workers)
-    return RunState(nets, opts, diffusion, draws, settings, batches, step, elapsed)
+    refiner_batches = None
+    if spec.refiner_set is not None:
+        ref_plan = BatchPlan(len(spec.refiner_set), args.batch_size, args.seed, ctx.rank,
+                             ctx.world_size)
+        refiner_batches = iterate_batches(spec.refiner_set, ref_plan, refiner_steps,
+                                          num_workers=args.num_workers)
+    return RunState(nets, opts, diffusion, draws, settings, batches, step, elapsed,
+                    refiner_batches, refiner_steps)

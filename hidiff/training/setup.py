@@ -22,6 +22,7 @@ from hidiff.model_dir import (
     CHECKPOINT,
     CURVE_PNG,
     HEADER_FILES,
+    SPLIT_JSON,
     TRAIN_LOG,
     ModelDirError,
     read_config,
@@ -36,7 +37,8 @@ DEFAULT_BATCH_SIZE = {"paper": 32, "cpu-base": 8, "cpu-small": 8, "tiny": 8}
 FALLBACK_BATCH_SIZE = 8
 # Arguments that define the trajectory: on resume the stored values are used.
 TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
-              "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes")
+              "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes",
+              "refiner_holdout")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class TrainArgs:
     device: str | None = None
     offset: str = "bayes"
     self_align: float = 0.5
+    refiner_holdout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +108,9 @@ class TrainArgs:
             raise ValueError(f"pretrain_minutes must be >= 0; got {pm!r}")
         if isinstance(self.self_align, bool) or not 0.0 <= self.self_align <= 1.0:
             raise ValueError(f"self_align must be in [0, 1]; got {self.self_align!r}")
+        rh = self.refiner_holdout
+        if isinstance(rh, bool) or not isinstance(rh, int | float) or not 0.0 <= rh < 1.0:
+            raise ValueError(f"refiner_holdout must be in [0, 1); got {rh!r}")
 
 
 @dataclass
@@ -119,6 +125,8 @@ class RunSpec:
     train_set: SegmentationDataset
     val_set: SegmentationDataset | None
     checkpoint: dict[str, Any] | None  # the checkpoint to resume from
+    #: the refiner phase's cases when ``refiner_holdout`` > 0 (never seen by the segmentor)
+    refiner_set: SegmentationDataset | None = None
 
 
 def model_dataset_info(info: DatasetInfo, image_size: int) -> DatasetInfo:
@@ -176,6 +184,29 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
     return dataclasses.replace(args, **changes)
 
 
+#: the subset of a model folder's split.json that holds the refiner-only cases (refiner_holdout)
+REFINER_SUBSET = "train_refiner"
+
+
+def _hold_out(split: Split, train_cases: list, fraction: float) -> tuple[Split, list, list]:
+    """``(split, segmentor cases, refiner cases)``: the last ``round(fraction * n)`` of the n
+    train cases (the committed split's order, itself a seeded permutation) go to the refiner
+    alone, listed as the split's ``train_refiner`` subset; ``train`` keeps the segmentor's."""
+    if not fraction:
+        return split, train_cases, []
+    n_ref = round(fraction * len(train_cases))
+    if not 1 <= n_ref < len(train_cases):
+        raise ValueError(f"refiner_holdout={fraction} of {len(train_cases)} training case(s) "
+                         f"leaves {n_ref} for the refiner and {len(train_cases) - n_ref} for the "
+                         "segmentor; both need at least one")
+    seg, ref = train_cases[:-n_ref], train_cases[-n_ref:]
+    subsets = {**split.subsets, "train": [c.case_id for c in seg],
+               REFINER_SUBSET: [c.case_id for c in ref]}
+    rule = (f"{split.rule}; its last {n_ref} train ids held out from the segmentor for the "
+            f"refiner ({REFINER_SUBSET})")
+    return dataclasses.replace(split, rule=rule, subsets=subsets), seg, ref
+
+
 def _limit_split(split: Split, train_ids: list[str], limit: int | None) -> Split:
     if limit is None:
         return split
@@ -203,6 +234,12 @@ def prepare_run(args: TrainArgs) -> RunSpec:
         config, info, split = read_config(out), read_dataset_info(out), read_split(out)
         _, cases = reader.open(args.data)
         train_cases = split.select(cases, "train")
+        refiner_cases = []
+        if args.refiner_holdout:
+            if REFINER_SUBSET not in split.names:
+                raise ModelDirError(out / SPLIT_JSON, f"has no {REFINER_SUBSET!r} subset, which "
+                                                      "refiner_holdout needs")
+            refiner_cases = split.select(cases, REFINER_SUBSET)
     else:
         raw_info, cases = reader.open(args.data)  # DataError naming the folder
         config = preset(args.preset, num_classes=raw_info.num_classes,
@@ -212,6 +249,7 @@ def prepare_run(args: TrainArgs) -> RunSpec:
         split = default_split(reader.name, cases)
         train_cases = split.select(cases, "train")[: args.limit_cases]
         split = _limit_split(split, [c.case_id for c in train_cases], args.limit_cases)
+        split, train_cases, refiner_cases = _hold_out(split, train_cases, args.refiner_holdout)
         if args.batch_size is None:
             size = DEFAULT_BATCH_SIZE.get(args.preset, FALLBACK_BATCH_SIZE)
             args = dataclasses.replace(args, batch_size=size)
@@ -229,4 +267,8 @@ def prepare_run(args: TrainArgs) -> RunSpec:
             raise ValueError(f"val_every is set but the {reader.name} split has no val cases")
         val_set = SegmentationDataset(val_cases, info, train=False, size=size, crop=size,
                                       seed=args.seed, cache=True)
-    return RunSpec(args, out, config, info, split, train_set, val_set, checkpoint)
+    refiner_set = None
+    if refiner_cases:
+        refiner_set = SegmentationDataset(refiner_cases, info, train=True, size=size, crop=size,
+                                          seed=args.seed, cache=True)
+    return RunSpec(args, out, config, info, split, train_set, val_set, checkpoint, refiner_set)

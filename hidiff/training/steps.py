@@ -293,10 +293,15 @@ def pretrain_step(nets: Networks, opts: Optimizers, x: Tensor, y0: Tensor,
 
 def train_step(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
                draws: DiffusionDraws, x: Tensor, y0: Tensor, settings: StepSettings,
-               *, pretrain: bool = False) -> dict[str, float]:
-    """One iteration: a pre-training step, or the refiner phase then the segmentor phase."""
+               *, pretrain: bool = False,
+               refiner_batch: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """One iteration: a pre-training step, or the refiner phase then the segmentor phase.
+
+    ``refiner_batch``: ``(x, y0)`` of the refiner phase when it has its own cases (held out
+    from the segmentor, so its priors are as wrong as on new images); default: ``x, y0``."""
     if pretrain:
         return pretrain_step(nets, opts, x, y0, settings)
-    logs = refiner_phase(nets, opts, diffusion, draws, x, y0, settings)
+    xr, yr = (x, y0) if refiner_batch is None else refiner_batch
+    logs = refiner_phase(nets, opts, diffusion, draws, xr, yr, settings)
     logs.update(segmentor_phase(nets, opts, diffusion, draws, x, y0, settings))
     return logs

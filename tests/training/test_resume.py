@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hidiff.checkpoint import load_checkpoint
+from hidiff.data import load_split
 from hidiff.training import load_model_dir, train
 from hidiff.training.train_log import read_log
 
@@ -165,3 +166,30 @@ def test_killed_before_the_first_checkpoint_resume_starts_again(kvasir_root, tmp
         result = train(data=kvasir_root, out=out, max_steps=2, resume=True, **RUN)
     assert (result.start_step, result.step) == (0, 2)
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
+
+
+def test_refiner_holdout_resumes_exactly_and_keeps_its_cases_from_the_segmentor(
+        kvasir_root, tmp_path, one_thread):
+    run = {**RUN, "refiner_holdout": 0.25}
+    full = train(data=kvasir_root, out=tmp_path / "a", max_steps=2 * N, checkpoint_every=100,
+                 **run)
+    split = json.loads((tmp_path / "a" / "split.json").read_text())["subsets"]
+    first8 = load_split("kvasir-seg")["train"][:8]
+    # the last quarter of the 8 cases is the refiner's alone; the segmentor keeps the rest
+    assert split["train"] == first8[:6] and split["train_refiner"] == first8[6:]
+    assert full.step == 2 * N
+
+    cut = tmp_path / "b"
+    train(data=kvasir_root, out=cut, max_steps=N, checkpoint_every=N, **run)
+    assert load_checkpoint(cut / "checkpoint.pt")["refiner_steps"] == N - 1  # 1 pretrain step
+    resumed = train(data=kvasir_root, out=cut, max_steps=2 * N, checkpoint_every=100,
+                    resume=True, **run)
+    assert (resumed.start_step, resumed.step) == (N, 2 * N)
+    log_a, log_b = read_log(tmp_path / "a" / "train_log.jsonl"), read_log(cut / "train_log.jsonl")
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert _losses(ra) == _losses(rb), ra["step"]
+    ckpt_a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    ckpt_b = load_checkpoint(cut / "checkpoint.pt")
+    for key in ("step", "refiner_steps", "segmentor", "refiner", "optimizers"):
+        _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
+
