@@ -83,6 +83,7 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
     else:
         kw.update(pretrain_minutes=args.pretrain_fraction * minutes, train_fp_twin=True,
                   self_align=args.self_align, refiner_holdout=args.refiner_holdout,
+                  lambda_y0=args.lambda_y0,
                   pretrain_steps=args.quick_steps // 2 if args.quick else 0)
     result = train(**kw)
     run = {"iterations": result.step, "minutes": round(result.elapsed_s / 60, 2)}
@@ -172,7 +173,8 @@ def report(results: list[dict], args, wall: float) -> str:
              f"Preset `{args.preset}`, AdamW lr {args.lr}; HiDiff: segmentor alone for "
              f"{args.pretrain_fraction:.0%} of the budget, then alternating training, binary "
              f"refiner with the `bayes` offset, self-align {args.self_align}, refiner holdout "
-             f"{args.refiner_holdout:g}, full-precision twin trained beside it for its column. "
+             f"{args.refiner_holdout:g}, y0 cross-entropy weight {args.lambda_y0:g}, "
+             "full-precision twin trained beside it for its column. "
              "*Segmentor trained alone*: the same segmentor "
              "trained on L_seg only for the same wall clock. Test splits are the committed "
              "ones; Dice means over the test cases at the original mask resolution.", ""]
@@ -242,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refiner-holdout", type=float, default=0.0,
                    help="fraction of the train cases kept from HiDiff's segmentor for its "
                         "refiner (hidiff train --refiner-holdout)")
+    p.add_argument("--lambda-y0", type=float, default=0.0,
+                   help="weight of the y0 cross-entropy in the refiner loss (hidiff train "
+                        "--lambda-y0)")
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),
                    help="STEPSxS,... for the first seed (empty: none)")
     p.add_argument("--sweep-datasets", default="kvasir-seg",

@@ -62,6 +62,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-holdout", type=float, metavar="F",
                    help="fraction of the train cases kept from the segmentor for the refiner "
                         "phase (default 0)")
+    p.add_argument("--lambda-y0", type=float, metavar="W",
+                   help="weight of the cross-entropy of the refiner's y0 estimate in its loss "
+                        "(default 0)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,
@@ -78,8 +81,8 @@ def train_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`hidiff.training.train` from parsed options."""
     names = ("dataset", "data", "preset", "out", "max_steps", "max_minutes", "batch_size", "lr",
              "weight_decay", "grad_clip", "seed", "pretrain_steps", "pretrain_minutes",
-             "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "log_every",
-             "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
+             "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "lambda_y0",
+             "log_every", "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
     kwargs = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     if kwargs.get("grad_clip") == 0:
         kwargs["grad_clip"] = None

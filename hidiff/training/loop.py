@@ -84,7 +84,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           val_every: int | None = None, num_workers: int = 0, progress: bool = True,
           limit_cases: int | None = None, weight_decay: float = 0.01,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
-          self_align: float = 0.5, refiner_holdout: float = 0.0) -> TrainResult:
+          self_align: float = 0.5, refiner_holdout: float = 0.0,
+          lambda_y0: float = 0.0) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -129,6 +130,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             refiner phase trains on them alone (their priors are as wrong as the segmentor's on
             new images, where on its own training cases they are nearly right). Recorded as the
             ``train_refiner`` subset of the folder's ``split.json``. 0 (default): one set.
+        lambda_y0: weight of the cross-entropy of the refiner's y0 estimate (what sampling
+            averages and thresholds) added to its diffusion loss at every t; 0 (default): off.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -144,7 +147,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
                      val_every=val_every, num_workers=num_workers, progress=progress,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
                      device=device, offset=offset, self_align=self_align,
-                     refiner_holdout=refiner_holdout)
+                     refiner_holdout=refiner_holdout, lambda_y0=lambda_y0)
     args.check()
     ctx = setup_distributed(device)
     try:

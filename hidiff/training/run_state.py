@@ -114,6 +114,7 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
                             parameterization=cfg.refiner.parameterization,
                             offset=cfg.refiner.offset,
                             self_align=float(args.self_align),
+                            lambda_y0=float(args.lambda_y0),
                             grad_clip=args.grad_clip)
     diffusion = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     batches = iterate_batches(spec.train_set, plan, step, num_workers=args.num_workers)

@@ -38,7 +38,7 @@ FALLBACK_BATCH_SIZE = 8
 # Arguments that define the trajectory: on resume the stored values are used.
 TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
               "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes",
-              "refiner_holdout")
+              "refiner_holdout", "lambda_y0")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class TrainArgs:
     offset: str = "bayes"
     self_align: float = 0.5
     refiner_holdout: float = 0.0
+    lambda_y0: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +95,7 @@ class TrainArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
-        for name in ("lambda_diff", "weight_decay"):
+        for name in ("lambda_diff", "weight_decay", "lambda_y0"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         if not self.lr > 0:

@@ -221,3 +221,23 @@ def test_refiner_phase_with_prior_noise_is_deterministic_and_differs(run):
         results.append(logs["loss_refiner"])
     assert results[1] == results[2]
     assert results[0] != results[1]
+
+
+def test_lambda_y0_adds_the_y0_cross_entropy_to_the_refiner_loss_only(run):
+    """Same networks and draws at weights 0, 1, 2: the KL and focal terms do not move, and the
+    total grows linearly by the (positive) cross-entropy of the y0 estimate."""
+    state, x, y0 = run
+    start = state.draws.get_state()
+    logs = {}
+    for weight in (0.0, 1.0, 2.0):
+        nets, opts = copy.deepcopy((state.nets, state.opts))  # optimizers keep their networks
+        state.draws.set_state(start)
+        settings = dataclasses.replace(state.settings, lambda_y0=weight, self_align=0.0)
+        logs[weight] = refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
+    for key in ("loss_refiner_kl", "loss_refiner_focal"):
+        assert logs[0.0][key] == logs[1.0][key] == logs[2.0][key], key
+    extra = logs[1.0]["loss_refiner"] - logs[0.0]["loss_refiner"]
+    assert extra > 0
+    # float32 sums of the same terms in a different order: relative 1e-5
+    assert logs[2.0]["loss_refiner"] - logs[0.0]["loss_refiner"] == pytest.approx(2 * extra,
+                                                                                  rel=1e-5)
