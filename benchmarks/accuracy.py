@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refiner-holdout", type=float, default=0.0,
                    help="fraction of the train cases kept from HiDiff's segmentor for its "
                         "refiner (hidiff train --refiner-holdout)")
-    p.add_argument("--lambda-y0", type=float, default=0.0,
+    p.add_argument("--lambda-y0", type=float, default=1.0,
                    help="weight of the y0 cross-entropy in the refiner loss (hidiff train "
                         "--lambda-y0)")
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),

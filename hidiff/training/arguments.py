@@ -64,7 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "phase (default 0)")
     p.add_argument("--lambda-y0", type=float, metavar="W",
                    help="weight of the cross-entropy of the refiner's y0 estimate in its loss "
-                        "(default 0)")
+                        "(default 1; 0 = off)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,

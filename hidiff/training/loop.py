@@ -85,7 +85,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           limit_cases: int | None = None, weight_decay: float = 0.01,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
           self_align: float = 0.5, refiner_holdout: float = 0.0,
-          lambda_y0: float = 0.0) -> TrainResult:
+          lambda_y0: float = 1.0) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -131,7 +131,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             new images, where on its own training cases they are nearly right). Recorded as the
             ``train_refiner`` subset of the folder's ``split.json``. 0 (default): one set.
         lambda_y0: weight of the cross-entropy of the refiner's y0 estimate (what sampling
-            averages and thresholds) added to its diffusion loss at every t; 0 (default): off.
+            averages and thresholds) added to its diffusion loss at every t; 0 = off. Default 1
+            (chosen on the val split, ``benchmarks/results/ablation_levers.md``).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data

@@ -40,6 +40,9 @@ TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain
               "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes",
               "refiner_holdout", "lambda_y0")
 
+#: what folders written before an argument was recorded trained with (their resume keeps it)
+UNRECORDED = {"lambda_y0": 0.0, "refiner_holdout": 0.0}
+
 
 @dataclass(frozen=True)
 class TrainArgs:
@@ -71,7 +74,7 @@ class TrainArgs:
     offset: str = "bayes"
     self_align: float = 0.5
     refiner_holdout: float = 0.0
-    lambda_y0: float = 0.0
+    lambda_y0: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,6 +178,8 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
                              f"{getattr(args, name)!r}; pass the same {name} to resume")
     changes = {}
     for name in TRAJECTORY:
+        if name not in stored and name in UNRECORDED:
+            stored = {**stored, name: UNRECORDED[name]}
         if name not in stored:
             continue
         given = getattr(args, name)

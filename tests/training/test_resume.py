@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from hidiff.checkpoint import load_checkpoint
+from hidiff.checkpoint import load_checkpoint, save_checkpoint
 from hidiff.data import load_split
 from hidiff.training import load_model_dir, train
 from hidiff.training.train_log import read_log
@@ -193,3 +193,17 @@ def test_refiner_holdout_resumes_exactly_and_keeps_its_cases_from_the_segmentor(
     for key in ("step", "refiner_steps", "segmentor", "refiner", "optimizers"):
         _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
 
+
+
+def test_folder_from_before_lambda_y0_was_recorded_resumes_without_it(kvasir_root, tmp_path,
+                                                                      one_thread):
+    """A checkpoint whose train_args predate ``lambda_y0`` trained without the y0 term: resuming
+    it with today's default keeps it off (with a warning) instead of changing the trajectory."""
+    out = tmp_path / "old"
+    train(data=kvasir_root, out=out, max_steps=N, checkpoint_every=N, lambda_y0=0.0, **RUN)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    del ckpt["train_args"]["lambda_y0"]
+    save_checkpoint(out / "checkpoint.pt", ckpt)
+    with pytest.warns(UserWarning, match=r"lambda_y0=1\.0 ignored.*stored lambda_y0=0\.0"):
+        train(data=kvasir_root, out=out, max_steps=N + 1, resume=True, **RUN)
+    assert load_checkpoint(out / "checkpoint.pt")["train_args"]["lambda_y0"] == 0.0
