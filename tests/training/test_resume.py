@@ -194,7 +194,6 @@ def test_refiner_holdout_resumes_exactly_and_keeps_its_cases_from_the_segmentor(
         _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
 
 
-
 def test_folder_from_before_lambda_y0_was_recorded_resumes_without_it(kvasir_root, tmp_path,
                                                                       one_thread):
     """A checkpoint whose train_args predate ``lambda_y0`` trained without the y0 term: resuming
