@@ -63,7 +63,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the train cases kept from the segmentor for the refiner "
                         "phase (default 0)")
     p.add_argument("--lambda-y0", type=float, metavar="W",
-                   help="weight of the cross-entropy of the refiner's y0 estimate in its loss "
+                   help="weight of the cross-entropy of the refiner's y0 estimate in the diffusion "
+                        "loss (refiner's, and the segmentor's through --lambda-diff) "
                         "(default 1; 0 = off)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")

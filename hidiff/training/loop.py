@@ -131,7 +131,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             new images, where on its own training cases they are nearly right). Recorded as the
             ``train_refiner`` subset of the folder's ``split.json``. 0 (default): one set.
         lambda_y0: weight of the cross-entropy of the refiner's y0 estimate (what sampling
-            averages and thresholds) added to its diffusion loss at every t; 0 = off. Default 1
+            averages and thresholds) added to the diffusion loss L_diff at every t (the
+            refiner's loss and, through ``lambda_diff``, the segmentor's); 0 = off. Default 1
             (chosen on the val split, ``benchmarks/results/ablation_levers.md``).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded

@@ -223,7 +223,7 @@ def test_refiner_phase_with_prior_noise_is_deterministic_and_differs(run):
     assert results[0] != results[1]
 
 
-def test_lambda_y0_adds_the_y0_cross_entropy_to_the_refiner_loss_only(run):
+def test_lambda_y0_adds_the_y0_cross_entropy_to_the_refiner_phase_loss(run):
     """Same networks and draws at weights 0, 1, 2: the KL and focal terms do not move, and the
     total grows linearly by the (positive) cross-entropy of the y0 estimate."""
     state, x, y0 = run

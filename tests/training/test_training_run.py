@@ -36,8 +36,8 @@ def test_short_run_learns_and_writes_a_complete_model_folder(kvasir_root, tmp_pa
     # self_align 0: with it the refiner's inputs move as the refiner learns (its own estimates),
     # so its loss is not a fixed target to fall; self-alignment is checked on its own in
     # tests/training/test_steps.py. lambda_y0 0 for the same reason: its cross-entropy on y0_hat
-    # starts high and moves the refiner (hence loss_seg_diff) in its own direction over 24
-    # iterations; it is checked in test_steps.py
+    # starts high, is part of loss_seg_diff itself and moves the refiner in its own direction over
+    # 24 iterations; it is checked in test_steps.py
     result = train(dataset="kvasir-seg", data=kvasir_root, preset="tiny", out=out, offset="none",
                    self_align=0.0, lambda_y0=0.0,
                    max_steps=184, pretrain_steps=160, lr=1e-2, batch_size=4, limit_cases=8,
