@@ -21,8 +21,15 @@ segmentor's own training cases, where its priors are nearly right; ``unseen``: o
 the dataset's committed train split that the segmentor was *not* trained on, e.g. those cut by
 ``hidiff train --limit-cases``, where its priors are as wrong as on new images). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
-``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid, else
-re-evaluates its refiner).
+``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid and
+the estimate, else re-evaluates its refiner). ``refiner=own`` trains nothing: the refiner of the
+``--segmentor`` folder itself (a HiDiff model trained by alternating) is evaluated, with its own
+offset; the other keys must then keep their defaults. ``--estimate`` picks how each chain's
+estimate is formed (``last`` y0_hat, or the ``trajectory`` mean over its steps;
+:func:`reference.reverse_process`) for every variant of the run:
+
+    python benchmarks/ablation.py --segmentor runs/acc_y0/kvasir-seg/seed0/hidiff \
+        --variant own:refiner=own --estimate trajectory --out runs/est_s0 --results runs/est_s0_t
 """
 
 from __future__ import annotations
@@ -50,17 +57,20 @@ from hidiff.training.steps import (
     refiner_phase,
 )
 from reference.metrics import dice
+from reference.sampling import ESTIMATES
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float,
-        "prior_noise": float, "train_on": str}
+        "prior_noise": float, "train_on": str, "refiner": str}
 TRAIN_ON = ("seen", "unseen")
+REFINERS = ("new", "own")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0,
-            "prior_noise": 0.0, "train_on": "seen"}
+            "prior_noise": 0.0, "train_on": "seen", "refiner": "new"}
+    defaults = dict(opts)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key not in KEYS:
@@ -70,6 +80,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if opts["train_on"] not in TRAIN_ON:
         raise argparse.ArgumentTypeError(f"train_on must be one of {', '.join(TRAIN_ON)}; "
                                           f"got {opts['train_on']!r}")
+    if opts["refiner"] not in REFINERS:
+        raise argparse.ArgumentTypeError(f"refiner must be one of {', '.join(REFINERS)}; "
+                                          f"got {opts['refiner']!r}")
+    changed = [k for k in opts if k != "refiner" and opts[k] != defaults[k]]
+    if opts["refiner"] == "own" and changed:
+        raise argparse.ArgumentTypeError(f"refiner=own trains nothing; {', '.join(changed)} "
+                                          "would be ignored")
     return name, opts
 
 
@@ -146,7 +163,7 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
     return {"iters": args.iters, "seconds": round(time.time() - start, 1)}
 
 
-def evaluate_val(model, ref, cfg, cases, grid, *, limit: int | None) -> dict:
+def evaluate_val(model, ref, cfg, cases, grid, *, limit: int | None, estimate: str) -> dict:
     size = cfg.image_size
     val = SegmentationDataset(model.split.select(cases, "val")[:limit], model.dataset_info,
                               train=False, size=size, crop=size, cache=True)
@@ -161,7 +178,8 @@ def evaluate_val(model, ref, cfg, cases, grid, *, limit: int | None) -> dict:
     res = {"segmentor": score(pipe.predict(x, refiner=None).mask.numpy()), "cases": len(gt)}
     for steps, samples in grid:
         start = time.time()
-        mask = pipe.predict(x, steps=steps, samples=samples, seed=0, batch_size=25).mask
+        mask = pipe.predict(x, steps=steps, samples=samples, seed=0, batch_size=25,
+                            estimate=estimate).mask
         res[f"{steps}x{samples}"] = {"dice": score(mask.numpy()),
                                      "s_per_case": (time.time() - start) / len(gt)}
     return res
@@ -173,8 +191,10 @@ def report(rows: list[dict], args) -> str:
              f"Written by `benchmarks/ablation.py` on {time.strftime('%Y-%m-%d')}. Command:", "",
              "```", "python benchmarks/ablation.py " + " ".join(sys.argv[1:]), "```", "",
              f"Frozen segmentor `{args.segmentor}`; each refiner trained {args.iters} "
-             f"iterations (batch {args.batch_size}, lr {args.lr}, seed {args.seed}); val Dice "
-             "at the model resolution, sampling seed 0; columns are sampling steps x chains S.",
+             f"iterations (batch {args.batch_size}, lr {args.lr}, seed {args.seed}; "
+             "`refiner=own`: the folder's own refiner, not retrained); val Dice at the model "
+             f"resolution, sampling seed 0, `{args.estimate}` estimate of each chain; columns "
+             "are sampling steps x chains S.",
              "", "| variant | options | segmentor | " + " | ".join(grid) + " |",
              "|---|---|---|" + "---|" * len(grid)]
     for r in rows:
@@ -205,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "ablation"))
     p.add_argument("--reuse", action="store_true", help="evaluate refiners already trained")
+    p.add_argument("--estimate", choices=ESTIMATES, default="last",
+                   help="each chain's estimate: its last y0_hat or the mean over its steps "
+                        "(default last, what the earlier reports used)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 iterations, 8 cases")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -215,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = str(Path(args.results).parent / "ablation-quick-runs")
     variants = args.variants or [parse_variant("bayes")]
     if args.quick and not args.variants:  # the quick segmentor sees 8 cases: unseen runs too
-        variants.append(parse_variant("bayes_unseen:train_on=unseen"))
+        variants += [parse_variant("bayes_unseen:train_on=unseen"),
+                     parse_variant("own:refiner=own")]
     if args.segmentor is None:
         if not args.quick:
             p.error("--segmentor is required (a model folder trained on L_seg alone)")
@@ -234,20 +258,26 @@ def main(argv: list[str] | None = None) -> int:
         grid = [f"{s}x{k}" for s, k in args.grid]
         if args.reuse and (out / "result.json").is_file():
             row = json.loads((out / "result.json").read_text())
-            if all(g in row["val"] for g in grid):
+            if (all(g in row["val"] for g in grid)
+                    and row.get("estimate", "last") == args.estimate):
                 rows.append(row)
                 continue
-        run = (json.loads((out / "train.json").read_text())
-               if args.reuse and (out / "refiner.pt").is_file()
-               else train_refiner(model, cases, opts, args, out))
+        if opts["refiner"] == "own":
+            run, cfg, ref = {"iters": model.step, "own": True}, model.config, model.refiner
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            run = (json.loads((out / "train.json").read_text())
+                   if args.reuse and (out / "refiner.pt").is_file()
+                   else train_refiner(model, cases, opts, args, out))
+            cfg = model.config.replace(refiner=dataclasses.replace(model.config.refiner,
+                                                                   offset=opts["offset"]))
+            _, ref, _ = build_networks(cfg, fp_twin=False)
+            ref.load_state_dict(torch.load(out / "refiner.pt", weights_only=True))
         (out / "train.json").write_text(json.dumps(run))
-        cfg = model.config.replace(refiner=dataclasses.replace(model.config.refiner,
-                                                               offset=opts["offset"]))
-        _, ref, _ = build_networks(cfg, fp_twin=False)
-        ref.load_state_dict(torch.load(out / "refiner.pt", weights_only=True))
-        val = evaluate_val(model, ref, cfg, cases, args.grid, limit=args.limit_val)
+        val = evaluate_val(model, ref, cfg, cases, args.grid, limit=args.limit_val,
+                           estimate=args.estimate)
         rows.append({"name": name, "options": ", ".join(f"{k}={v}" for k, v in opts.items()),
-                     "train": run, "val": val})
+                     "estimate": args.estimate, "train": run, "val": val})
         (out / "result.json").write_text(json.dumps(rows[-1], indent=1))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ Per dataset and seed, with the same wall-clock budget for both runs:
 Both are evaluated on the committed test split with ``hidiff.evaluation.evaluate`` at the
 model's default sampling (steps x S): predictors *segmentor inside HiDiff*, *HiDiff binary*,
 *HiDiff fp twin*, *segmentor trained alone*. The first seed of each dataset also gets a
-steps x S table of HiDiff binary (Dice and seconds per case). Results go to
+steps x S table of HiDiff binary (Dice and seconds per case; one per chain estimate of
+``--sweep-estimates``, default the model's). Results go to
 ``benchmarks/results/accuracy.md`` and ``accuracy.json`` (``--results`` changes the stem).
 Settings are never chosen here: the defaults come from the val split (``benchmarks/ablation.py``);
 this script touches the test split once per reported number. ``--reuse`` takes model folders
@@ -106,29 +107,41 @@ def _evaluate(args, model_dir: Path, reused: list, **kw) -> dict:
 
 
 def sweep(model_dir: Path, data: Path, dataset: str, combos, *, seed: int,
-          limit: int | None, reuse: bool = False, reused: list | None = None) -> list[dict]:
+          limit: int | None, reuse: bool = False, reused: list | None = None,
+          estimate: str | None = None) -> list[dict]:
     """Dice (mean over test cases, original resolution) and s/case of HiDiff binary per (steps,
-    S); kept in ``model_dir / sweep.json`` (taken from there with ``reuse``)."""
+    S) with each chain's ``estimate`` (default the model's); kept in ``model_dir / sweep.json``
+    (taken from there with ``reuse``; rows written before the estimate was recorded are
+    ``last``)."""
     cache = model_dir / "sweep.json"
-    stored = json.loads(cache.read_text()) if reuse and cache.is_file() else []
-    key = [{"steps": st, "samples": sa, "seed": seed, "limit": limit} for st, sa in combos]
-    if stored and all(k in [{n: r.get(n) for n in k} for r in stored] for k in key):
-        if reused is not None:
-            reused.append(str(cache.name) + f" of {model_dir.parent.name}/{model_dir.name}")
-        return [r for k in key for r in stored if {n: r.get(n) for n in k} == k]
     model, pipe = pipeline_from_model_dir(model_dir)
+    estimate = estimate or model.config.diffusion.sampling_estimate
+    stored = json.loads(cache.read_text()) if cache.is_file() else []
+    for r in stored:
+        r.setdefault("estimate", "last")
+    key = [{"steps": st, "samples": sa, "seed": seed, "limit": limit, "estimate": estimate}
+           for st, sa in combos]
+    found = [r for k in key for r in stored if {n: r.get(n) for n in k} == k]
+    if reuse and len(found) == len(key):
+        if reused is not None:
+            reused.append(str(cache.name) + f" of {model_dir.parent.name}/{model_dir.name}"
+                          + (f" ({estimate})" if estimate != "last" else ""))
+        return found
     cases = model.split.select(get_reader(dataset).list_cases(data), "test")[:limit]
     loaded = [load_case(c, model.dataset_info) for c in cases]
     rows = []
     for steps, samples in combos:
         scores, start = [], time.perf_counter()
         for image, gt in loaded:
-            pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed)
+            pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed,
+                                      estimate=estimate)
             scores.append(reference.metrics.dice(pred.mask.astype(bool), gt.astype(bool)))
         rows.append({"steps": steps, "samples": samples, "dice": float(np.nanmean(scores)),
                      "s_per_case": (time.perf_counter() - start) / len(loaded), "seed": seed,
-                     "limit": limit})
-    cache.write_text(json.dumps(rows, indent=1) + "\n")
+                     "limit": limit, "estimate": estimate})
+    # rows of other combos, seeds or estimates stay in the cache
+    keep = [r for r in stored if {n: r.get(n) for n in key[0]} not in key]
+    cache.write_text(json.dumps(keep + rows, indent=1) + "\n")
     return rows
 
 
@@ -154,8 +167,10 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
                "steps": s_h["steps"], "samples": s_h.get("samples", 1),
                "n_cases": s_h["n_cases"]}
         if i == 0 and args.sweep and dataset in args.sweep_datasets.split(","):
-            run["sweep"] = sweep(base / "hidiff", data, dataset, args.sweep, seed=seed,
-                                 limit=limit, reuse=args.reuse, reused=reused)
+            run["sweep"] = [row for est in args.sweep_estimates
+                            for row in sweep(base / "hidiff", data, dataset, args.sweep,
+                                             seed=seed, limit=limit, reuse=args.reuse,
+                                             reused=reused, estimate=est)]
         runs.append(run)
         print(json.dumps({dataset: run}), flush=True)
     return {"dataset": dataset, "minutes": minutes, "runs": runs, "reused": reused}
@@ -198,17 +213,17 @@ def report(results: list[dict], args, wall: float) -> str:
         lines += ["Seconds per test case (first seed, this machine, whole-image inference in "
                   "torch): " + ", ".join(f"{label} {sec[k]:.3f}" for k, label in PREDICTORS
                                          if sec.get(k) is not None), ""]
-        if runs[0].get("sweep"):
-            lines += [f"HiDiff binary, seed {runs[0]['seed']}: Dice (s/case) per sampling "
-                      "steps x chains S", "", "| steps \\ S | "
-                      + " | ".join(str(s) for s in sorted({r['samples'] for r in runs[0]['sweep']}))
-                      + " |"]
-            samples = sorted({r["samples"] for r in runs[0]["sweep"]})
-            lines.append("|---|" + "---|" * len(samples))
-            for steps in sorted({r["steps"] for r in runs[0]["sweep"]}):
+        for est in dict.fromkeys(r.get("estimate", "last") for r in runs[0].get("sweep") or []):
+            rows = [r for r in runs[0]["sweep"] if r.get("estimate", "last") == est]
+            samples = sorted({r["samples"] for r in rows})
+            lines += [f"HiDiff binary, seed {runs[0]['seed']}, `{est}` estimate of each chain: "
+                      "Dice (s/case) per sampling steps x chains S", "",
+                      "| steps \\ S | " + " | ".join(map(str, samples)) + " |",
+                      "|---|" + "---|" * len(samples)]
+            for steps in sorted({r["steps"] for r in rows}):
                 cells = []
                 for s in samples:
-                    hit = [r for r in runs[0]["sweep"] if r["steps"] == steps and r["samples"] == s]
+                    hit = [r for r in rows if r["steps"] == steps and r["samples"] == s]
                     cells.append(f"{hit[0]['dice']:.4f} ({hit[0]['s_per_case']:.2f})" if hit
                                  else "")
                 lines.append(f"| {steps} | " + " | ".join(cells) + " |")
@@ -218,6 +233,15 @@ def report(results: list[dict], args, wall: float) -> str:
                       "earlier invocation, same code path): " + ", ".join(
                           f"`{r}`" for r in res["reused"]) + ".", ""]
     return "\n".join(lines) + "\n"
+
+
+def _estimates(text: str) -> list[str]:
+    items = [e for e in text.split(",") if e]
+    bad = [e for e in items if e not in reference.ESTIMATES]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown estimate(s) {', '.join(bad) or text!r}; "
+                                          f"allowed: {', '.join(reference.ESTIMATES)}")
+    return items
 
 
 def _combos(text: str) -> list[tuple[int, int]]:
@@ -249,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--lambda-y0)")
     p.add_argument("--sweep", type=_combos, default=_combos("1x1,3x1,10x1,1x4,3x4,10x4,1x8,10x8"),
                    help="STEPSxS,... for the first seed (empty: none)")
+    p.add_argument("--sweep-estimates", type=_estimates, default=[None],
+                   help="chain estimates of the sweep, comma-separated among "
+                        f"{', '.join(reference.ESTIMATES)} (default: the model's)")
     p.add_argument("--sweep-datasets", default="kvasir-seg",
                    help="datasets that get the sweep (default kvasir-seg)")
     p.add_argument("--reuse", action="store_true",
@@ -262,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset = "tiny"
         args.sweep = [(1, 1), (2, 2)]
+        args.sweep_estimates = list(reference.ESTIMATES)
         args.sweep_datasets = "kvasir-seg,chase-db1"
         args.out = str(Path(args.results).parent / "accuracy-quick-runs")
     start = time.time()

@@ -68,7 +68,8 @@ def _stock_ort_engine(export_dir: Path, role: str, x: np.ndarray, seed: int,
                                  sorted(facts.timesteps))
     sampler = reference.Sampler(schedule, method=facts.sampler,
                                 parameterization=facts.parameterization, offset=facts.offset,
-                                samples=facts.sampling_samples)
+                                samples=facts.sampling_samples,
+                                estimate=facts.sampling_estimate)
 
     def run(values, y_t, step):
         feeds = dict(values, y_t=y_t.astype(np.float32),

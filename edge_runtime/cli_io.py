@@ -107,7 +107,8 @@ def info_lines(session) -> list[str]:
         f"diffusion        T = {facts.num_steps}  schedule {facts.schedule}  sampler "
         f"{facts.sampler}  parameterization {facts.parameterization}  offset {facts.offset}",
         f"sampling         {facts.sampling_steps} steps: {list(facts.timesteps)}, "
-        f"{facts.sampling_samples} chain(s) averaged per image",
+        f"{facts.sampling_samples} chain(s) averaged per image ({facts.sampling_estimate} "
+        "estimate of each chain)",
         f"input            {facts.in_channels} x {facts.input_size[0]} x {facts.input_size[1]}"
         f"  normalization mean {list(facts.mean)} std {list(facts.std)}",
         f"preprocessing    {facts.policy}" + (

@@ -40,8 +40,8 @@ META_PREFIX = "hidiff."
 #: facts every graph and the manifest must agree on
 FACT_KEYS = (
     "schedule", "num_steps", "sampler", "sampling_steps", "timesteps", "parameterization",
-    "offset", "sampling_samples", "num_classes", "labels", "input_size", "in_channels",
-    "normalization", "preprocessing",
+    "offset", "sampling_samples", "sampling_estimate", "num_classes", "labels", "input_size",
+    "in_channels", "normalization", "preprocessing",
     "binarization", "feature_strides", "model_id",
 )
 #: custom-op domain of the binary layers, its version and op names

@@ -66,6 +66,7 @@ class ModelFacts:
     parameterization: str
     offset: str
     sampling_samples: int
+    sampling_estimate: str
     num_classes: int
     labels: dict[str, int]
     input_size: tuple[int, int]
@@ -98,9 +99,12 @@ class ModelFacts:
                 sampler=str(facts["sampler"]), sampling_steps=int(facts["sampling_steps"]),
                 timesteps=tuple(int(t) for t in facts["timesteps"]),
                 parameterization=str(facts["parameterization"]),
-                # both absent from exports made before they existed: the plain form, one chain
+                # absent from exports made before they existed: the plain form, one chain,
+                # each chain's last estimate
                 offset=reference.check_offset(str(facts.get("offset", "none"))),
                 sampling_samples=int(facts.get("sampling_samples", 1)),
+                sampling_estimate=reference.check_estimate(
+                    str(facts.get("sampling_estimate", "last"))),
                 num_classes=int(facts["num_classes"]),
                 labels={str(k): int(v) for k, v in facts["labels"].items()},
                 input_size=(int(facts["input_size"][0]), int(facts["input_size"][1])),

@@ -143,18 +143,22 @@ class HiDiffSession:
         outs = self._segmentor.run(self._seg_outputs, {"image": x})
         return dict(zip(self._seg_outputs, outs, strict=True))
 
-    def sampler(self, steps: int | None = None,
-                samples: int | None = None) -> reference.Sampler:
-        """The sampling of this model: ``steps`` kept steps (default the model's) and
-        ``samples`` chains averaged per image (default the model's ``sampling_samples``)."""
+    def sampler(self, steps: int | None = None, samples: int | None = None, *,
+                estimate: str | None = None) -> reference.Sampler:
+        """The sampling of this model: ``steps`` kept steps (default the model's),
+        ``samples`` chains averaged per image (default the model's ``sampling_samples``) and
+        each chain's ``estimate`` (default the model's ``sampling_estimate``)."""
         facts = self.facts
         s = facts.sampling_samples if samples is None else samples
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
             raise EdgeError(f"samples must be an int >= 1; got {s!r}")
+        e = facts.sampling_estimate if estimate is None else estimate
+        if e not in reference.ESTIMATES:
+            raise EdgeError(f"unknown estimate {e!r}; allowed: {', '.join(reference.ESTIMATES)}")
         schedule = reference.respace(self._schedule, self.sampling_steps(steps))
         return reference.Sampler(schedule, method=facts.sampler,
                                  parameterization=facts.parameterization, offset=facts.offset,
-                                 samples=int(s))
+                                 samples=int(s), estimate=e)
 
     def _segment(self, x: np.ndarray, samples: int):
         """``segment`` callable of :func:`reference.predict_batch`: the prior and the refiner's

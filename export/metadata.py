@@ -18,6 +18,8 @@ Keys (see :func:`model_facts` and :func:`graph_metadata`):
 ``hidiff.offset``            ``bayes`` (out is combined with E[target | y_t, p], see
                              ``reference.estimate``) | ``none``; absent in older exports: none
 ``hidiff.sampling_samples``  S, chains averaged per image by default (absent: 1)
+``hidiff.sampling_estimate`` each chain's estimate: ``last`` (its final y0_hat) | ``trajectory``
+                             (the mean of its steps' y0_hat); absent in older exports: last
 ``hidiff.num_classes``       K (1 = binary task: sigmoid prior; > 1: softmax prior, one-hot y_t)
 ``hidiff.labels``            JSON: label name -> value
 ``hidiff.input_size``        JSON: [H, W] of every image input
@@ -131,6 +133,7 @@ def model_facts(loaded: Any, feature_strides: Sequence[int]) -> dict[str, Any]:
         "parameterization": config.refiner.parameterization,
         "offset": config.refiner.offset,
         "sampling_samples": diffusion.sampling_samples,
+        "sampling_estimate": diffusion.sampling_estimate,
         "num_classes": config.num_classes,
         "labels": dict(info.labels),
         "input_size": [config.image_size, config.image_size],

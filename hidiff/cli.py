@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+from reference.sampling import ESTIMATES
+
 __all__ = ["build_parser", "main", "subcommand"]
 
 Handler = Callable[[argparse.Namespace], int]
@@ -92,6 +94,9 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
+    p.add_argument("--estimate", choices=ESTIMATES,
+                   help="each chain's estimate: its last y0 estimate or the mean over its steps "
+                        "(default: the model's)")
     p.add_argument("--seed", type=_non_negative, default=0,
                    help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--limit", type=_positive, help="only the first N cases of the subset")
@@ -104,8 +109,9 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
         from hidiff.evaluation import evaluate, format_table
 
         summary = evaluate(args.model_dir, data=args.data, split=args.split, steps=args.steps,
-                           samples=args.samples, seed=args.seed, out=args.out,
-                           overlays=args.overlays, limit=args.limit, progress=not args.quiet)
+                           samples=args.samples, estimate=args.estimate, seed=args.seed,
+                           out=args.out, overlays=args.overlays, limit=args.limit,
+                           progress=not args.quiet)
         print(format_table(summary))
         print(f"written: {summary['out_dir']}/per_case.json, summary.json"
               + (", overlays/" if summary["overlays"] else ""))

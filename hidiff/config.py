@@ -23,6 +23,7 @@ import reference
 
 __all__ = [
     "ATTENTIONS",
+    "ESTIMATES",
     "OFFSETS",
     "PARAMETERIZATIONS",
     "SAMPLERS",
@@ -40,6 +41,10 @@ SCHEDULES: tuple[str, ...] = reference.SCHEDULE_NAMES
 SAMPLERS: tuple[str, ...] = reference.SAMPLERS
 PARAMETERIZATIONS: tuple[str, ...] = reference.PARAMETERIZATIONS
 OFFSETS: tuple[str, ...] = reference.OFFSETS
+ESTIMATES: tuple[str, ...] = reference.ESTIMATES
+#: a new model's chain estimate: the mean of every step's y0 estimate (chosen on the Kvasir-SEG
+#: val split, benchmarks/results/chain_estimates.md; the same as ``last`` for one step)
+DEFAULT_SAMPLING_ESTIMATE = "trajectory"
 ATTENTIONS: tuple[str, ...] = ("hard", "softmax")
 UP_MODES: tuple[str, ...] = ("bilinear", "transpose")
 PAD_VALUES: tuple[float, ...] = reference.ALLOWED_PAD_VALUES
@@ -199,7 +204,10 @@ class DiffusionConfig:
     """Bernoulli diffusion settings (method §2-§6).
 
     ``sampling_steps`` None means all ``num_steps`` (see :attr:`num_sampling_steps`);
-    ``sampling_samples`` is S, the number of reverse chains averaged per image by default.
+    ``sampling_samples`` is S, the number of reverse chains averaged per image by default;
+    ``sampling_estimate`` how a chain's estimate is formed from its steps' y0 estimates
+    (``reference.ESTIMATES``: ``last`` or ``trajectory``, their mean; the same for one step).
+    Configs written before it existed read as ``last``, what they were evaluated with.
     """
 
     schedule: str = "cosine"
@@ -207,6 +215,7 @@ class DiffusionConfig:
     sampling_steps: int | None = None
     sampler: str = "ddim"
     sampling_samples: int = 1
+    sampling_estimate: str = DEFAULT_SAMPLING_ESTIMATE
     lambda_focal: float = 1.0
     focal_gamma: float = 2.0
 
@@ -215,6 +224,7 @@ class DiffusionConfig:
         _choice("DiffusionConfig.sampler", self.sampler, SAMPLERS)
         _positive_int("DiffusionConfig.num_steps", self.num_steps)
         _positive_int("DiffusionConfig.sampling_samples", self.sampling_samples)
+        _choice("DiffusionConfig.sampling_estimate", self.sampling_estimate, ESTIMATES)
         if self.sampling_steps is not None:
             _positive_int("DiffusionConfig.sampling_steps", self.sampling_steps)
             if self.sampling_steps > self.num_steps:
@@ -332,6 +342,8 @@ def _section_from_dict(cls: type, data: Any, where: str) -> Any:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     if cls is RefinerConfig:
         kwargs.setdefault("offset", "none")  # written before the offset existed: the plain form
+    if cls is DiffusionConfig:  # written before the choice existed: each chain's last estimate
+        kwargs.setdefault("sampling_estimate", "last")
     return cls(**kwargs)
 
 

@@ -17,10 +17,12 @@ prediction or ground truth (finite values only); the per-class values are kept t
 
 Written to ``out`` (default ``MODEL_DIR/eval/<split>/``):
 
-``per_case.json``  ``{"split", "steps", "seed", "predictors": [...], "cases": [{"case_id",
+``per_case.json``  ``{"split", "steps", "samples", "estimate", "seed", "predictors": [...],
+                   "cases": [{"case_id",
                    "image", "mask", "size": [H, W], "metrics": {predictor: {metric: value}},
                    ("classes": {predictor: {label: {metric: value}}} for K > 1)}]}``
-``summary.json``   ``{"model_dir", "dataset", "data", "split", "n_cases", "steps", "seed",
+``summary.json``   ``{"model_dir", "dataset", "data", "split", "n_cases", "steps", "samples",
+                   "estimate", "seed",
                    "checkpoint_step", "predictors": {name: {"available", "label",
                    "wall_time_s", "seconds_per_case", "metrics": reference.metrics.summarize(...)}
                    or {"available": false, "label", "reason"}}, "overlays": [...]}``
@@ -144,6 +146,7 @@ def evaluate(
     split: str = "test",
     steps: int | None = None,
     samples: int | None = None,
+    estimate: str | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     overlays: int = 4,
@@ -155,7 +158,8 @@ def evaluate(
 
     ``data``: the dataset folder (default: the one recorded at training). ``steps`` /
     ``samples`` / ``seed``: sampling steps and chains averaged per image (defaults: the
-    config's) and the uniforms' seed. ``limit``: only the first
+    config's) and the uniforms' seed; ``estimate``: each chain's estimate, ``last`` or
+    ``trajectory`` (default: the config's ``sampling_estimate``). ``limit``: only the first
     ``limit`` cases of the subset. ``overlays``: how many cases (the first ones) get an overlay
     PNG. ``predictors``: a subset of ``PREDICTORS`` to run (default: every one the folder has).
     Returns the summary dict (also written to ``summary.json``; see the module docstring).
@@ -171,7 +175,7 @@ def evaluate(
     cases = model.split.select(get_reader(dataset).list_cases(root), split)[:limit]
     if not cases:
         raise ValueError(f"subset {split!r} of the model's split is empty")
-    sampler = pipe.sampler(steps, samples)  # validates steps and samples
+    sampler = pipe.sampler(steps, samples, estimate=estimate)  # validates all three
     steps_used, samples_used = sampler.schedule.num_steps, sampler.samples
     if predictors is not None:
         unknown = [k for k in predictors if k not in PREDICTORS]
@@ -187,14 +191,16 @@ def evaluate(
     try:
         per_case, timings = _run_cases(pipe, cases, info, active, out_dir, overlays,
                                        overlay_files, split=split, steps=steps_used,
-                                       samples=samples_used, seed=seed, progress=progress)
+                                       samples=samples_used, estimate=sampler.estimate,
+                                       seed=seed, progress=progress)
     except BaseException:  # nothing half-written: this call's overlays and folders go
         for name in overlay_files:
             Path(name).unlink(missing_ok=True)
         files.remove_made_folders(made)
         raise
 
-    settings = {"split": split, "steps": steps_used, "samples": samples_used, "seed": seed}
+    settings = {"split": split, "steps": steps_used, "samples": samples_used,
+                "estimate": sampler.estimate, "seed": seed}
     _write_json(out_dir / "per_case.json",
                 {**settings, "predictors": active, "cases": per_case})
     n = len(cases)
@@ -220,7 +226,8 @@ def evaluate(
 
 def _run_cases(pipe: HiDiffPipeline, cases: list, info, active: list[str], out_dir: Path,
                overlays: int, overlay_files: list[str], *, split: str, steps: int, samples: int,
-               seed: int, progress: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+               estimate: str, seed: int, progress: bool
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Predict and score every case with every active predictor; the first ``overlays`` cases
     get an overlay PNG (its path appended to ``overlay_files`` as soon as it is written)."""
     _warm_up(pipe, [PREDICTORS[k][0] for k in active])
@@ -236,7 +243,7 @@ def _run_cases(pipe: HiDiffPipeline, cases: list, info, active: list[str], out_d
         for key in active:
             start = time.perf_counter()
             pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed,
-                                      refiner=PREDICTORS[key][0])
+                                      refiner=PREDICTORS[key][0], estimate=estimate)
             timings[key] += time.perf_counter() - start
             masks[key] = pred.mask
             values, per_class = _case_metrics(pred.mask, gt, info.num_classes)
@@ -266,7 +273,9 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary.get('dataset', '?')} {summary['split']}: {summary['n_cases']} case(s), "
         f"{summary['steps']} sampling step(s) x {summary.get('samples', 1)} chain(s), "
-        f"seed {summary['seed']}, "
+        # one step: both estimates are that step's y0_hat
+        + (f"{summary.get('estimate', 'last')} estimate, " if summary["steps"] > 1 else "")
+        + f"seed {summary['seed']}, "
         f"checkpoint step {summary.get('checkpoint_step', '?')}",
         f"{'predictor':<31}" + "".join(f"{h:>10}" for _, h in _TABLE_METRICS) + f"{'s/case':>10}",
     ]

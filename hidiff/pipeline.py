@@ -14,7 +14,8 @@ predict loop every runtime shares; this class only supplies the two network call
 
 The loop draws ``reference.chain_uniforms(seed, prior.shape, n, S)``, runs S chains of the
 reverse process (the model's offset and parameterisation, :mod:`reference.estimate`), averages
-their final y0_hat and takes the mask from that mean (``> 0.5`` for K = 1, argmax for K > 1);
+the chains' estimates (each chain's last y0_hat, or the mean of its steps' y0_hat: the config's
+``sampling_estimate``) and takes the mask from that mean (``> 0.5`` for K = 1, argmax for K > 1);
 ``spread`` is the per-pixel standard deviation across chains.
 
 The network runs in float32; the diffusion arithmetic (y0_hat, the step mean and every ``u < mean``
@@ -175,9 +176,11 @@ class HiDiffPipeline:
         return max(2**self.config.segmentor.depth, self.config.refiner.strides[-1])
 
     # -- the batch path -----------------------------------------------------------------------
-    def sampler(self, steps: int | None = None, samples: int | None = None) -> reference.Sampler:
-        """The sampling of this model: ``steps`` evenly spread steps (default the config's) and
-        ``samples`` chains averaged (default the config's ``sampling_samples``)."""
+    def sampler(self, steps: int | None = None, samples: int | None = None, *,
+                estimate: str | None = None) -> reference.Sampler:
+        """The sampling of this model: ``steps`` evenly spread steps (default the config's),
+        ``samples`` chains averaged (default the config's ``sampling_samples``) and each chain's
+        ``estimate`` (default the config's ``sampling_estimate``; ``reference.ESTIMATES``)."""
         d = self.config.diffusion
         schedule = make_scheduler(self.config, steps).diffusion.schedule
         s = d.sampling_samples if samples is None else samples
@@ -185,7 +188,8 @@ class HiDiffPipeline:
             raise ValueError(f"samples must be an int >= 1; got {s!r}")
         return reference.Sampler(schedule, method=d.sampler,
                                  parameterization=self.config.refiner.parameterization,
-                                 offset=self.config.refiner.offset, samples=s)
+                                 offset=self.config.refiner.offset, samples=s,
+                                 estimate=d.sampling_estimate if estimate is None else estimate)
 
     def _segment(self, x: np.ndarray, module: nn.Module | None, samples: int):
         """``segment`` callable of :func:`reference.predict_batch`: the prior (float32 numpy)
@@ -215,6 +219,7 @@ class HiDiffPipeline:
         seed: int = 0,
         refiner: str | None = "binary",
         batch_size: int | None = None,
+        estimate: str | None = None,
     ) -> PipelineOutput:
         """Predict a batch of normalised images ``(N, C, H, W)`` (H, W multiples of
         :attr:`net_multiple`) with :func:`reference.predict_batch`.
@@ -222,7 +227,8 @@ class HiDiffPipeline:
         ``refiner``: ``"binary"`` (default), ``"fp"`` (the full-precision twin) or ``None`` /
         ``"none"`` (segmentor alone; ``steps``, ``samples`` and ``seed`` are then unused).
         ``steps``: number of sampling steps (default: the config's), respaced evenly and always
-        including T; ``samples``: chains averaged per image (default: the config's).
+        including T; ``samples``: chains averaged per image (default: the config's);
+        ``estimate``: each chain's estimate, ``last`` or ``trajectory`` (default: the config's).
         ``batch_size`` runs the networks on that many images at a time: the uniforms are the same,
         but float32 kernels may round differently for another batch size, and a rounding change
         can flip a Bernoulli draw that the binary refiner then amplifies.
@@ -237,7 +243,7 @@ class HiDiffPipeline:
                 f"image size {tuple(images.shape[-2:])} must be a multiple of {m} for this model"
             )
         module = self.refiner_module(refiner)
-        sampler = self.sampler(steps, samples) if module is not None else None
+        sampler = self.sampler(steps, samples, estimate=estimate) if module is not None else None
         s = 1 if sampler is None else sampler.samples
         with torch.no_grad():
             result = reference.predict_batch(
@@ -276,6 +282,7 @@ class HiDiffPipeline:
         seed: int = 0,
         refiner: str | None = "binary",
         tile_batch: int = reference.DEFAULT_TILE_BATCH,
+        estimate: str | None = None,
     ) -> ImagePrediction:
         """Predict one HWC float image in [0, 1] at its original size with
         :func:`reference.predict_image` (see module docstring)."""
@@ -286,7 +293,7 @@ class HiDiffPipeline:
                 f"{image.shape}"
             )
         module = self.refiner_module(refiner)
-        sampler = self.sampler(steps, samples) if module is not None else None
+        sampler = self.sampler(steps, samples, estimate=estimate) if module is not None else None
         s = 1 if sampler is None else sampler.samples
         with torch.no_grad():
             return reference.predict_image(

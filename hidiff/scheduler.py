@@ -12,7 +12,10 @@
 The configuration is frozen. ``timesteps`` are *original* step indices in decreasing order (what the
 network is told). Randomness is explicit: each step takes the uniforms ``u`` of its draw, e.g. from
 :func:`reference.draw_uniforms` so the NumPy oracle and the edge runtime see the same draws. At the
-last step no draw is made and ``prev_sample`` is the probability map ``y0_hat``.
+last step no draw is made and ``prev_sample`` is the probability map ``y0_hat``. Models sample
+with ``estimate="trajectory"`` by default: the loop (:func:`reference.reverse_process`, what
+``HiDiffPipeline`` runs) averages every step's ``pred_original_sample`` instead of keeping the
+last one; each ``step`` is the same either way.
 """
 
 from __future__ import annotations

@@ -51,10 +51,12 @@ from .losses import (
 from .posterior import q_posterior_mean
 from .quantize import sign
 from .sampling import (
+    ESTIMATES,
     PARAMETERIZATIONS,
     SAMPLERS,
     ReverseResult,
     chain_uniforms,
+    check_estimate,
     ddim_mean,
     draw_uniforms,
     final_labels,
@@ -85,6 +87,7 @@ __all__ = [
     "bayes_estimate",
     "check_offset",
     "chain_uniforms",
+    "check_estimate",
     "predict_batch",
     "uncertainty_pixels",
     "refiner_output",
@@ -102,6 +105,7 @@ __all__ = [
     "time_activation",
     "time_binarization",
     "xnor_popcount_dot",
+    "ESTIMATES",
     "PARAMETERIZATIONS",
     "PROB_EPS",
     "SAMPLERS",

@@ -33,6 +33,7 @@ from .sampling import (
     SAMPLERS,
     _check_choice,
     chain_uniforms,
+    check_estimate,
     reverse_process,
 )
 from .schedule import Schedule
@@ -47,17 +48,20 @@ DEFAULT_TILE_BATCH = 4
 
 @dataclass(frozen=True)
 class Sampler:
-    """How to sample: the (respaced) schedule, the step method, the refiner's output form and the
-    number of chains averaged per image."""
+    """How to sample: the (respaced) schedule, the step method, the refiner's output form, the
+    number of chains averaged per image and how a chain's estimate is formed from its steps
+    (``estimate``, :func:`reference.reverse_process`)."""
 
     schedule: Schedule
     method: str = "ddim"
     parameterization: str = "eps"
     offset: str = "none"
     samples: int = 1
+    estimate: str = "last"
 
     def __post_init__(self) -> None:
         _check_choice(self.method, SAMPLERS, "sampler")
+        check_estimate(self.estimate)
         _check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
         check_offset(self.offset)
         s = self.samples
@@ -114,6 +118,7 @@ def predict_batch(
             parameterization=sampler.parameterization,
             offset=sampler.offset,
             samples=sampler.samples,
+            estimate=sampler.estimate,
             trace=trace,
         )
         probs.append(result.y0_hat)

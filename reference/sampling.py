@@ -17,10 +17,21 @@ The DDIM coefficients make the prior drop out of the step and preserve the margi
 if y_t ~ B(abar_t y0 + (1 - abar_t) p) and y0_hat = y0 then y_{t_prev} ~ B(abar_{t_prev} y0 +
 (1 - abar_{t_prev}) p).
 
-Loop: y_n ~ B(p); for t = n..2: y0_hat = f(y_t, timesteps[t]); y_{t-1} ~ B(step mean);
-at t = 1 return y0_hat (a probability map). S chains run side by side (one batch) and their final
-y0_hat are averaged: the estimate is the mean, the uncertainty map the spread across chains.
-Final mask: mean y0_hat > 0.5 when K = 1, argmax over the channel axis when K > 1.
+Loop: y_n ~ B(p); for t = n..2: y0_hat_t = f(y_t, timesteps[t]); y_{t-1} ~ B(step mean);
+at t = 1 the chain's estimate is, by ``estimate``:
+
+    last        y0_hat_1                                (the final step's y0 estimate)
+    trajectory  (1 / n) * sum_{t=1..n} y0_hat_t         (every step's y0 estimate, averaged)
+
+Each y0_hat_t estimates the same y0. y0_hat_1 is computed from y_1, itself one Bernoulli draw, and
+a refiner trained where y_1 is nearly y0 largely copies it: one chain's last estimate is then close
+to a posterior *sample*, whose Dice is below that of the thresholded mean. Averaging along the
+chain costs no network evaluation and lowers that variance (``benchmarks/results/
+chain_estimates.md``); for n = 1 both are y0_hat_1.
+
+S chains run side by side (one batch) and their estimates are averaged: the estimate is the mean,
+the uncertainty map the spread across chains. Final mask: mean > 0.5 when K = 1, argmax over the
+channel axis when K > 1.
 
 Uniforms: ``draw_uniforms(seed, shape, n)`` gives n arrays from numpy's PCG64: index 0 draws y_n,
 index k >= 1 draws the sample of the k-th reverse step (t = n - k + 1 -> t - 1). S chains draw
@@ -41,12 +52,19 @@ from .schedule import Schedule
 
 PARAMETERIZATIONS = ("eps", "y0")
 SAMPLERS = ("ddim", "ancestral")
+#: how a chain's estimate is formed from its steps' y0 estimates (module docstring)
+ESTIMATES = ("last", "trajectory")
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def check_estimate(estimate: str) -> str:
+    """``estimate`` if it is one of :data:`ESTIMATES`, else a ``ValueError`` listing them."""
+    return _check_choice(estimate, ESTIMATES, "estimate")
 
 
 def y0_from_eps(y_t: np.ndarray, eps: np.ndarray) -> np.ndarray:
@@ -125,9 +143,10 @@ def final_labels(prob: np.ndarray) -> np.ndarray:
 class ReverseResult:
     """Output of :func:`reverse_process`.
 
-    ``y0_hat``: the estimate, the mean of the chains' final y0 estimates (shape of the prior);
+    ``y0_hat``: the estimate, the mean of the chains' estimates (shape of the prior);
     ``spread``: their per-element standard deviation across chains (0 for one chain), the
-    uncertainty map; ``chains``: every chain's final estimate ``(S, *prior.shape)``;
+    uncertainty map; ``chains``: every chain's estimate ``(S, *prior.shape)`` (its last y0
+    estimate, or the mean of all its steps' for ``estimate="trajectory"``);
     ``states``: the sampled states ``(S, *prior.shape)`` from y_n down to y_1.
     """
 
@@ -158,6 +177,7 @@ def reverse_process(
     parameterization: str = "eps",
     offset: str = "none",
     samples: int = 1,
+    estimate: str = "last",
     trace: list | None = None,
 ) -> ReverseResult:
     """Run ``samples`` (S) reverse chains from y_n ~ B(prior) and average their y0 estimates.
@@ -169,6 +189,8 @@ def reverse_process(
     ``uniforms``: ``(n, S, *prior.shape)`` with n = ``schedule.num_steps`` (see
     :func:`chain_uniforms`); for S = 1 also ``(n, *prior.shape)``.
 
+    ``estimate``: ``"last"`` (each chain's final y0_hat) or ``"trajectory"`` (the mean of its
+    y0_hat over all n steps, summed in step order then divided by n; module docstring).
     The mask is taken from the mean estimate (:func:`final_mask`), never from one draw.
     ``trace`` (a list, optional) receives ``(t, y_t, net, mean or None)`` per step, arrays of
     shape ``(S, *prior.shape)`` (for checks and diagnosis).
@@ -176,6 +198,7 @@ def reverse_process(
     _check_choice(method, SAMPLERS, "sampler")
     _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
     check_offset(offset)
+    check_estimate(estimate)
     if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 1:
         raise ValueError(f"samples must be an int >= 1; got {samples!r}")
     prior = np.asarray(prior, dtype=np.float64)
@@ -189,6 +212,7 @@ def reverse_process(
     flat = (s * prior.shape[0], *prior.shape[1:])
     y = bernoulli_sample(priors, uniforms[0])
     states = [y]
+    total = np.zeros(y.shape)
     for k, t in enumerate(range(n, 0, -1)):
         net = np.asarray(denoise_fn(y.reshape(flat), int(schedule.timesteps[t])), np.float64)
         if net.shape != flat:
@@ -196,10 +220,12 @@ def reverse_process(
         out = refiner_output(net.reshape(y.shape), y, priors, t, schedule,
                              parameterization=parameterization, offset=offset)
         y0_hat = y0_from_output(y, out, parameterization)
+        total += y0_hat
         if t == 1:
             if trace is not None:
                 trace.append((t, y, net.reshape(y.shape), None))
-            return ReverseResult(y0_hat.mean(axis=0), y0_hat.std(axis=0), y0_hat, tuple(states))
+            chains = total / n if estimate == "trajectory" else y0_hat
+            return ReverseResult(chains.mean(axis=0), chains.std(axis=0), chains, tuple(states))
         mean = step_mean(y, y0_hat, priors, t, schedule, method=method)
         if trace is not None:
             trace.append((t, y, net.reshape(y.shape), mean))

@@ -88,6 +88,22 @@ def test_evaluate_prints_the_three_predictor_table_and_writes_results(model_dir)
     overlays = sorted((out / "overlays").glob("*.png"))
     assert [p.stem for p in overlays] == sorted(c["case_id"] for c in per_case["cases"])
     assert Image.open(overlays[0]).width > 3 * Image.open(overlays[0]).height  # 4 panels
+    # several steps: the chain estimate is recorded and printed (the model's default here)
+    assert summary["estimate"] == per_case["estimate"] == "trajectory"
+    assert "trajectory estimate" in proc.stdout
+
+
+def test_evaluate_estimate_option_reaches_the_sampler(model_dir, tmp_path):
+    runs = {}
+    for estimate in ("last", "trajectory"):
+        out = tmp_path / estimate
+        proc = _ok(hidiff("evaluate", model_dir, "--limit", 2, "--steps", STEPS, "--estimate",
+                          estimate, "--overlays", 0, "--out", out, "--quiet"))
+        assert f"{estimate} estimate" in proc.stdout
+        runs[estimate] = json.loads((out / "per_case.json").read_text())
+        assert runs[estimate]["estimate"] == estimate
+    bad = hidiff("evaluate", model_dir, "--estimate", "mean")
+    assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr
 
 
 def test_predict_writes_masks_of_the_original_size(model_dir, two_images, tmp_path):

@@ -47,8 +47,9 @@ def _kvasir(root: Path, count: int, offset: int = 0) -> list[np.ndarray]:
 
 
 def _torch_trajectory(pipe, x: np.ndarray, steps, seed: int, refiner: str = "binary"):
-    """Torch's prior, samples, step means and final y0_hat (its own modules and scheduler, as
-    ``HiDiffPipeline._refine``; checked equal to ``pipe.predict``)."""
+    """Torch's prior, samples, step means and final estimate (its own modules and scheduler, as
+    ``HiDiffPipeline._refine``; checked equal to ``pipe.predict``): the last y0_hat, or the mean
+    of every step's for the config's ``sampling_estimate`` ``trajectory``."""
     import torch
 
     from hidiff.pipeline import make_scheduler
@@ -64,17 +65,20 @@ def _torch_trajectory(pipe, x: np.ndarray, steps, seed: int, refiner: str = "bin
         cache = module.precompute(xt, prior, tuple(seg.features))
         prior64 = prior.double()
         y = sched.initial_sample(prior64, u[0])
-        states, means = [y.numpy()], []
+        states, means, total = [y.numpy()], [], 0.0
         for k, step in enumerate(sched.timesteps.tolist()):
             t = torch.full((x.shape[0],), step, dtype=torch.long)
             out = torch.sigmoid(module.forward_step(cache, y.float(), t))
             res = sched.step(out.double(), step, y, prior=prior64,
                              u=u[k + 1] if k + 1 < n else None)
             y = res.prev_sample
+            total = total + res.pred_original_sample.numpy()
             if res.prev_mean is not None:
                 states.append(y.numpy())
                 means.append(res.prev_mean.numpy())
     y0 = res.pred_original_sample.numpy()
+    if pipe.config.diffusion.sampling_estimate == "trajectory":
+        y0 = total / n
     expected = pipe.predict(xt, steps=steps, samples=1, seed=seed, refiner=refiner).mask.numpy()
     assert np.array_equal((y0[:, 0] > 0.5).astype(np.uint8), expected)
     return prior64.numpy(), states, means, y0
@@ -265,6 +269,23 @@ def test_bad_arguments(tiny_export):
         s.predict(np.zeros((8, 8, 3), np.uint16))
     with pytest.raises(EdgeError, match=r"\[0, 1\]"):
         s.predict(np.full((8, 8, 3), 2.0, np.float32))
+    with pytest.raises(EdgeError, match="allowed: last, trajectory"):
+        s.sampler(estimate="mean")
+
+
+def test_sampling_estimate_comes_from_the_manifest_and_older_exports_read_last(sessions,
+                                                                               tiny_export):
+    from edge_runtime.errors import ModelError
+    from edge_runtime.model import ModelFacts
+
+    s = sessions["packed"]
+    assert s.facts.sampling_estimate == "trajectory" == s.sampler().estimate
+    assert s.sampler(estimate="last").estimate == "last"
+    raw = dict(s.facts.raw)
+    del raw["sampling_estimate"]  # an export made before the choice existed
+    assert ModelFacts.from_dict(raw, tiny_export[1]).sampling_estimate == "last"
+    with pytest.raises(ModelError, match="allowed: last, trajectory"):
+        ModelFacts.from_dict({**raw, "sampling_estimate": "median"}, tiny_export[1])
 
 
 def test_s_chains_packed_ort_torch(sessions, torch_pipe, kvasir_root):

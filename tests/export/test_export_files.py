@@ -44,6 +44,7 @@ def test_all_files_written_and_listed(tiny_export):
         assert entry["bytes"] == path.stat().st_size
         assert entry["sha256"] == _sha(path)
     assert manifest["model"]["num_steps"] == 10
+    assert manifest["model"]["sampling_estimate"] == "trajectory"  # the config's
     assert manifest["model"]["binarization"] == "sign(0)=+1;pack=lce-int32-lsb;bit1=-1;pad=+1"
 
 

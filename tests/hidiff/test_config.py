@@ -91,6 +91,14 @@ def test_partial_dict_takes_defaults():
     assert cfg.diffusion.sampler == "ancestral" and cfg.diffusion.num_steps == 10
 
 
+def test_sampling_estimate_default_and_configs_written_before_it():
+    assert preset("tiny").diffusion.sampling_estimate == "trajectory"
+    assert ModelConfig.from_dict(preset("tiny").to_dict()) == preset("tiny")
+    old = preset("tiny").to_dict()
+    del old["diffusion"]["sampling_estimate"]  # a model folder written before the choice
+    assert ModelConfig.from_dict(old).diffusion.sampling_estimate == "last"
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -99,6 +107,7 @@ def test_partial_dict_takes_defaults():
         (lambda: DiffusionConfig(num_steps=0), "num_steps"),
         (lambda: DiffusionConfig(num_steps=5, sampling_steps=6), "sampling_steps"),
         (lambda: DiffusionConfig(lambda_focal=-1), "lambda_focal"),
+        (lambda: DiffusionConfig(sampling_estimate="mean"), "'last', 'trajectory'"),
         (lambda: RefinerConfig(parameterization="v"), "'eps', 'y0'"),
         (lambda: RefinerConfig(attention="linear"), "'hard', 'softmax'"),
         (lambda: RefinerConfig(pad_value=-1.0), "pad_value"),

@@ -76,7 +76,7 @@ def _images(n=2, size=64, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _oracle(seg, refiner, config, x, *, steps, seed, samples=1):
+def _oracle(seg, refiner, config, x, *, steps, seed, samples=1, estimate=None):
     """reference.reverse_process driven by ``refiner`` on the segmentor's prior: each chain's
     network call made separately, image by image, so the S-chain batching is checked too."""
     with torch.no_grad():
@@ -106,13 +106,17 @@ def _oracle(seg, refiner, config, x, *, steps, seed, samples=1):
         parameterization=config.refiner.parameterization,
         offset=config.refiner.offset,
         samples=samples,
+        estimate=config.diffusion.sampling_estimate if estimate is None else estimate,
     )
     return result.y0_hat
 
 
-def _check_against_oracle(pipe, seg, refiner, config, *, which, steps, seed, x, samples=1):
-    got = pipe.predict(x, steps=steps, seed=seed, refiner=which, samples=samples)
-    y0_hat = _oracle(seg, refiner, config, x, steps=steps, seed=seed, samples=samples)
+def _check_against_oracle(pipe, seg, refiner, config, *, which, steps, seed, x, samples=1,
+                          estimate=None):
+    got = pipe.predict(x, steps=steps, seed=seed, refiner=which, samples=samples,
+                       estimate=estimate)
+    y0_hat = _oracle(seg, refiner, config, x, steps=steps, seed=seed, samples=samples,
+                     estimate=estimate)
     want_mask = reference.final_mask(y0_hat)
     if want_mask.ndim == 4:  # K = 1 keeps the channel axis
         want_mask = want_mask[:, 0]
@@ -139,6 +143,19 @@ def test_pipeline_s_chains_equal_reference_chains(tiny, samples):
     got = _check_against_oracle(pipe, seg, ref, pipe.config, which="binary", steps=4, seed=5,
                                 x=_images(), samples=samples)
     assert got.spread.shape == got.prob.shape and got.spread.max() > 0  # chains differ
+
+
+@pytest.mark.parametrize("estimate", ["last", "trajectory"])
+def test_pipeline_estimates_equal_the_reference_estimates(tiny, estimate):
+    pipe, seg, ref, _ = tiny
+    assert pipe.config.diffusion.sampling_estimate == "trajectory"  # the config's default
+    got = _check_against_oracle(pipe, seg, ref, pipe.config, which="binary", steps=4, seed=5,
+                                x=_images(), samples=2, estimate=estimate)
+    other = pipe.predict(_images(), steps=4, seed=5, samples=2,
+                         estimate="trajectory" if estimate == "last" else "last")
+    assert not torch.equal(got.prob, other.prob)  # the choice reaches the loop
+    with pytest.raises(ValueError, match="allowed: last, trajectory"):
+        pipe.predict(_images(), steps=4, estimate="mean")
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,18 @@ from strategies import bits, probs, respaced_schedules, schedule_and_t
 
 from reference import (
     PROB_EPS,
+    Sampler,
     add_logits,
     bayes_estimate,
     chain_uniforms,
+    check_estimate,
     draw_uniforms,
     final_mask,
     make_schedule,
     refiner_output,
     respace,
     reverse_process,
+    y0_from_output,
 )
 
 
@@ -135,3 +138,52 @@ def test_one_chain_draws_what_the_single_chain_loop_draws():
     with pytest.raises(ValueError, match="uniforms must have shape"):
         reverse_process(np.full(shape, 0.5), lambda y, t: y, schedule=s,
                         uniforms=draw_uniforms(5, shape, 2), samples=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(respaced_schedules(max_steps=12), st.sampled_from(["ddim", "ancestral"]),
+       st.sampled_from(["eps", "y0"]), st.sampled_from(["none", "bayes"]),
+       st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_trajectory_estimate_is_the_mean_of_every_steps_y0_estimate(s, method, param, offset,
+                                                                     samples, seed):
+    rng = np.random.default_rng(seed)
+    prior = rng.random((2, 1, 5, 5))
+    prior[0, 0, 0, :3] = [0.0, 1.0, 0.5]  # exact zeros, ones and a tie
+    w = rng.random(prior.shape[1:])
+
+    def net(y, step):
+        return np.clip(0.3 * y + 0.4 * w[None] * (step / s.timesteps[-1]), 0, 1)
+
+    kw = dict(schedule=s, method=method, parameterization=param, offset=offset, samples=samples)
+    u = chain_uniforms(seed, prior.shape, s.num_steps, samples)
+    trace: list = []
+    last = reverse_process(prior, net, uniforms=u, trace=trace, **kw)
+    traj = reverse_process(prior, net, uniforms=u, estimate="trajectory", **kw)
+    # the chains themselves do not depend on how their estimate is formed
+    for a, b in zip(last.states, traj.states, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # brute force: every step's y0_hat from the traced states and network outputs, then averaged
+    priors = np.broadcast_to(prior, (samples, *prior.shape))
+    per_step = [y0_from_output(y, refiner_output(out, y, priors, t, s, parameterization=param,
+                                                 offset=offset), param)
+                for t, y, out, _ in trace]
+    assert len(per_step) == s.num_steps
+    np.testing.assert_array_equal(per_step[-1], last.chains)
+    # summed in step order then divided: the loop's own order, so equal to the last bit
+    np.testing.assert_array_equal(traj.chains, np.sum(per_step, axis=0) / s.num_steps)
+    np.testing.assert_allclose(traj.y0_hat, traj.chains.mean(axis=0), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(traj.spread, traj.chains.std(axis=0), rtol=0, atol=1e-15)
+    assert ((traj.y0_hat >= 0) & (traj.y0_hat <= 1)).all()
+    if s.num_steps == 1:  # one step: both estimates are that step's
+        np.testing.assert_array_equal(traj.y0_hat, last.y0_hat)
+
+
+def test_unknown_estimate_is_refused_with_the_allowed_values():
+    s = respace(make_schedule("cosine", 10), [5, 10])
+    shape = (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown estimate 'mean'; allowed: last, trajectory"):
+        reverse_process(np.full(shape, 0.5), lambda y, t: y, schedule=s,
+                        uniforms=draw_uniforms(5, shape, 2), estimate="mean")
+    with pytest.raises(ValueError, match="allowed: last, trajectory"):
+        Sampler(s, estimate="final")
+    assert check_estimate("trajectory") == "trajectory"
