@@ -66,6 +66,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the cross-entropy of the refiner's y0 estimate in the diffusion "
                         "loss (refiner's, and the segmentor's through --lambda-diff) "
                         "(default 1; 0 = off)")
+    p.add_argument("--y0-term", choices=("both", "refiner"),
+                   help="where the y0 cross-entropy acts: the diffusion loss of both phases "
+                        "(default) or the refiner's only")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,
@@ -83,7 +86,8 @@ def train_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     names = ("dataset", "data", "preset", "out", "max_steps", "max_minutes", "batch_size", "lr",
              "weight_decay", "grad_clip", "seed", "pretrain_steps", "pretrain_minutes",
              "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "lambda_y0",
-             "log_every", "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
+             "y0_term", "log_every", "checkpoint_every", "val_every", "num_workers", "limit_cases",
+             "device")
     kwargs = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     if kwargs.get("grad_clip") == 0:
         kwargs["grad_clip"] = None

@@ -85,7 +85,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           limit_cases: int | None = None, weight_decay: float = 0.01,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
           self_align: float = 0.5, refiner_holdout: float = 0.0,
-          lambda_y0: float = 1.0) -> TrainResult:
+          lambda_y0: float = 1.0, y0_term: str = "both") -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -134,6 +134,9 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             averages and thresholds) added to the diffusion loss L_diff at every t (the
             refiner's loss and, through ``lambda_diff``, the segmentor's); 0 = off. Default 1
             (chosen on the val split, ``benchmarks/results/ablation_levers.md``).
+        y0_term: ``"both"`` (default): that term is part of L_diff in both phases;
+            ``"refiner"``: only the refiner's loss has it, the segmentor phase's L_diff is the
+            plain diffusion loss (an ablation, ``ablation_levers.md``).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -149,7 +152,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
                      val_every=val_every, num_workers=num_workers, progress=progress,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
                      device=device, offset=offset, self_align=self_align,
-                     refiner_holdout=refiner_holdout, lambda_y0=lambda_y0)
+                     refiner_holdout=refiner_holdout, lambda_y0=lambda_y0, y0_term=y0_term)
     args.check()
     ctx = setup_distributed(device)
     try:

@@ -115,6 +115,7 @@ def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
                             offset=cfg.refiner.offset,
                             self_align=float(args.self_align),
                             lambda_y0=float(args.lambda_y0),
+                            y0_in_segmentor=args.y0_term == "both",
                             grad_clip=args.grad_clip)
     diffusion = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     batches = iterate_batches(spec.train_set, plan, step, num_workers=args.num_workers)

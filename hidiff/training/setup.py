@@ -38,10 +38,12 @@ FALLBACK_BATCH_SIZE = 8
 # Arguments that define the trajectory: on resume the stored values are used.
 TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
               "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes",
-              "refiner_holdout", "lambda_y0")
+              "refiner_holdout", "lambda_y0", "y0_term")
 
 #: what folders written before an argument was recorded trained with (their resume keeps it)
-UNRECORDED = {"lambda_y0": 0.0, "refiner_holdout": 0.0}
+UNRECORDED = {"lambda_y0": 0.0, "refiner_holdout": 0.0, "y0_term": "both"}
+#: where the y0 cross-entropy acts: the diffusion loss of both phases, or the refiner's only
+Y0_TERMS = ("both", "refiner")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class TrainArgs:
     self_align: float = 0.5
     refiner_holdout: float = 0.0
     lambda_y0: float = 1.0
+    y0_term: str = "both"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +110,9 @@ class TrainArgs:
             raise ValueError(f"grad_clip must be > 0 or None; got {self.grad_clip!r}")
         if self.offset not in OFFSETS:
             raise ValueError(f"offset must be one of {', '.join(OFFSETS)}; got {self.offset!r}")
+        if self.y0_term not in Y0_TERMS:
+            raise ValueError(f"y0_term must be one of {', '.join(Y0_TERMS)}; "
+                             f"got {self.y0_term!r}")
         pm = self.pretrain_minutes
         if isinstance(pm, bool) or not isinstance(pm, int | float) or not pm >= 0:
             raise ValueError(f"pretrain_minutes must be >= 0; got {pm!r}")

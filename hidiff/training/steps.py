@@ -17,6 +17,7 @@ A pre-training step trains the segmentor on ``L_seg`` alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ class StepSettings:
     offset: str = "none"
     grad_clip: float | None = 1.0
     self_align: float = 0.0
+    # 0 here (the library's and ablation's baseline); ``hidiff train`` passes its default 1
     lambda_y0: float = 0.0
     prior_noise: float = 0.0
+    #: the y0 term also in the segmentor phase's L_diff (``False``: the refiner's loss only)
+    y0_in_segmentor: bool = True
 
     def __post_init__(self) -> None:
         if not self.prior_noise >= 0:
@@ -257,6 +261,8 @@ def segmentor_losses(nets: Networks, diffusion: BernoulliDiffusion, draws: Diffu
     out = nets.segmentor(x)
     prior = prior_from_logits(out.logits)
     l_seg = segmentation_loss(out.logits, y0)
+    if not settings.y0_in_segmentor:
+        settings = dataclasses.replace(settings, lambda_y0=0.0)
     t, u = draws.draw(y0)
     y_t = diffusion.q_sample(y0, prior.detach(), t, u)
     refiner = unwrap(nets.refiner)

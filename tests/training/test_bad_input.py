@@ -60,6 +60,8 @@ def test_argument_errors(kvasir_root, tmp_path):
         _train(kvasir_root, tmp_path / "m", refiner_holdout=1.0)
     with pytest.raises(ValueError, match="lambda_y0 must be >= 0"):
         _train(kvasir_root, tmp_path / "m", lambda_y0=-1.0)
+    with pytest.raises(ValueError, match="y0_term must be one of both, refiner; got 'segmentor'"):
+        _train(kvasir_root, tmp_path / "m", y0_term="segmentor")
     with pytest.raises(ValueError, match="leaves 0 for the refiner"):
         _train(kvasir_root, tmp_path / "m", limit_cases=2, refiner_holdout=0.1)
     assert not (tmp_path / "m").exists()

@@ -241,3 +241,30 @@ def test_lambda_y0_adds_the_y0_cross_entropy_to_the_refiner_phase_loss(run):
     # float32 sums of the same terms in a different order: relative 1e-5
     assert logs[2.0]["loss_refiner"] - logs[0.0]["loss_refiner"] == pytest.approx(2 * extra,
                                                                                   rel=1e-5)
+
+
+def test_y0_term_refiner_only_leaves_it_out_of_the_segmentor_phase(run):
+    """Same networks and draws: with ``y0_in_segmentor`` off the segmentor phase's L_diff is the
+    one of weight 0, with it on it is larger by the (positive) y0 cross-entropy; the refiner
+    phase keeps the term either way."""
+    state, x, y0 = run
+    start = state.draws.get_state()
+
+    def l_diff(**changes):
+        state.draws.set_state(start)
+        settings = dataclasses.replace(state.settings, self_align=0.0, **changes)
+        with frozen(state.nets.refiner), torch.no_grad():
+            return float(segmentor_losses(state.nets, state.diffusion, state.draws, x, y0,
+                                          settings)[2])
+
+    plain = l_diff(lambda_y0=0.0)
+    assert l_diff(lambda_y0=1.0, y0_in_segmentor=False) == plain
+    assert l_diff(lambda_y0=1.0, y0_in_segmentor=True) > plain
+    logs = {}
+    for flag in (True, False):
+        nets, opts = copy.deepcopy((state.nets, state.opts))
+        state.draws.set_state(start)
+        settings = dataclasses.replace(state.settings, lambda_y0=1.0, self_align=0.0,
+                                       y0_in_segmentor=flag)
+        logs[flag] = refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
+    assert logs[True]["loss_refiner"] == logs[False]["loss_refiner"]
