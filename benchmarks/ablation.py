@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "train.json").write_text(json.dumps(run))
         val = evaluate_val(model, ref, cfg, cases, args.grid, limit=args.limit_val,
                            estimate=args.estimate)
-        rows.append({"name": name, "options": ", ".join(f"{k}={v}" for k, v in opts.items()),
+        shown = ({"refiner": "own", "offset": cfg.refiner.offset} if opts["refiner"] == "own"
+                 else opts)
+        rows.append({"name": name, "options": ", ".join(f"{k}={v}" for k, v in shown.items()),
                      "estimate": args.estimate, "train": run, "val": val})
         (out / "result.json").write_text(json.dumps(rows[-1], indent=1))
         print(json.dumps(rows[-1]), flush=True)

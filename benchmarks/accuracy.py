@@ -41,6 +41,7 @@ import torch
 import reference
 from hidiff.data import get_reader, load_case
 from hidiff.evaluation import evaluate, pipeline_from_model_dir
+from hidiff.model_dir import read_config
 from hidiff.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +95,19 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
 
 def _evaluate(args, model_dir: Path, reused: list, **kw) -> dict:
     """``hidiff.evaluation.evaluate`` on the test split, or (``--reuse``) its summary.json when
-    it was written at the same steps and seed."""
+    it was written with the sampling asked for (steps, S, estimate: the model's unless given)
+    and seed."""
     done = model_dir / "eval" / "test" / "summary.json"
     if args.reuse and done.is_file():
         summary = json.loads(done.read_text())
         wanted = set(kw.get("predictors") or summary["predictors"])
-        if (summary.get("seed") == kw["seed"] and kw.get("steps") in (None, summary["steps"])
+        d = read_config(model_dir).diffusion
+        steps = kw.get("steps") or d.num_sampling_steps
+        same_sampling = (summary["steps"] == steps
+                         and summary.get("samples", 1) == d.sampling_samples
+                         and (steps == 1 or summary.get("estimate", "last")
+                              == d.sampling_estimate))
+        if (summary.get("seed") == kw["seed"] and same_sampling
                 and wanted <= set(summary["predictors"]) and kw.get("limit") is None):
             reused.append(str(done.relative_to(Path(args.out))))
             return summary
@@ -113,9 +121,10 @@ def sweep(model_dir: Path, data: Path, dataset: str, combos, *, seed: int,
     S) with each chain's ``estimate`` (default the model's); kept in ``model_dir / sweep.json``
     (taken from there with ``reuse``; rows written before the estimate was recorded are
     ``last``)."""
+    if not combos:
+        return []
     cache = model_dir / "sweep.json"
-    model, pipe = pipeline_from_model_dir(model_dir)
-    estimate = estimate or model.config.diffusion.sampling_estimate
+    estimate = estimate or read_config(model_dir).diffusion.sampling_estimate
     stored = json.loads(cache.read_text()) if cache.is_file() else []
     for r in stored:
         r.setdefault("estimate", "last")
@@ -127,6 +136,7 @@ def sweep(model_dir: Path, data: Path, dataset: str, combos, *, seed: int,
             reused.append(str(cache.name) + f" of {model_dir.parent.name}/{model_dir.name}"
                           + (f" ({estimate})" if estimate != "last" else ""))
         return found
+    model, pipe = pipeline_from_model_dir(model_dir)
     cases = model.split.select(get_reader(dataset).list_cases(data), "test")[:limit]
     loaded = [load_case(c, model.dataset_info) for c in cases]
     rows = []
@@ -165,6 +175,7 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
                "seconds_per_case": sec | {"alone": s_a["predictors"]["segmentor"][
                    "seconds_per_case"]},
                "steps": s_h["steps"], "samples": s_h.get("samples", 1),
+               "estimate": s_h.get("estimate", "last"),
                "n_cases": s_h["n_cases"]}
         if i == 0 and args.sweep and dataset in args.sweep_datasets.split(","):
             run["sweep"] = [row for est in args.sweep_estimates
@@ -202,7 +213,8 @@ def report(results: list[dict], args, wall: float) -> str:
         for r in runs:
             lines.append(f"| {r['seed']} | {r['hidiff_run']['iterations']} / "
                          f"{r['alone_run']['iterations']} | {r['steps']} steps x {r['samples']}"
-                         f" | " + " | ".join(_fmt(r["dice"][k]) for k, _ in PREDICTORS) + " |")
+                         + (f" ({r.get('estimate', 'last')})" if r["steps"] > 1 else "")
+                         + " | " + " | ".join(_fmt(r["dice"][k]) for k, _ in PREDICTORS) + " |")
         if len(runs) > 1:
             means = {k: float(np.mean([r["dice"][k] for r in runs if r["dice"][k] is not None]))
                      for k, _ in PREDICTORS}

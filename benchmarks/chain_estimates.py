@@ -8,7 +8,7 @@ chain's last estimate and of its trajectory mean, for trained HiDiff model folde
 For each model and each (steps, S) of ``--grid`` the val split is predicted once at the model
 resolution (sampling seed 0, the torch pipeline's networks through
 :func:`reference.predict_batch` with a trace). From that one run it scores, against the resized
-ground truth: step k's y0_hat averaged over the S chains (``step_k``), the ``last`` estimate
+ground truth: step k's y0_hat averaged over the S chains (``steps[k]``), the ``last`` estimate
 (the final step's, what models written before 2026-12-04 sample with) and the ``trajectory``
 estimate (every step's y0_hat averaged; :func:`reference.reverse_process`), next to the
 segmentor alone. Both estimates come from the same chains, so their difference is the estimate
@@ -65,6 +65,8 @@ def step_estimates(pipe: HiDiffPipeline, x: np.ndarray, steps: int, samples: int
 
 def evaluate_model(folder: str, data: str, grid, *, limit: int | None) -> dict:
     model = load_model_dir(folder)
+    if model.config.num_classes != 1:
+        raise SystemExit(f"{folder}: chain_estimates scores binary (K = 1) models only")
     _, cases = get_reader(model.dataset_info.name).open(data)
     size = model.config.image_size
     val = SegmentationDataset(model.split.select(cases, "val")[:limit], model.dataset_info,

@@ -11,8 +11,9 @@ the one predict loop the torch pipeline runs too; it only supplies the two netwo
 segmentor plus the refiner's static part once per image chunk (:mod:`edge_runtime.refiner`),
 repeated for the S chains, and one refiner step per reverse step on the chosen backend. The loop
 draws ``reference.chain_uniforms(seed, prior.shape, n, S)``, runs S chains with the model's
-offset and parameterisation, averages their final y0_hat (mask from the mean) and returns the
-spread across chains as the uncertainty map. Fed the same network outputs, the masks are those of
+offset and parameterisation, averages the chains' estimates (the model's ``sampling_estimate``:
+each chain's last y0_hat or the mean over its steps; mask from the mean) and returns the spread
+across chains as the uncertainty map. Fed the same network outputs, the masks are those of
 ``hidiff.pipeline.HiDiffPipeline`` for the same seed.
 
 Whole images follow the model's preprocessing policy exactly as the torch pipeline does:
@@ -152,9 +153,10 @@ class HiDiffSession:
         s = facts.sampling_samples if samples is None else samples
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
             raise EdgeError(f"samples must be an int >= 1; got {s!r}")
-        e = facts.sampling_estimate if estimate is None else estimate
-        if e not in reference.ESTIMATES:
-            raise EdgeError(f"unknown estimate {e!r}; allowed: {', '.join(reference.ESTIMATES)}")
+        try:
+            e = reference.check_estimate(facts.sampling_estimate if estimate is None else estimate)
+        except ValueError as err:
+            raise EdgeError(str(err)) from None
         schedule = reference.respace(self._schedule, self.sampling_steps(steps))
         return reference.Sampler(schedule, method=facts.sampler,
                                  parameterization=facts.parameterization, offset=facts.offset,
@@ -174,17 +176,17 @@ class HiDiffSession:
 
     def predict_batch(self, x: np.ndarray, *, steps: int | None = None,
                       samples: int | None = None, seed: int = 0,
-                      batch_size: int | None = None,
-                      trace: list | None = None) -> reference.BatchPrediction:
+                      batch_size: int | None = None, trace: list | None = None,
+                      estimate: str | None = None) -> reference.BatchPrediction:
         """:func:`reference.predict_batch` on normalised images ``x`` (N, C, H, W) at the model's
-        input size: ``prob`` (mean y0_hat), ``spread`` (across chains), ``prior``; uniforms for
-        the whole batch, the networks on ``batch_size`` images at a time; ``trace`` as in
-        :func:`reference.reverse_process`."""
+        input size: ``prob`` (the chains' mean estimate), ``spread`` (across chains), ``prior``;
+        uniforms for the whole batch, the networks on ``batch_size`` images at a time; ``trace``
+        as in :func:`reference.reverse_process`; ``estimate`` as in :meth:`sampler`."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         expected = (self.facts.in_channels, *self.facts.input_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise EdgeError(f"x must be (N, {', '.join(map(str, expected))}); got {x.shape}")
-        sampler = self.sampler(steps, samples)
+        sampler = self.sampler(steps, samples, estimate=estimate)
         return reference.predict_batch(
             x, segment=lambda part: self._segment(part, sampler.samples),
             denoise=self._denoise, sampler=sampler, seed=int(seed), batch_size=batch_size,
@@ -192,12 +194,13 @@ class HiDiffSession:
 
     # -- whole images -----------------------------------------------------------------------
     def predict(self, image: np.ndarray, *, steps: int | None = None,
-                samples: int | None = None, seed: int = 0) -> EdgePrediction:
+                samples: int | None = None, seed: int = 0,
+                estimate: str | None = None) -> EdgePrediction:
         """Predict one HWC image (uint8 RGB or float in [0, 1]) at its original size with
-        :func:`reference.predict_image`."""
+        :func:`reference.predict_image` (``estimate`` as in :meth:`sampler`)."""
         facts = self.facts
         image = images.as_float_image(image, facts.in_channels)
-        sampler = self.sampler(steps, samples)
+        sampler = self.sampler(steps, samples, estimate=estimate)
         return reference.predict_image(
             image, preprocessing=facts.preprocessing,
             segment=lambda part: self._segment(part, sampler.samples),

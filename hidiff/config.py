@@ -42,8 +42,7 @@ SAMPLERS: tuple[str, ...] = reference.SAMPLERS
 PARAMETERIZATIONS: tuple[str, ...] = reference.PARAMETERIZATIONS
 OFFSETS: tuple[str, ...] = reference.OFFSETS
 ESTIMATES: tuple[str, ...] = reference.ESTIMATES
-#: a new model's chain estimate: the mean of every step's y0 estimate (chosen on the Kvasir-SEG
-#: val split, benchmarks/results/chain_estimates.md; the same as ``last`` for one step)
+#: new models: the mean of each chain's steps (docs/architecture.md, "Inference")
 DEFAULT_SAMPLING_ESTIMATE = "trajectory"
 ATTENTIONS: tuple[str, ...] = ("hard", "softmax")
 UP_MODES: tuple[str, ...] = ("bilinear", "transpose")
@@ -291,7 +290,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise."""
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise. Keys added
+        after folders were written take what those folders meant instead: a ``refiner`` dict
+        without ``offset`` is ``none``, a ``diffusion`` dict without ``sampling_estimate`` is
+        ``last`` (an absent section is a default section)."""
         if not isinstance(data, dict):
             raise ValueError(f"ModelConfig.from_dict needs a dict; got {type(data).__name__}")
         _check_keys(cls, data, "ModelConfig")
@@ -351,30 +353,18 @@ def _section_from_dict(cls: type, data: Any, where: str) -> Any:
 
 # name -> (image_size, segmentor kwargs, refiner kwargs); every preset uses T = 10, cosine.
 _PRESETS: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
-    "paper": (
-        256,
-        dict(base_channels=32, depth=5, max_channels=512),
-        dict(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), blocks_per_level=2,
-             emb_dim=512, emb_freq_dim=128, xformer_heads=8),
-    ),
-    "cpu-base": (
-        256,
-        dict(base_channels=16, depth=5, max_channels=256),
-        dict(base_channels=32, channel_mults=(1, 1, 2, 2, 4, 4), blocks_per_level=2,
-             emb_dim=128, emb_freq_dim=64, xformer_heads=4),
-    ),
-    "cpu-small": (
-        128,
-        dict(base_channels=16, depth=4, max_channels=128),
-        dict(base_channels=16, channel_mults=(1, 2, 2, 4, 4), blocks_per_level=1,
-             emb_dim=64, emb_freq_dim=32, xformer_heads=4),
-    ),
-    "tiny": (
-        64,
-        dict(base_channels=8, depth=3, max_channels=32),
-        dict(base_channels=8, channel_mults=(1, 2, 2, 4), blocks_per_level=1,
-             emb_dim=32, emb_freq_dim=16, xformer_heads=2),
-    ),
+    "paper": (256, dict(base_channels=32, depth=5, max_channels=512),
+              dict(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), blocks_per_level=2,
+                   emb_dim=512, emb_freq_dim=128, xformer_heads=8)),
+    "cpu-base": (256, dict(base_channels=16, depth=5, max_channels=256),
+                 dict(base_channels=32, channel_mults=(1, 1, 2, 2, 4, 4), blocks_per_level=2,
+                      emb_dim=128, emb_freq_dim=64, xformer_heads=4)),
+    "cpu-small": (128, dict(base_channels=16, depth=4, max_channels=128),
+                  dict(base_channels=16, channel_mults=(1, 2, 2, 4, 4), blocks_per_level=1,
+                       emb_dim=64, emb_freq_dim=32, xformer_heads=4)),
+    "tiny": (64, dict(base_channels=8, depth=3, max_channels=32),
+             dict(base_channels=8, channel_mults=(1, 2, 2, 4), blocks_per_level=1,
+                  emb_dim=32, emb_freq_dim=16, xformer_heads=2)),
 }  # fmt: skip
 
 

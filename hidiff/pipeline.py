@@ -76,10 +76,10 @@ class PipelineOutput:
     """Result of :meth:`HiDiffPipeline.predict` for a batch.
 
     ``mask``: (N, H, W) uint8 label map (0/1 for K = 1, class index for K > 1);
-    ``prob``: (N, K, H, W) float64, the final y0_hat (the prior itself for the segmentor alone);
-    ``prior``: (N, K, H, W) float32, the segmentor's prior p;
-    ``spread``: (N, K, H, W) float64, the per-pixel standard deviation of y0_hat across the
-    sampled chains (the uncertainty map; 0 for one chain or the segmentor alone).
+    ``prob``: (N, K, H, W) float64, the chains' mean estimate (the prior itself for the
+    segmentor alone); ``prior``: (N, K, H, W) float32, the segmentor's prior p;
+    ``spread``: (N, K, H, W) float64, the per-pixel standard deviation of the chains' estimates
+    (the uncertainty map; 0 for one chain or the segmentor alone).
     """
 
     mask: Tensor

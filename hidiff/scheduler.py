@@ -7,15 +7,14 @@
         out = torch.sigmoid(refiner(x, y, prior, features, step))
         res = scheduler.step(out, step, y, prior=prior, u=u[k + 1] if k + 1 < len(u) else None)
         y = res.prev_sample
-    mask = res.pred_original_sample > 0.5
+    mask = res.pred_original_sample > 0.5        # the "last" estimate of one chain
 
 The configuration is frozen. ``timesteps`` are *original* step indices in decreasing order (what the
 network is told). Randomness is explicit: each step takes the uniforms ``u`` of its draw, e.g. from
 :func:`reference.draw_uniforms` so the NumPy oracle and the edge runtime see the same draws. At the
-last step no draw is made and ``prev_sample`` is the probability map ``y0_hat``. Models sample
-with ``estimate="trajectory"`` by default: the loop (:func:`reference.reverse_process`, what
-``HiDiffPipeline`` runs) averages every step's ``pred_original_sample`` instead of keeping the
-last one; each ``step`` is the same either way.
+last step no draw is made and ``prev_sample`` is the probability map ``y0_hat``. How a chain's
+estimate is formed from its steps (the config's ``sampling_estimate``) is the loop's business
+(:func:`reference.reverse_process`, what ``HiDiffPipeline`` runs), not the scheduler's.
 """
 
 from __future__ import annotations

@@ -23,11 +23,9 @@ at t = 1 the chain's estimate is, by ``estimate``:
     last        y0_hat_1                                (the final step's y0 estimate)
     trajectory  (1 / n) * sum_{t=1..n} y0_hat_t         (every step's y0 estimate, averaged)
 
-Each y0_hat_t estimates the same y0. y0_hat_1 is computed from y_1, itself one Bernoulli draw, and
-a refiner trained where y_1 is nearly y0 largely copies it: one chain's last estimate is then close
-to a posterior *sample*, whose Dice is below that of the thresholded mean. Averaging along the
-chain costs no network evaluation and lowers that variance (``benchmarks/results/
-chain_estimates.md``); for n = 1 both are y0_hat_1.
+Each y0_hat_t estimates the same y0; averaging them costs no network evaluation and lowers the
+variance of one chain's estimate (why that matters: docs/architecture.md, "Inference"); for n = 1
+both are y0_hat_1.
 
 S chains run side by side (one batch) and their estimates are averaged: the estimate is the mean,
 the uncertainty map the spread across chains. Final mask: mean > 0.5 when K = 1, argmax over the

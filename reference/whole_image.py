@@ -69,9 +69,9 @@ class Preprocessing:
 @dataclass(frozen=True)
 class ImagePrediction:
     """One image's result at its own size: ``mask`` (H, W) uint8 label map (0/1 for K = 1,
-    argmax for K > 1); ``prob`` (K, H, W) float32 mean final y0_hat over the chains (the prior
+    argmax for K > 1); ``prob`` (K, H, W) float32 mean of the chains' estimates (the prior
     for the segmentor alone); ``prior`` (K, H, W) float32; ``spread`` (K, H, W) float32
-    standard deviation of y0_hat across the chains (the uncertainty map)."""
+    standard deviation of the estimates across the chains (the uncertainty map)."""
 
     mask: np.ndarray
     prob: np.ndarray

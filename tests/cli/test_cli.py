@@ -93,17 +93,34 @@ def test_evaluate_prints_the_three_predictor_table_and_writes_results(model_dir)
     assert "trajectory estimate" in proc.stdout
 
 
-def test_evaluate_estimate_option_reaches_the_sampler(model_dir, tmp_path):
-    runs = {}
-    for estimate in ("last", "trajectory"):
-        out = tmp_path / estimate
-        proc = _ok(hidiff("evaluate", model_dir, "--limit", 2, "--steps", STEPS, "--estimate",
-                          estimate, "--overlays", 0, "--out", out, "--quiet"))
-        assert f"{estimate} estimate" in proc.stdout
-        runs[estimate] = json.loads((out / "per_case.json").read_text())
-        assert runs[estimate]["estimate"] == estimate
+def test_evaluate_estimate_option_is_recorded_and_checked(model_dir, tmp_path):
+    out = tmp_path / "last"
+    proc = _ok(hidiff("evaluate", model_dir, "--limit", 1, "--steps", STEPS, "--estimate", "last",
+                      "--overlays", 0, "--out", out, "--quiet"))
+    assert "last estimate" in proc.stdout
+    assert json.loads((out / "per_case.json").read_text())["estimate"] == "last"
     bad = hidiff("evaluate", model_dir, "--estimate", "mean")
     assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr
+
+
+@pytest.mark.parametrize(("given", "used"), [("last", "last"), (None, "trajectory")])
+def test_evaluate_estimate_reaches_every_prediction(model_dir, tmp_path, monkeypatch, given,
+                                                    used):
+    from hidiff import evaluation
+    from hidiff.pipeline import HiDiffPipeline
+
+    seen = []
+    real = HiDiffPipeline.predict_image
+
+    def recording(self, image, **kwargs):
+        seen.append(kwargs.get("estimate"))
+        return real(self, image, **kwargs)
+
+    monkeypatch.setattr(HiDiffPipeline, "predict_image", recording)
+    summary = evaluation.evaluate(model_dir, out=tmp_path / "e", steps=STEPS, samples=1,
+                                  limit=1, overlays=0, estimate=given, progress=False)
+    assert summary["estimate"] == used  # None: the model's config
+    assert seen and set(seen) == {used}
 
 
 def test_predict_writes_masks_of_the_original_size(model_dir, two_images, tmp_path):

@@ -20,6 +20,7 @@ above exactly, and mask agreement above ``MIN_AGREEMENT``; the counts of each ki
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,8 @@ def _kvasir(root: Path, count: int, offset: int = 0) -> list[np.ndarray]:
 
 
 def _torch_trajectory(pipe, x: np.ndarray, steps, seed: int, refiner: str = "binary"):
-    """Torch's prior, samples, step means and final estimate (its own modules and scheduler, as
-    ``HiDiffPipeline._refine``; checked equal to ``pipe.predict``): the last y0_hat, or the mean
+    """Torch's prior, samples, step means and final estimate (its own modules and the
+    diffusers-shaped scheduler; checked equal to ``pipe.predict``): the last y0_hat, or the mean
     of every step's for the config's ``sampling_estimate`` ``trajectory``."""
     import torch
 
@@ -281,6 +282,17 @@ def test_sampling_estimate_comes_from_the_manifest_and_older_exports_read_last(s
     s = sessions["packed"]
     assert s.facts.sampling_estimate == "trajectory" == s.sampler().estimate
     assert s.sampler(estimate="last").estimate == "last"
+    legacy = HiDiffSession(tiny_export[1], backend="onnxruntime")
+    legacy.facts = dataclasses.replace(legacy.facts, sampling_estimate="last")
+    assert legacy.sampler().estimate == "last"  # the default is the manifest's, not a constant
+    x = np.random.default_rng(0).standard_normal(
+        (1, s.facts.in_channels, *s.facts.input_size)).astype(np.float32)
+    got = {e: s.predict_batch(x, steps=3, samples=2, seed=1, estimate=e, trace=(t := []))
+           for e in ("last", "trajectory")}
+    assert not np.array_equal(got["last"].prob, got["trajectory"].prob)  # the override reaches it
+    assert np.array_equal(got["trajectory"].prob, legacy.predict_batch(
+        x, steps=3, samples=2, seed=1, estimate="trajectory").prob)  # and wins over the default
+    assert len(t) == 3
     raw = dict(s.facts.raw)
     del raw["sampling_estimate"]  # an export made before the choice existed
     assert ModelFacts.from_dict(raw, tiny_export[1]).sampling_estimate == "last"

@@ -89,6 +89,10 @@ def test_unknown_keys_named():
 def test_partial_dict_takes_defaults():
     cfg = ModelConfig.from_dict({"diffusion": {"sampler": "ancestral"}})
     assert cfg.diffusion.sampler == "ancestral" and cfg.diffusion.num_steps == 10
+    # keys newer than the section mean what older folders meant; absent sections are defaults
+    assert cfg.diffusion.sampling_estimate == "last" and cfg.refiner.offset == "bayes"
+    assert ModelConfig.from_dict({}).diffusion.sampling_estimate == "trajectory"
+    assert ModelConfig.from_dict({"refiner": {}}).refiner.offset == "none"
 
 
 def test_sampling_estimate_default_and_configs_written_before_it():
