@@ -70,6 +70,10 @@ def _adamw(module: torch.nn.Module, spec: RunSpec) -> torch.optim.AdamW:
 
 def build_state(spec: RunSpec, ctx: DistContext) -> RunState:
     """Networks, optimizers and generators of ``spec``, restored from its checkpoint if any."""
+    if spec.refiner_set is not None and len(spec.refiner_set) < ctx.world_size:
+        raise ValueError(f"refiner_holdout={spec.args.refiner_holdout} leaves "
+                         f"{len(spec.refiner_set)} case(s) for the refiner, fewer than the "
+                         f"{ctx.world_size} processes that share them; hold out more")
     args, cfg, ckpt = spec.args, spec.config, spec.checkpoint
     if cfg.diffusion.focal_gamma != 2.0:
         raise ValueError("hidiff.diffusion.diffusion_loss uses focal gamma 2; config.json asks "

@@ -175,3 +175,19 @@ def test_unknown_format_version_is_refused(header_only):
     path.write_text(json.dumps({**header, "format_version": 2}))
     with pytest.raises(ModelDirError, match="format_version 2"):
         load_model_dir(header_only)
+
+
+def test_refiner_holdout_smaller_than_the_process_count_is_named(kvasir_root, tmp_path):
+    """Under DDP each process needs a refiner case: 2 held-out cases cannot feed 4 processes
+    (checked before any network is built or wrapped, so no process group is needed here)."""
+    from hidiff.training.distributed import DistContext
+    from hidiff.training.run_state import build_state
+    from hidiff.training.setup import TrainArgs, prepare_run
+
+    args = TrainArgs(dataset="kvasir-seg", data=str(kvasir_root), preset="tiny",
+                     out=str(tmp_path / "m"), max_steps=1, batch_size=2, limit_cases=8,
+                     refiner_holdout=0.25)
+    spec = prepare_run(args)
+    with pytest.raises(ValueError, match=r"refiner_holdout=0\.25 leaves 2 case\(s\) for the "
+                                         r"refiner, fewer than the 4 processes"):
+        build_state(spec, DistContext(world_size=4))
