@@ -207,8 +207,17 @@ def report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _grid(text: str) -> list[tuple[int, int]]:
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """``"1x1,10x4"`` -> ``[(1, 1), (10, 4)]`` (sampling steps x chains S)."""
     return [tuple(int(v) for v in item.split("x")) for item in filter(None, text.split(","))]
+
+
+def write_results(stem: str, rows: list[dict], markdown: str) -> None:
+    """``<stem>.json`` (the command line and the rows) and ``<stem>.md``."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    Path(stem + ".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1))
+    Path(stem + ".md").write_text(markdown)
+    print(f"wrote {stem}.md and .json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", type=_grid, default=_grid("1x1,3x1,10x1,1x4,3x4,10x4,1x8"))
+    p.add_argument("--grid", type=parse_grid, default=parse_grid("1x1,3x1,10x1,1x4,3x4,10x4,1x8"))
     p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "ablation"))
     p.add_argument("--reuse", action="store_true", help="evaluate refiners already trained")
@@ -282,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                      "estimate": args.estimate, "train": run, "val": val})
         (out / "result.json").write_text(json.dumps(rows[-1], indent=1))
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results + ".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows},
-                                                       indent=1))
-    Path(args.results + ".md").write_text(report(rows, args))
-    print(f"wrote {args.results}.md and .json")
+    write_results(args.results, rows, report(rows, args))
     return 0
 
 

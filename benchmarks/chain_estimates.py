@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ablation import parse_grid, write_results
 
 import reference
 from hidiff.data import get_reader
@@ -114,15 +115,11 @@ def report(rows: list[dict], grid: list[str]) -> str:
     return "\n".join(lines + [""])
 
 
-def _grid(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in item.split("x")) for item in filter(None, text.split(","))]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="HiDiff model folders")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "Kvasir-SEG"))
-    p.add_argument("--grid", type=_grid, default=_grid("10x1,3x4,10x4"))
+    p.add_argument("--grid", type=parse_grid, default=parse_grid("10x1,3x4,10x4"))
     p.add_argument("--limit", type=int, help="only the first N val cases")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "chain_estimates"))
     p.add_argument("--quick", action="store_true", help="smoke run: a 4-step tiny model, 4 cases")
@@ -138,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.models:
         p.error("give at least one model folder (or --quick)")
     rows = [evaluate_model(m, args.data, args.grid, limit=args.limit) for m in args.models]
-    grid = [f"{s}x{k}" for s, k in args.grid]
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results + ".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows},
-                                                       indent=1))
-    Path(args.results + ".md").write_text(report(rows, grid))
-    print(f"wrote {args.results}.md and .json")
+    write_results(args.results, rows, report(rows, [f"{s}x{k}" for s, k in args.grid]))
     return 0
 
 
