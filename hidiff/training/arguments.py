@@ -12,6 +12,7 @@ from typing import Any
 
 from hidiff.config import OFFSETS, list_presets
 from hidiff.data.readers import available_readers
+from hidiff.training.setup import Y0_TERMS
 
 __all__ = ["add_train_arguments", "train_kwargs"]
 
@@ -66,7 +67,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the cross-entropy of the refiner's y0 estimate in the diffusion "
                         "loss (refiner's, and the segmentor's through --lambda-diff) "
                         "(default 1; 0 = off)")
-    p.add_argument("--y0-term", choices=("both", "refiner"),
+    p.add_argument("--y0-term", choices=Y0_TERMS,
                    help="where the y0 cross-entropy acts: the diffusion loss of both phases "
                         "(default) or the refiner's only")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")

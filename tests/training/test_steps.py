@@ -268,3 +268,13 @@ def test_y0_term_refiner_only_leaves_it_out_of_the_segmentor_phase(run):
                                        y0_in_segmentor=flag)
         logs[flag] = refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
     assert logs[True]["loss_refiner"] == logs[False]["loss_refiner"]
+
+
+@pytest.mark.parametrize(("y0_term", "in_segmentor"), [("both", True), ("refiner", False)])
+def test_y0_term_reaches_the_step_settings(kvasir_root, tmp_path, one_thread, y0_term,
+                                           in_segmentor):
+    args = TrainArgs(dataset="kvasir-seg", data=str(kvasir_root), preset="tiny",
+                     out=str(tmp_path / "unused"), max_steps=1, batch_size=4, limit_cases=4,
+                     y0_term=y0_term)
+    settings = build_state(prepare_run(args), DistContext()).settings
+    assert settings.y0_in_segmentor is in_segmentor and settings.lambda_y0 == 1.0
