@@ -210,7 +210,8 @@ def reverse_process(
     flat = (s * prior.shape[0], *prior.shape[1:])
     y = bernoulli_sample(priors, uniforms[0])
     states = [y]
-    total = np.zeros(y.shape)
+    trajectory = estimate == "trajectory"
+    total = np.zeros(y.shape) if trajectory else None
     for k, t in enumerate(range(n, 0, -1)):
         net = np.asarray(denoise_fn(y.reshape(flat), int(schedule.timesteps[t])), np.float64)
         if net.shape != flat:
@@ -218,11 +219,12 @@ def reverse_process(
         out = refiner_output(net.reshape(y.shape), y, priors, t, schedule,
                              parameterization=parameterization, offset=offset)
         y0_hat = y0_from_output(y, out, parameterization)
-        total += y0_hat
+        if trajectory:
+            total += y0_hat
         if t == 1:
             if trace is not None:
                 trace.append((t, y, net.reshape(y.shape), None))
-            chains = total / n if estimate == "trajectory" else y0_hat
+            chains = total / n if trajectory else y0_hat
             return ReverseResult(chains.mean(axis=0), chains.std(axis=0), chains, tuple(states))
         mean = step_mean(y, y0_hat, priors, t, schedule, method=method)
         if trace is not None:
