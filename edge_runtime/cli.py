@@ -2,7 +2,8 @@
 
     hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
                         [--backend packed|onnxruntime] [--refiner binary|fp]
-                        [--segmentor fp32|int8] [--steps N] [--samples S] [--uncertainty]
+                        [--segmentor fp32|int8] [--steps N] [--samples S] [--estimate E]
+                        [--uncertainty]
                         [--seed S] [--threads T] [--overwrite] [--no-progress]
     hidiff-edge info --model DIR [--backend ...] [--refiner ...] [--segmentor ...]
     hidiff-edge quantize --model DIR IMAGE_OR_FOLDER... [--max-images N] [--overwrite]
@@ -31,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from reference.sampling import ESTIMATES
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive, default=None,
                    help="chains averaged per image (default: the model's)")
+    p.add_argument("--estimate", choices=ESTIMATES, default=None,
+                   help="each chain's estimate: its last y0 estimate or the mean over its steps "
+                        "(default: the model's)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the uniforms (default 0)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--uncertainty", action="store_true",
@@ -153,7 +159,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
                             refiner=args.refiner, segmentor=args.segmentor)
-    session.sampler(args.steps, args.samples)  # validates steps and samples
+    session.sampler(args.steps, args.samples, estimate=args.estimate)  # validates them
     facts = session.facts
     files = collect_images(args.inputs)
     kinds = [""] + ["_overlay"] * args.overlay + ["_uncertainty"] * args.uncertainty
@@ -192,7 +198,8 @@ def _predict(args: argparse.Namespace) -> int:
                    leave=False, file=sys.stderr)
         for path in bar:
             rgb = images.read_image(path, facts.in_channels)
-            pred = session.predict(rgb, steps=args.steps, samples=args.samples, seed=args.seed)
+            pred = session.predict(rgb, steps=args.steps, samples=args.samples, seed=args.seed,
+                                   estimate=args.estimate)
             gt = gts.get(path)
             written.append(write_png(out_dir / f"{path.stem}.png",
                                      mask_pixels(pred.mask, facts.num_classes)))

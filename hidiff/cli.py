@@ -61,6 +61,12 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _estimate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimate", choices=ESTIMATES,
+                   help="each chain's estimate: its last y0 estimate or the mean over its steps "
+                        "(default: the model's)")
+
+
 # -- train ----------------------------------------------------------------------------------------
 
 
@@ -94,9 +100,7 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
-    p.add_argument("--estimate", choices=ESTIMATES,
-                   help="each chain's estimate: its last y0 estimate or the mean over its steps "
-                        "(default: the model's)")
+    _estimate_option(p)
     p.add_argument("--seed", type=_non_negative, default=0,
                    help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--limit", type=_positive, help="only the first N cases of the subset")
@@ -131,6 +135,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     p.add_argument("--samples", type=_positive,
                    help="chains averaged per image (default: the model's)")
+    _estimate_option(p)
     p.add_argument("--seed", type=_non_negative, default=0,
                    help="seed of the Bernoulli draws (default 0)")
     p.add_argument("--uncertainty", action="store_true",
@@ -145,9 +150,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         from hidiff.predict import predict_paths
 
         written = predict_paths(args.model_dir, args.inputs, out=args.out, steps=args.steps,
-                                samples=args.samples, seed=args.seed, refiner=args.refiner,
-                                uncertainty=args.uncertainty, overwrite=args.overwrite,
-                                progress=not args.quiet)
+                                samples=args.samples, estimate=args.estimate, seed=args.seed,
+                                refiner=args.refiner, uncertainty=args.uncertainty,
+                                overwrite=args.overwrite, progress=not args.quiet)
         if not args.quiet:
             print(f"wrote {len(written)} file(s) to {args.out}")
         return 0

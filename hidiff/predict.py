@@ -43,6 +43,7 @@ def predict_paths(
     out: str | Path,
     steps: int | None = None,
     samples: int | None = None,
+    estimate: str | None = None,
     seed: int = 0,
     refiner: str | None = "binary",
     uncertainty: bool = False,
@@ -54,15 +55,16 @@ def predict_paths(
     ``refiner``: ``"binary"`` (HiDiff), ``"fp"`` (the full-precision twin, when the folder has
     one) or ``"none"``/``None`` (the segmentor alone). ``steps`` / ``samples`` / ``seed``:
     sampling steps and chains averaged (defaults: the model's) and the seed of the uniforms
-    (each image is predicted on its own with this seed). ``uncertainty``: also write
-    ``out/<stem>_uncertainty.png``, the spread of y0_hat across the chains
-    (:func:`reference.uncertainty_pixels`; all 0 for one chain or the segmentor alone).
+    (each image is predicted on its own with this seed). ``estimate``: each chain's estimate,
+    ``"last"`` or ``"trajectory"`` (``reference.ESTIMATES``; default: the model's).
+    ``uncertainty``: also write ``out/<stem>_uncertainty.png``, the spread of y0_hat across the
+    chains (:func:`reference.uncertainty_pixels`; all 0 for one chain or the segmentor alone).
     An input is never overwritten; an output file that already exists is refused unless
     ``overwrite``.
     """
     model, pipe = pipeline_from_model_dir(model_dir)
     pipe.refiner_module(refiner)  # reject an unknown / unavailable refiner before reading anything
-    pipe.sampler(steps, samples)  # validate steps and samples up front
+    pipe.sampler(steps, samples, estimate=estimate)  # validate the sampling up front
     paths = collect_images(inputs)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -94,7 +96,7 @@ def predict_paths(
         for path, target in bar:
             image = read_image(path, channels)
             pred = pipe.predict_image(image, steps=steps, samples=samples, seed=seed,
-                                      refiner=refiner)
+                                      refiner=refiner, estimate=estimate)
             pixels = files.mask_pixels(pred.mask, model.config.num_classes)
             written.append(files.write_png(target, pixels))
             if uncertainty:

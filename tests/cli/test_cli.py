@@ -138,6 +138,39 @@ def test_predict_writes_masks_of_the_original_size(model_dir, two_images, tmp_pa
     assert [p.name for p in single.iterdir()] == [inputs[0].stem + ".png"]
 
 
+
+def test_predict_estimate_option_writes_that_estimates_prediction(model_dir, two_images,
+                                                                   tmp_path):
+    """``hidiff predict --estimate E`` writes what the pipeline predicts with estimate E (the
+    uncertainty PNG carries the float spread, which differs between the estimates at 4 steps);
+    an unknown estimate exits 2 before anything is written."""
+    import torch
+
+    from hidiff.predict import pipeline_from_model_dir, read_image
+    from reference import uncertainty_pixels
+
+    first = sorted(two_images.glob("*.jpg"))[0]
+    _, pipe = pipeline_from_model_dir(model_dir)
+    spreads = {}
+    for estimate in ("last", "trajectory"):
+        out = tmp_path / estimate
+        _ok(hidiff("predict", model_dir, first, "-o", out, "--steps", 4, "--seed", 3,
+                   "--estimate", estimate, "--uncertainty", "--quiet"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the subprocess's one thread: the same float sums, bit for bit
+        try:
+            pred = pipe.predict_image(read_image(first, 3), steps=4, seed=3, estimate=estimate)
+        finally:
+            torch.set_num_threads(threads)
+        assert np.array_equal(np.asarray(Image.open(out / f"{first.stem}.png")),
+                              pred.mask * np.uint8(255))
+        spreads[estimate] = np.asarray(Image.open(out / f"{first.stem}_uncertainty.png"))
+        assert np.array_equal(spreads[estimate], uncertainty_pixels(pred.spread))
+    assert not np.array_equal(spreads["last"], spreads["trajectory"])
+    bad = hidiff("predict", model_dir, first, "-o", tmp_path / "bad", "--estimate", "mean")
+    assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
 def _gray_png(path: Path) -> Path:
     Image.fromarray(np.full((40, 50), 128, np.uint8)).save(path)
     return path

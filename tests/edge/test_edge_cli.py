@@ -73,6 +73,38 @@ def test_predict_writes_masks_overlays_and_metrics(exported, kvasir_pair, tmp_pa
                               np.asarray(Image.open(other / f"{stem}.png")))
 
 
+
+@pytest.mark.data
+def test_predict_estimate_option_reaches_the_sampler(exported, kvasir_pair, tmp_path, capsys):
+    """``--estimate`` writes what the session predicts with that estimate (the uncertainty PNG
+    carries the float spread, which the two estimates give differently at 4 steps)."""
+    from edge_runtime import HiDiffSession
+    from edge_runtime.images import read_image
+    from reference import uncertainty_pixels
+
+    images, _ = kvasir_pair
+    session = HiDiffSession(exported)
+    first = sorted(images.iterdir())[0]
+    rgb = read_image(first)
+    spreads = {}
+    for estimate in ("last", "trajectory"):
+        out = tmp_path / estimate
+        code, _, _ = _run(capsys, ["predict", "--model", exported, first, "-o", out, "--seed",
+                                   "3", "--steps", "4", "--estimate", estimate, "--uncertainty",
+                                   "--no-progress"])
+        assert code == 0
+        pred = session.predict(rgb, steps=4, seed=3, estimate=estimate)
+        assert np.array_equal(np.asarray(Image.open(out / f"{first.stem}.png")),
+                              pred.mask * np.uint8(255))
+        spreads[estimate] = np.asarray(Image.open(out / f"{first.stem}_uncertainty.png"))
+        assert np.array_equal(spreads[estimate], uncertainty_pixels(pred.spread))
+    assert not np.array_equal(spreads["last"], spreads["trajectory"])
+    with pytest.raises(SystemExit) as err:
+        main(["predict", "--model", str(exported), str(first), "-o", str(tmp_path / "bad"),
+              "--estimate", "mean"])
+    assert err.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
 def test_info(exported, capsys):
     code, stdout, _ = _run(capsys, ["info", "--model", exported])
     assert code == 0
