@@ -19,7 +19,9 @@ moving average of the refiner's weights, evaluated instead of the last weights) 
 ``hidiff.training.steps.perturbed_prior``) and ``train_on`` (``seen``: the refiner trains on the
 segmentor's own training cases, where its priors are nearly right; ``unseen``: on the cases of
 the dataset's committed train split that the segmentor was *not* trained on, e.g. those cut by
-``hidiff train --limit-cases``, where its priors are as wrong as on new images). Results:
+``hidiff train --limit-cases``, where its priors are as wrong as on new images) and ``t_focus``
+(fraction of the samples trained at t = T, the step one-step sampling evaluates;
+``StepSettings.t_focus``). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
 ``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid and
 the estimate, else re-evaluates its refiner). ``refiner=own`` trains nothing: the refiner of the
@@ -61,7 +63,7 @@ from reference.sampling import ESTIMATES
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float,
-        "prior_noise": float, "train_on": str, "refiner": str}
+        "prior_noise": float, "train_on": str, "refiner": str, "t_focus": float}
 TRAIN_ON = ("seen", "unseen")
 REFINERS = ("new", "own")
 
@@ -69,7 +71,7 @@ REFINERS = ("new", "own")
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0,
-            "prior_noise": 0.0, "train_on": "seen", "refiner": "new"}
+            "prior_noise": 0.0, "train_on": "seen", "refiner": "new", "t_focus": 0.0}
     defaults = dict(opts)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
@@ -142,7 +144,8 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
     draws = DiffusionDraws(cfg.diffusion.num_steps, args.seed)
     settings = StepSettings(parameterization=cfg.refiner.parameterization,
                             offset=opts["offset"], self_align=opts["self_align"],
-                            lambda_y0=opts["lambda_y0"], prior_noise=opts["prior_noise"])
+                            lambda_y0=opts["lambda_y0"], prior_noise=opts["prior_noise"],
+                            t_focus=opts["t_focus"])
     ema = EMA(ref, opts["ema"]) if opts["ema"] else None
     order_rng, order = np.random.default_rng(args.seed), []
     start = time.time()

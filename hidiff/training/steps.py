@@ -63,10 +63,15 @@ class StepSettings:
     prior_noise: float = 0.0
     #: the y0 term also in the segmentor phase's L_diff (``False``: the refiner's loss only)
     y0_in_segmentor: bool = True
+    #: fraction of the diffusion samples (both phases) trained at t = T, the step every chain
+    #: starts with and the only one that one-step sampling evaluates; the rest t ~ U{1..T}
+    t_focus: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.prior_noise >= 0:
             raise ValueError(f"prior_noise must be >= 0; got {self.prior_noise!r}")
+        if isinstance(self.t_focus, bool) or not 0.0 <= self.t_focus <= 1.0:
+            raise ValueError(f"t_focus must be in [0, 1]; got {self.t_focus!r}")
 
 
 #: the perturbation field of ``prior_noise`` is drawn at 1 / PRIOR_NOISE_STRIDE of the image size
@@ -85,11 +90,17 @@ class DiffusionDraws:
         self.generator.manual_seed(self.seed)
         self._field_generator: torch.Generator | None = None
 
-    def draw(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """``t`` (N,) int64 on CPU in 1..T and ``u`` shaped like ``like`` on its device."""
+    def draw(self, like: Tensor, *, t_focus: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``t`` (N,) int64 on CPU in 1..T and ``u`` shaped like ``like`` on its device.
+
+        ``t_focus = f > 0``: each sample is then set to t = T with probability f (drawn after
+        ``u``, from the same generator; with f = 0 nothing more is drawn)."""
         n = like.shape[0]
         t = torch.randint(1, self.num_steps + 1, (n,), generator=self.generator)
         u = torch.rand(tuple(like.shape), generator=self.generator, dtype=torch.float32)
+        if t_focus > 0:
+            at_last = torch.rand((n,), generator=self.generator) < t_focus
+            t = torch.where(at_last, torch.full_like(t, self.num_steps), t)
         return t, u.to(device=like.device, dtype=like.dtype)
 
     def draw_align(self, like: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -224,7 +235,7 @@ def refiner_phase(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusio
         if settings.prior_noise > 0:
             prior = perturbed_prior(prior, draws.draw_field(prior, PRIOR_NOISE_STRIDE),
                                     settings.prior_noise)
-    t, u = draws.draw(y0)
+    t, u = draws.draw(y0, t_focus=settings.t_focus)
     y_t = diffusion.q_sample(y0, prior, t, u)
     if settings.self_align > 0:
         pick, u_start = draws.draw_align(y0, settings.self_align)
@@ -263,7 +274,7 @@ def segmentor_losses(nets: Networks, diffusion: BernoulliDiffusion, draws: Diffu
     l_seg = segmentation_loss(out.logits, y0)
     if not settings.y0_in_segmentor:
         settings = dataclasses.replace(settings, lambda_y0=0.0)
-    t, u = draws.draw(y0)
+    t, u = draws.draw(y0, t_focus=settings.t_focus)
     y_t = diffusion.q_sample(y0, prior.detach(), t, u)
     refiner = unwrap(nets.refiner)
     if settings.lambda_diff == 0.0:  # no collaboration: L_diff only for the log

@@ -125,6 +125,26 @@ def test_diffusion_draws_are_explicit_and_reproducible():
     assert set(many.tolist()) == set(range(1, 11))
 
 
+
+def test_t_focus_moves_that_fraction_of_t_to_T_and_leaves_the_rest_as_drawn():
+    like = torch.zeros(4000, 1, 2, 2)
+    plain_t, plain_u = DiffusionDraws(10, seed=3).draw(like)
+    zero_t, zero_u = DiffusionDraws(10, seed=3).draw(like, t_focus=0.0)
+    assert torch.equal(plain_t, zero_t) and torch.equal(plain_u, zero_u)  # f = 0: no extra draw
+    half_t, half_u = DiffusionDraws(10, seed=3).draw(like, t_focus=0.5)
+    assert torch.equal(half_u, plain_u)  # drawn after u: the same u
+    moved = half_t != plain_t
+    assert bool((half_t[moved] == 10).all())  # only ever moved to T
+    kept = half_t == plain_t
+    at_t = float((half_t == 10).float().mean())
+    assert abs(at_t - (0.5 + 0.5 / 10)) < 0.03  # 0.55: half moved, a tenth of the rest drawn T
+    assert bool(kept.any()) and set(half_t[kept].tolist()) == set(range(1, 11))
+    all_t, _ = DiffusionDraws(10, seed=3).draw(like, t_focus=1.0)
+    assert bool((all_t == 10).all())
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="t_focus must be in"):
+            StepSettings(t_focus=bad)
+
 def test_self_aligned_sample_is_built_from_the_refiners_own_estimate(run):
     """y_t = (u < abar_t y0_hat + (1 - abar_t) p) with y0_hat the refiner's eval-mode estimate
     from y_T = (u_start < p); the refiner's weights and running statistics stay as they were."""
@@ -278,3 +298,27 @@ def test_y0_term_reaches_the_step_settings(kvasir_root, tmp_path, one_thread, y0
                      y0_term=y0_term)
     settings = build_state(prepare_run(args), DistContext()).settings
     assert settings.y0_in_segmentor is in_segmentor and settings.lambda_y0 == 1.0
+
+
+def test_t_focus_reaches_the_draws_of_both_phases(run):
+    """Each phase draws its t with the settings' ``t_focus``: after the phase the generator is
+    where one ``draw(y0, t_focus=f)`` leaves it (f > 0 draws once more than f = 0)."""
+    state, x, y0 = run
+    start = state.draws.get_state()
+
+    def state_after_one_draw(f):
+        state.draws.set_state(start)
+        state.draws.draw(y0, t_focus=f)
+        return state.draws.get_state()
+
+    assert not torch.equal(state_after_one_draw(0.0), state_after_one_draw(1.0))
+    for f in (0.0, 1.0):
+        settings = dataclasses.replace(state.settings, self_align=0.0, t_focus=f)
+        state.draws.set_state(start)
+        with frozen(state.nets.refiner), torch.no_grad():
+            segmentor_losses(state.nets, state.diffusion, state.draws, x, y0, settings)
+        assert torch.equal(state.draws.get_state(), state_after_one_draw(f)), f
+        nets, opts = copy.deepcopy((state.nets, state.opts))
+        state.draws.set_state(start)
+        refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
+        assert torch.equal(state.draws.get_state(), state_after_one_draw(f)), f
