@@ -12,7 +12,9 @@ ground truth: step k's y0_hat averaged over the S chains (``steps[k]``), the ``l
 (the final step's, what models written before 2026-12-04 sample with) and the ``trajectory``
 estimate (every step's y0_hat averaged; :func:`reference.reverse_process`), next to the
 segmentor alone. Both estimates come from the same chains, so their difference is the estimate
-alone. Results: ``<results>.md`` / ``.json``. The test split is never read.
+alone. What the refiner changes: the fraction of pixels where the ``trajectory`` mask differs from
+the segmentor's mask, and the fraction of those that are right (above 0.5, refinement fixes more
+than it breaks). Results: ``<results>.md`` / ``.json``. The test split is never read.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def evaluate_model(folder: str, data: str, grid, *, limit: int | None) -> dict:
         mask = reference.final_labels(prob)
         return float(np.nanmean([dice(mask[i].astype(bool), gt[i]) for i in range(len(gt))]))
 
+    def changes(prob: np.ndarray, prior: np.ndarray) -> dict:
+        mask, before = reference.final_labels(prob) == 1, reference.final_labels(prior) == 1
+        changed = mask != before
+        right = float((mask[changed] == gt[changed]).mean()) if changed.any() else float("nan")
+        return {"changed": float(changed.mean()), "changed_right": right}
+
     with torch.no_grad():
         prior = pipe.predict(torch.from_numpy(x), refiner=None, batch_size=25).prob.numpy()
     res = {"model": folder, "checkpoint_step": model.step, "cases": len(gt),
@@ -89,7 +97,7 @@ def evaluate_model(folder: str, data: str, grid, *, limit: int | None) -> dict:
         start = time.time()
         per_step, last, traj = step_estimates(pipe, x, steps, samples, chunk=25)
         res["grid"][f"{steps}x{samples}"] = {
-            "last": score(last), "trajectory": score(traj),
+            "last": score(last), "trajectory": score(traj), **changes(traj, prior),
             "steps": [score(e.mean(axis=0)) for e in per_step],
             "seconds": round(time.time() - start, 1)}
         print(json.dumps({"model": folder, "cell": f"{steps}x{samples}",
@@ -103,15 +111,18 @@ def report(rows: list[dict], grid: list[str]) -> str:
              "", "```", "python benchmarks/chain_estimates.py " + " ".join(sys.argv[1:]), "```",
              "", "Val Dice at the model resolution, sampling seed 0. `last`: each chain's final "
              "y0_hat; `trajectory`: the mean of its steps' y0_hat (same chains). Steps: the "
-             "Dice of step k's y0_hat (averaged over the S chains), first step first.", "",
-             "| model | segmentor | steps x S | last | trajectory | per step |",
-             "|---|---|---|---|---|---|"]
+             "Dice of step k's y0_hat (averaged over the S chains), first step first. Changed: "
+             "the fraction of pixels where the trajectory mask differs from the segmentor's; "
+             "right: the fraction of those that the ground truth agrees with.", "",
+             "| model | segmentor | steps x S | last | trajectory | changed | right | per step |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for g in grid:
             c = r["grid"][g]
             per = " ".join(f"{v:.3f}" for v in c["steps"])
             lines.append(f"| `{r['model']}` | {r['segmentor']:.4f} | {g} | {c['last']:.4f} | "
-                         f"{c['trajectory']:.4f} | {per} |")
+                         f"{c['trajectory']:.4f} | {c['changed']:.4f} | "
+                         f"{c['changed_right']:.3f} | {per} |")
     return "\n".join(lines + [""])
 
 
