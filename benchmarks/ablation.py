@@ -21,7 +21,8 @@ segmentor's own training cases, where its priors are nearly right; ``unseen``: o
 the dataset's committed train split that the segmentor was *not* trained on, e.g. those cut by
 ``hidiff train --limit-cases``, where its priors are as wrong as on new images) and ``t_focus``
 (fraction of the samples trained at t = T, the step one-step sampling evaluates;
-``StepSettings.t_focus``). Results:
+``StepSettings.t_focus``) and ``warmup`` (the refiner's learning rate ramps linearly from
+``lr / warmup`` to ``lr`` over its first ``warmup`` iterations). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
 ``result.json`` (``--reuse`` takes a variant's result from there when it covers the grid and
 the estimate, else re-evaluates its refiner). ``refiner=own`` trains nothing: the refiner of the
@@ -63,7 +64,7 @@ from reference.sampling import ESTIMATES
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"offset": str, "self_align": float, "lambda_y0": float, "ema": float,
-        "prior_noise": float, "train_on": str, "refiner": str, "t_focus": float}
+        "prior_noise": float, "train_on": str, "refiner": str, "t_focus": float, "warmup": int}
 TRAIN_ON = ("seen", "unseen")
 REFINERS = ("new", "own")
 
@@ -71,7 +72,8 @@ REFINERS = ("new", "own")
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     opts = {"offset": "bayes", "self_align": 0.0, "lambda_y0": 0.0, "ema": 0.0,
-            "prior_noise": 0.0, "train_on": "seen", "refiner": "new", "t_focus": 0.0}
+            "prior_noise": 0.0, "train_on": "seen", "refiner": "new", "t_focus": 0.0,
+            "warmup": 0}
     defaults = dict(opts)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
@@ -139,6 +141,9 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
                                     seed=args.seed, cache=True)
     nets = Networks(model.segmentor, ref)
     opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0.01)
+    warm = opts["warmup"]
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+             if warm else None)
     opts_ = Optimizers(torch.optim.AdamW(model.segmentor.parameters(), lr=0.0), opt)
     diff = BernoulliDiffusion.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     draws = DiffusionDraws(cfg.diffusion.num_steps, args.seed)
@@ -157,6 +162,8 @@ def train_refiner(model, cases, opts: dict, args, out: Path) -> dict:
         x = torch.stack([b["image"] for b in items])
         y0 = torch.stack([b["mask"] for b in items])
         logs = refiner_phase(nets, opts_, diff, draws, x, y0, settings)
+        if sched is not None:
+            sched.step()
         if ema is not None:
             ema.update(ref)
         if not args.quiet and it % 50 == 0:

@@ -322,3 +322,23 @@ def test_t_focus_reaches_the_draws_of_both_phases(run):
         state.draws.set_state(start)
         refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
         assert torch.equal(state.draws.get_state(), state_after_one_draw(f)), f
+
+
+def test_command_line_options_reach_the_train_keywords():
+    """``hidiff train`` options map onto :func:`hidiff.training.train`'s keywords; options not
+    given are left out (the function's defaults, or on resume the stored values, apply)."""
+    import argparse
+
+    from hidiff.training.arguments import add_train_arguments, train_kwargs
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    base = ["--dataset", "kvasir-seg", "--data", "d", "--preset", "tiny", "--out", "o"]
+    given = train_kwargs(p.parse_args([*base, "--self-align", "0.25", "--y0-term", "refiner",
+                                       "--lambda-y0", "0", "--grad-clip", "0"]))
+    assert given["self_align"] == 0.25 and given["y0_term"] == "refiner"
+    assert given["lambda_y0"] == 0.0 and given["grad_clip"] is None
+    plain = train_kwargs(p.parse_args(base))
+    assert "self_align" not in plain and "lr" not in plain and plain["resume"] is False
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--pretrain-steps", "-1"])
