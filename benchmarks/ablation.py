@@ -20,7 +20,7 @@ moving average of the refiner's weights, evaluated instead of the last weights) 
 segmentor's own training cases, where its priors are nearly right; ``unseen``: on the cases of
 the dataset's committed train split that the segmentor was *not* trained on, e.g. those cut by
 ``hidiff train --limit-cases``, where its priors are as wrong as on new images) and ``t_focus``
-(fraction of the samples trained at t = T, the step one-step sampling evaluates;
+(probability that a sample's t is set to T, the step one-step sampling evaluates;
 ``StepSettings.t_focus``) and ``warmup`` (the refiner's learning rate ramps linearly from
 ``lr / warmup`` to ``lr`` over its first ``warmup`` iterations). Results:
 ``<results>.md`` / ``.json``; the trained refiners stay in ``--out/<name>/refiner.pt`` with
@@ -87,6 +87,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if opts["refiner"] not in REFINERS:
         raise argparse.ArgumentTypeError(f"refiner must be one of {', '.join(REFINERS)}; "
                                           f"got {opts['refiner']!r}")
+    if not 0.0 <= opts["t_focus"] <= 1.0:
+        raise argparse.ArgumentTypeError(f"t_focus must be in [0, 1]; got {opts['t_focus']!r}")
+    if opts["warmup"] < 0:
+        raise argparse.ArgumentTypeError(f"warmup must be >= 0; got {opts['warmup']!r}")
     changed = [k for k in opts if k != "refiner" and opts[k] != defaults[k]]
     if opts["refiner"] == "own" and changed:
         raise argparse.ArgumentTypeError(f"refiner=own trains nothing; {', '.join(changed)} "
@@ -258,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or [parse_variant("bayes")]
     if args.quick and not args.variants:  # the quick segmentor sees 8 cases: unseen runs too
         variants += [parse_variant("bayes_unseen:train_on=unseen"),
-                     parse_variant("own:refiner=own")]
+                     parse_variant("own:refiner=own"),
+                     parse_variant("focus_warm:t_focus=0.5,warmup=2")]
     if args.segmentor is None:
         if not args.quick:
             p.error("--segmentor is required (a model folder trained on L_seg alone)")

@@ -63,8 +63,9 @@ class StepSettings:
     prior_noise: float = 0.0
     #: the y0 term also in the segmentor phase's L_diff (``False``: the refiner's loss only)
     y0_in_segmentor: bool = True
-    #: fraction of the diffusion samples (both phases) trained at t = T, the step every chain
-    #: starts with and the only one that one-step sampling evaluates; the rest t ~ U{1..T}
+    #: probability that a diffusion sample's t (both phases) is set to T, the step every chain
+    #: starts with and the only one one-step sampling evaluates; otherwise t ~ U{1..T} (so a
+    #: share f + (1 - f) / T of the samples is at T)
     t_focus: float = 0.0
 
     def __post_init__(self) -> None:

@@ -138,7 +138,6 @@ def test_predict_writes_masks_of_the_original_size(model_dir, two_images, tmp_pa
     assert [p.name for p in single.iterdir()] == [inputs[0].stem + ".png"]
 
 
-
 def test_predict_estimate_option_writes_that_estimates_prediction(model_dir, two_images,
                                                                    tmp_path):
     """``hidiff predict --estimate E`` writes what the pipeline predicts with estimate E (the
@@ -157,7 +156,8 @@ def test_predict_estimate_option_writes_that_estimates_prediction(model_dir, two
         _ok(hidiff("predict", model_dir, first, "-o", out, "--steps", 4, "--seed", 3,
                    "--estimate", estimate, "--uncertainty", "--quiet"))
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the subprocess's one thread: the same float sums, bit for bit
+        # the subprocess's thread count (hidiff()): the same float sums, bit for bit
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         try:
             pred = pipe.predict_image(read_image(first, 3), steps=4, seed=3, estimate=estimate)
         finally:

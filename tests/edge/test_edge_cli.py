@@ -73,7 +73,6 @@ def test_predict_writes_masks_overlays_and_metrics(exported, kvasir_pair, tmp_pa
                               np.asarray(Image.open(other / f"{stem}.png")))
 
 
-
 @pytest.mark.data
 def test_predict_estimate_option_reaches_the_sampler(exported, kvasir_pair, tmp_path, capsys):
     """``--estimate`` writes what the session predicts with that estimate (the uncertainty PNG
@@ -104,6 +103,7 @@ def test_predict_estimate_option_reaches_the_sampler(exported, kvasir_pair, tmp_
               "--estimate", "mean"])
     assert err.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
 
 def test_info(exported, capsys):
     code, stdout, _ = _run(capsys, ["info", "--model", exported])

@@ -125,7 +125,6 @@ def test_diffusion_draws_are_explicit_and_reproducible():
     assert set(many.tolist()) == set(range(1, 11))
 
 
-
 def test_t_focus_moves_that_fraction_of_t_to_T_and_leaves_the_rest_as_drawn():
     like = torch.zeros(4000, 1, 2, 2)
     plain_t, plain_u = DiffusionDraws(10, seed=3).draw(like)
@@ -144,6 +143,7 @@ def test_t_focus_moves_that_fraction_of_t_to_T_and_leaves_the_rest_as_drawn():
     for bad in (-0.1, 1.5, True):
         with pytest.raises(ValueError, match="t_focus must be in"):
             StepSettings(t_focus=bad)
+
 
 def test_self_aligned_sample_is_built_from_the_refiners_own_estimate(run):
     """y_t = (u < abar_t y0_hat + (1 - abar_t) p) with y0_hat the refiner's eval-mode estimate
@@ -322,23 +322,3 @@ def test_t_focus_reaches_the_draws_of_both_phases(run):
         state.draws.set_state(start)
         refiner_phase(nets, opts, state.diffusion, state.draws, x, y0, settings)
         assert torch.equal(state.draws.get_state(), state_after_one_draw(f)), f
-
-
-def test_command_line_options_reach_the_train_keywords():
-    """``hidiff train`` options map onto :func:`hidiff.training.train`'s keywords; options not
-    given are left out (the function's defaults, or on resume the stored values, apply)."""
-    import argparse
-
-    from hidiff.training.arguments import add_train_arguments, train_kwargs
-
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
-    base = ["--dataset", "kvasir-seg", "--data", "d", "--preset", "tiny", "--out", "o"]
-    given = train_kwargs(p.parse_args([*base, "--self-align", "0.25", "--y0-term", "refiner",
-                                       "--lambda-y0", "0", "--grad-clip", "0"]))
-    assert given["self_align"] == 0.25 and given["y0_term"] == "refiner"
-    assert given["lambda_y0"] == 0.0 and given["grad_clip"] is None
-    plain = train_kwargs(p.parse_args(base))
-    assert "self_align" not in plain and "lr" not in plain and plain["resume"] is False
-    with pytest.raises(SystemExit):
-        p.parse_args([*base, "--pretrain-steps", "-1"])
