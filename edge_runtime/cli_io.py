@@ -137,7 +137,10 @@ def info_lines(session) -> list[str]:
                      f"(available: {', '.join(paths)})")
     except ImportError as err:
         lines.append(f"packed kernel    not available ({err})")
-    plan = session.describe().get("plan")
+    described = session.describe()
+    fired = ", ".join(f"{name} x{n}" for name, n in described["rewrites"].items() if n)
+    lines.append(f"graph rewrites   {fired or 'none matched'} (edge_runtime.rewrite)")
+    plan = described.get("plan")
     if plan is not None:
         lines.append(f"refiner step     {plan.packed} binary convs on the packed kernel "
                      f"({plan.packed_chained} chained packed), {plan.numpy} elementwise ops in "

@@ -1,6 +1,8 @@
 """One refiner step, split into what is computed per image, per step value and per step.
 
-:class:`RefinerRunner` loads ``refiner_step.onnx`` (or the fp twin), splits it
+:class:`RefinerRunner` loads ``refiner_step.onnx`` (or the fp twin), rewrites its real-valued
+layers into cheaper equivalents (:mod:`edge_runtime.rewrite`; ``rewrite=False`` keeps the graph
+as exported), splits it
 (:func:`edge_runtime.graph.split_refiner`) and runs
 
 - the *static* part once per image chunk (``prepare``): image/prior/feature-only work such as
@@ -20,6 +22,7 @@ import numpy as np
 
 from .graph import STEP_INPUT, split_refiner
 from .ortutil import make_session
+from .rewrite import RewriteStats, rewrite_refiner
 
 __all__ = ["BACKENDS", "RefinerRunner"]
 
@@ -30,11 +33,14 @@ class RefinerRunner:
     """The refiner step of one exported graph for one backend (see the module docstring)."""
 
     def __init__(self, proto: Any, *, backend: str, threads: int = 1,
-                 keep_specs: bool = False) -> None:
+                 keep_specs: bool = False, rewrite: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self.backend = backend
         self.threads = threads
+        self.rewrites = RewriteStats()
+        if rewrite:
+            proto, self.rewrites = rewrite_refiner(proto)
         self.split = split = split_refiner(proto)
         self._static = (make_session(split.static.model, threads)
                         if split.static.model is not None else None)

@@ -210,6 +210,7 @@ class HiDiffSession:
         """What runs where (for ``hidiff-edge info``)."""
         info = {"backend": self.backend, "refiner": self.refiner_name,
                 "segmentor": self.segmentor_name, "threads": self.threads}
+        info["rewrites"] = self.refiner.rewrites.counts()
         if self.refiner.executor is not None:
             info["plan"] = self.refiner.executor.stats
         return info
