@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from . import npops
-from .graph import classify
+from .rewrite_graph import RewriteGraph, attrs, conv_bias, not_per_step, plain_conv
 
 __all__ = ["REWRITES", "RewriteStats", "rewrite_refiner"]
 
@@ -74,109 +73,17 @@ class RewriteStats:
         return {name: len(getattr(self, name)) for name in REWRITES}
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-class _Graph:
-    """Lookups over one graph while it is rewritten (names are kept unique)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        graph = model.graph
-        self.inits = {init.name: init for init in graph.initializer}
-        self.producer = {o: node for node in graph.node for o in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.names = set(self.inits) | {o for n in graph.node for o in n.output} | {
-            i.name for i in graph.input}
-        self.channels = _channel_counts(model)
-        self.kinds = classify(graph)  # const / static / step / dynamic (edge_runtime.graph)
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return npops.constant_value(node)
-        return None
-
-    def only_reader(self, name: str, node) -> bool:
-        """``node`` is the one reader of ``name``, which is not a graph output."""
-        readers = self.consumers.get(name, [])
-        return name not in self.outputs and len(readers) == 1 and readers[0] is node
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
-
-    def add_init(self, base: str, value: np.ndarray) -> str:
-        name = self.fresh(base)
-        init = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        self.model.graph.initializer.append(init)
-        self.inits[name] = init
-        return name
-
-
-def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Static channel count (dim 1) of every 4-D value shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
-    except Exception:  # noqa: BLE001 - no shapes: rewrites that need them do not fire
-        inferred = model
-    out: dict[str, int] = {}
-    for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
-        dims = v.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[1].HasField("dim_value"):
-            out[v.name] = int(dims[1].dim_value)
-    return out
-
-
-def _plain_conv(node, g: _Graph, *, kernel_1x1: bool) -> np.ndarray | None:
-    """The weight of a 2-D, ungrouped, unit-stride, undilated ``Conv`` (1 x 1 without padding
-    when ``kernel_1x1``), or None."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-        return None
-    weight = g.const(node.input[1])
-    if weight is None or weight.ndim != 4:
-        return None
-    a = _attrs(node)
-    if a.get("group", 1) != 1 or any(s != 1 for s in a.get("strides", [1, 1])) or any(
-            d != 1 for d in a.get("dilations", [1, 1])):
-        return None
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        return None
-    if kernel_1x1 and (weight.shape[2:] != (1, 1) or any(a.get("pads", [0] * 4))):
-        return None
-    return weight
-
-
-def _bias(node, g: _Graph) -> np.ndarray | None | bool:
-    """The conv's bias (None when it has none; False when it is not a constant)."""
-    if len(node.input) < 3 or not node.input[2]:
-        return None
-    value = g.const(node.input[2])
-    return False if value is None else value
-
-
 # -- narrow_conv --------------------------------------------------------------------------------
-def _narrow_conv(node, g: _Graph) -> list | None:
-    weight = _plain_conv(node, g, kernel_1x1=False)
+def _narrow_conv(node, g: RewriteGraph) -> list | None:
+    weight = plain_conv(node, g, kernel_1x1=False)
     if weight is None:
         return None
     cout, cin, kh, kw = weight.shape
     taps = kh * kw
-    bias = _bias(node, g)
+    bias = conv_bias(node, g)
     if taps == 1 or cout * taps > cin or bias is False:
         return None
-    top, left, bottom, right = _attrs(node).get("pads", [0, 0, 0, 0])
+    top, left, bottom, right = attrs(node).get("pads", [0, 0, 0, 0])
     base = node.name or node.output[0]
     z = g.fresh(f"{base}/taps")
     zp = g.fresh(f"{base}/taps_padded")
@@ -218,11 +125,11 @@ def _narrow_conv(node, g: _Graph) -> list | None:
 
 
 # -- conv_before_upsample -----------------------------------------------------------------------
-def _nearest_resize(node, g: _Graph) -> bool:
+def _nearest_resize(node, g: RewriteGraph) -> bool:
     """A ``Resize`` that copies pixels (nearest) and keeps the batch and channel dims."""
     if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
         return False
-    a = _attrs(node)
+    a = attrs(node)
     mode = a.get("mode", b"nearest")
     coords = a.get("coordinate_transformation_mode", b"half_pixel")
     if mode not in (b"nearest", "nearest") or coords in (b"tf_crop_and_resize",
@@ -234,13 +141,13 @@ def _nearest_resize(node, g: _Graph) -> bool:
     return scales is not None and scales.shape == (4,) and scales[0] == 1 and scales[1] == 1
 
 
-def _conv_before_upsample(node, g: _Graph) -> tuple[list, list] | None:
-    weight = _plain_conv(node, g, kernel_1x1=True)
-    bias = _bias(node, g) if weight is not None else False
+def _conv_before_upsample(node, g: RewriteGraph) -> tuple[list, list, list] | None:
+    weight = plain_conv(node, g, kernel_1x1=True)
+    bias = conv_bias(node, g) if weight is not None else False
     if weight is None or bias is False:
         return None
     concat = g.producer.get(node.input[0])
-    if (concat is None or concat.op_type != "Concat" or _attrs(concat).get("axis") not in (1, -3)
+    if (concat is None or concat.op_type != "Concat" or attrs(concat).get("axis") not in (1, -3)
             or not g.only_reader(concat.output[0], node)):
         return None
     widths = [g.channels.get(name) for name in concat.input]
@@ -284,16 +191,11 @@ def _conv_before_upsample(node, g: _Graph) -> tuple[list, list] | None:
     return nodes, removed, removed
 
 
-def _static(g: _Graph, name: str) -> bool:
-    """``name`` is computed outside the per-step part (per image, per step value or const)."""
-    return g.kinds.get(name) in ("const", "static", "step")
-
-
 # -- bn_through_add -----------------------------------------------------------------------------
-def _bn_through_add(node, g: _Graph) -> tuple[list, list] | None:
+def _bn_through_add(node, g: RewriteGraph) -> tuple[list, list, list] | None:
     if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
         return None
-    a = _attrs(node)
+    a = attrs(node)
     if len(node.output) != 1 or a.get("training_mode", 0):
         return None
     params = [g.const(n) for n in node.input[1:5]]
@@ -303,16 +205,16 @@ def _bn_through_add(node, g: _Graph) -> tuple[list, list] | None:
         return None
     for j in (0, 1):
         conv = g.producer.get(add.input[j])
-        weight = None if conv is None else _plain_conv(conv, g, kernel_1x1=False)
+        weight = None if conv is None else plain_conv(conv, g, kernel_1x1=False)
         # only worth it when BN(s) leaves the per-step part
         if (weight is not None and g.only_reader(add.input[j], add)
-                and _static(g, add.input[1 - j])
+                and not_per_step(g, add.input[1 - j])
                 and g.channels.get(add.input[j]) == g.channels.get(add.input[1 - j])
                 and weight.shape[0] == params[0].shape[0]):
             break
     else:
         return None
-    bias = _bias(conv, g)
+    bias = conv_bias(conv, g)
     if bias is False:
         return None
     gamma, _, _, var = (p.astype(np.float64) for p in params)
@@ -334,22 +236,22 @@ def _bn_through_add(node, g: _Graph) -> tuple[list, list] | None:
 
 
 # -- conv_through_add ---------------------------------------------------------------------------
-def _conv_through_add(node, g: _Graph) -> tuple[list, list] | None:
-    w1 = _plain_conv(node, g, kernel_1x1=True)
-    if w1 is None or _bias(node, g) is False:
+def _conv_through_add(node, g: RewriteGraph) -> tuple[list, list, list] | None:
+    w1 = plain_conv(node, g, kernel_1x1=True)
+    if w1 is None or conv_bias(node, g) is False:
         return None
     add = g.producer.get(node.input[0])
     if add is None or add.op_type != "Add":
         return None
     for j in (0, 1):
         conv = g.producer.get(add.input[j])
-        wa = None if conv is None else _plain_conv(conv, g, kernel_1x1=False)
-        if (wa is not None and _static(g, add.input[1 - j]) and wa.shape[0] == w1.shape[1]
+        wa = None if conv is None else plain_conv(conv, g, kernel_1x1=False)
+        if (wa is not None and not_per_step(g, add.input[1 - j]) and wa.shape[0] == w1.shape[1]
                 and g.channels.get(add.input[j]) == g.channels.get(add.input[1 - j])):
             break
     else:
         return None
-    ba = _bias(conv, g)
+    ba = conv_bias(conv, g)
     if ba is False:
         return None
     # the add and its conv go when nothing else reads them; else they stay (the stem's output
@@ -380,14 +282,14 @@ def _conv_through_add(node, g: _Graph) -> tuple[list, list] | None:
 
 
 # -- sum_statics --------------------------------------------------------------------------------
-def _sum_statics(node, g: _Graph) -> tuple[list, list] | None:
+def _sum_statics(node, g: RewriteGraph) -> tuple[list, list, list] | None:
     """(d + s1) + s2 -> d + (s1 + s2) for s1, s2 computed outside the step (same shapes)."""
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
         return None
     for j in (0, 1):
         inner = g.producer.get(node.input[j])
         s2 = node.input[1 - j]
-        if (inner is None or inner.op_type != "Add" or not _static(g, s2)
+        if (inner is None or inner.op_type != "Add" or not not_per_step(g, s2)
                 or not g.only_reader(inner.output[0], node)):
             continue
         for k in (0, 1):
@@ -395,7 +297,7 @@ def _sum_statics(node, g: _Graph) -> tuple[list, list] | None:
             c = {g.channels.get(n) for n in (d, s1, s2)}
             # s1 + s2 leaves the step only when it depends on the image or the step, not both
             one_part = len({g.kinds.get(s1), g.kinds.get(s2)} - {"const"}) <= 1
-            if (_static(g, s1) and one_part and not _static(g, d) and len(c) == 1
+            if (not_per_step(g, s1) and one_part and not not_per_step(g, d) and len(c) == 1
                     and None not in c):
                 base = node.name or node.output[0]
                 both = g.fresh(f"{base}/statics")
@@ -405,7 +307,7 @@ def _sum_statics(node, g: _Graph) -> tuple[list, list] | None:
     return None
 
 
-def _narrow_conv_match(node, g: _Graph) -> tuple[list, list] | None:
+def _narrow_conv_match(node, g: RewriteGraph) -> tuple[list, list, list] | None:
     nodes = _narrow_conv(node, g)
     return None if nodes is None else (nodes, [], [])
 
@@ -417,7 +319,7 @@ _MATCHERS = {"conv_before_upsample": _conv_before_upsample, "bn_through_add": _b
 
 def _one_pass(model: onnx.ModelProto, rewrites: tuple[str, ...], stats: RewriteStats) -> bool:
     """Apply every rewrite wherever it matches nodes no other match of this pass touched."""
-    g = _Graph(model)
+    g = RewriteGraph(model)
     new_nodes: list = []
     touched: set[str] = set()  # first outputs of nodes replaced or removed in this pass
     dropped: set[str] = set()
