@@ -114,8 +114,13 @@ def test_info(exported, capsys):
                  "binary convs on the packed kernel", manifest["model"]["binarization"]):
         assert text in stdout, text
     from edge_runtime import packed
+    from edge_runtime.model import load_model
+    from edge_runtime.rewrite import rewrite_refiner
 
     assert f"path {packed.current_path()}" in stdout
+    counts = rewrite_refiner(load_model(exported).protos["refiner_step"])[1].counts()
+    fired = ", ".join(f"{name} x{n}" for name, n in counts.items() if n)
+    assert fired and f"graph rewrites   {fired} (edge_runtime.rewrite)" in stdout
 
 
 @pytest.mark.data
