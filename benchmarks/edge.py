@@ -107,13 +107,15 @@ def ort_float_conv(spec: dict, shape: tuple) -> object:
 
 
 def binary_layers(export: Path, feeds: dict) -> list:
-    """``(name, input shape, spec with float weights)`` of every packed conv of the refiner."""
+    """``(name, input shape, spec with float weights)`` of every packed conv of the refiner
+    (rewritten as the edge session rewrites it, so that ``feeds`` fit)."""
     import onnx
 
     from edge_runtime.executor import StepExecutor
     from edge_runtime.graph import split_refiner
+    from edge_runtime.rewrite import rewrite_refiner
 
-    proto = onnx.load(str(export / "refiner_step.onnx"))
+    proto = rewrite_refiner(onnx.load(str(export / "refiner_step.onnx")))[0]
     return StepExecutor(proto, split_refiner(proto), keep_specs=True).binary_layers(feeds)
 
 
@@ -330,8 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         "packed_step_breakdown_ms": breakdown, "packed_step_pieces": pieces,
         "ratios": ratios, "agreement": agree, "torch_sensitivity_1ulp": chaos,
         "int8_dice": dice,
+        "rewrites": packed.session.refiner.rewrites.counts(),
         "notes": report.NOTES.format(float_mb=float_bytes / 2**20,
                                      packed_kb=packed_bytes / 1024,
+                                     rewrites=", ".join(
+                                         f"{k} x{n}" for k, n in
+                                         packed.session.refiner.rewrites.counts().items()),
                                      ort_sessions=plan.ort_sessions),
         "wall_s": time.perf_counter() - started,
     }

@@ -92,19 +92,26 @@ def _stock_ort_engine(export_dir: Path, role: str, x: np.ndarray, seed: int,
 
 
 def _edge_engine(export_dir: Path, backend: str, refiner: str, x: np.ndarray, seed: int,
-                 threads: int = 1, segmentor: str = "fp32") -> Engine:
+                 threads: int = 1, segmentor: str = "fp32", rewrite: bool = True) -> Engine:
     from edge_runtime import HiDiffSession
+    from edge_runtime.model import load_model
+    from edge_runtime.refiner import RefinerRunner
 
     session = HiDiffSession(export_dir, backend=backend, refiner=refiner, threads=threads,
                             segmentor=segmentor)
+    role = "refiner_step_fp" if refiner == "fp" else "refiner_step"
+    if not rewrite:  # the refiner step as exported, without edge_runtime.rewrite
+        session.refiner = RefinerRunner(load_model(export_dir, roles=("segmentor", role))
+                                        .protos[role], backend=backend, threads=threads,
+                                        rewrite=False)
     seg = session.segment(x)
     prepared = session.refiner.prepare({"image": x, **seg})
     y = (np.random.default_rng(seed).random(seg["prior"].shape) < seg["prior"]).astype(
         np.float32)
     t_max = session.facts.num_steps
-    role = "refiner_step_fp" if refiner == "fp" else "refiner_step"
     extra = "".join([f", {threads} threads" if threads > 1 else "",
-                     ", int8 segmentor" if segmentor == "int8" else ""])
+                     ", int8 segmentor" if segmentor == "int8" else "",
+                     ", graph as exported" if not rewrite else ""])
     seg_file = "segmentor_int8.onnx" if segmentor == "int8" else "segmentor.onnx"
     engine = Engine(f"edge {backend} ({refiner}{extra})",
                     lambda: session.refiner(prepared, y, t_max),
@@ -123,6 +130,8 @@ ENGINES = {
     "edge_ort_fp": lambda a: _edge_engine(a.export, "onnxruntime", "fp", a.x, a.seed),
     "edge_ort_binary": lambda a: _edge_engine(a.export, "onnxruntime", "binary", a.x, a.seed),
     "edge_packed": lambda a: _edge_engine(a.export, "packed", "binary", a.x, a.seed),
+    "edge_packed_asis": lambda a: _edge_engine(a.export, "packed", "binary", a.x, a.seed,
+                                               rewrite=False),
     "edge_packed_int8": lambda a: _edge_engine(a.int8_export, "packed", "binary", a.x, a.seed,
                                                segmentor="int8"),
     "ort_stock_fp_2t": lambda a: _stock_ort_engine(a.export, "refiner_step_fp", a.x, a.seed,
@@ -133,5 +142,6 @@ ENGINES = {
 #: engines that need something the run may not have
 NEEDS = {"torch_binary": "model_dir", "torch_fp": "model_dir", "edge_packed_int8": "int8_export",
          "ort_stock_fp_2t": "two_cpus", "edge_packed_2t": "two_cpus"}
-QUICK = ("ort_stock_fp", "edge_ort_fp", "edge_ort_binary", "edge_packed", "edge_packed_int8")
+QUICK = ("ort_stock_fp", "edge_ort_fp", "edge_ort_binary", "edge_packed", "edge_packed_asis",
+         "edge_packed_int8")
 QUICK_RSS = ("edge_ort_binary", "edge_packed")

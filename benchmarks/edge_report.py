@@ -15,7 +15,8 @@ __all__ = ["NOTES", "RATIO_BASES", "TORCH_NOTE", "agreement", "cpu_name", "step_
 
 RATIO_BASES = (("ORT stock fp twin", "ort_stock_fp"),
                ("edge onnxruntime fp twin (split graph)", "edge_ort_fp"),
-               ("edge onnxruntime binary", "edge_ort_binary"))
+               ("edge onnxruntime binary", "edge_ort_binary"),
+               ("edge packed, graph as exported (no edge_runtime.rewrite)", "edge_packed_asis"))
 
 
 def torch_sensitivity(model_dir: Path, x: np.ndarray, seed: int) -> dict:
@@ -74,6 +75,11 @@ def agreement(engines: dict, seeds: tuple[int, ...]) -> list[dict]:
         row = {"seed": seed, "pixels": mp.size,
                "packed_vs_ort_mask_mismatch": int((mp != mo).sum()),
                "packed_vs_ort_max_prob_diff": float(np.abs(pp - po).max())}
+        if "edge_packed_asis" in engines:  # the rewrites regroup float sums: rounding only
+            pa = engines["edge_packed_asis"].session.predict_batch(x, seed=seed).prob
+            row["rewritten_vs_as_exported_mask_mismatch"] = int(
+                (mp != reference.final_labels(pa)).sum())
+            row["rewritten_vs_as_exported_max_prob_diff"] = float(np.abs(pp - pa).max())
         if "torch_binary" in engines:
             import torch
 
@@ -158,10 +164,13 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| {p['ms']:.2f} | {', '.join(f'{op} x{n}' for op, n in p['ops'].items())} |"
         for p in result["packed_step_pieces"]]
     lines += ["", result["notes"], "", "## Mask agreement (model space, per seed)", "",
-              "| seed | pixels | packed vs onnxruntime | max prob diff | packed vs torch |",
-              "|---|---|---|---|---|"] + [
+              "| seed | pixels | packed vs onnxruntime | max prob diff | packed vs torch "
+              "| rewritten vs as exported (max prob diff) |",
+              "|---|---|---|---|---|---|"] + [
         f"| {a['seed']} | {a['pixels']} | {a['packed_vs_ort_mask_mismatch']} | "
-        f"{a['packed_vs_ort_max_prob_diff']:.3g} | {a.get('packed_vs_torch_mask_mismatch', '-')} |"
+        f"{a['packed_vs_ort_max_prob_diff']:.3g} | {a.get('packed_vs_torch_mask_mismatch', '-')} "
+        f"| {a.get('rewritten_vs_as_exported_mask_mismatch', '-')} "
+        f"({a.get('rewritten_vs_as_exported_max_prob_diff', float('nan')):.2g}) |"
         for a in result["agreement"]] + ["", TORCH_NOTE.format(**(result[
             "torch_sensitivity_1ulp"] or {"max_abs_diff": float("nan"),
                                         "share_off_by_1e-2": float("nan")})), ""]
@@ -182,7 +191,9 @@ TORCH_NOTE = (
 NOTES = (
     "Notes. `one step` is what each engine does per reverse step: the stock ORT engines run the "
     "whole exported refiner graph; the edge backends only its per-step part (image- and "
-    "step-only work is cached per image / per step value). The packed step runs the binary "
+    "step-only work is cached per image / per step value), after rewriting its real-valued "
+    "layers into cheaper forms equal in exact arithmetic (`edge_runtime/rewrite.py`: "
+    "{rewrites}; `graph as exported` skips them). The packed step runs the binary "
     "convs on the native kernel with their neighbours fused into its epilogue (the TB threshold "
     "subtraction before packing, the residual add, RPReLU's add / PReLU / add, and the next "
     "layer's packing: one pass over each feature map), the few remaining elementwise ops next "
