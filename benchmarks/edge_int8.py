@@ -59,11 +59,15 @@ def int8_copy(export: Path, data: Path, work: Path, max_images: int) -> Path:
 
 def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int = 1) -> dict:
     """Mean Dice (``reference.metrics``) of HiDiff and of its segmentor alone, fp32 vs int8
-    segmentor, over a committed subset of Kvasir-SEG (one ``predict`` per image, seed 0)."""
+    segmentor, over a committed subset of Kvasir-SEG (one ``predict`` per image, seed 0); and
+    HiDiff with the refiner step as exported (no :mod:`edge_runtime.rewrite`): its Dice and the
+    mask pixels where it differs from the rewritten step's (float rounding only)."""
     import reference
     from edge_runtime import HiDiffSession
     from edge_runtime.cli_io import read_labels
     from edge_runtime.images import as_float_image, read_image
+    from edge_runtime.model import load_model
+    from edge_runtime.refiner import RefinerRunner
 
     pairs = split_files(data, subset)
     if not pairs:
@@ -72,13 +76,21 @@ def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int 
         quantized = int8_copy(export, data, Path(tmp), CALIBRATION_IMAGES)
         out = {"export": str(export), "subset": subset, "cases": len(pairs),
                "calibration_images": CALIBRATION_IMAGES}
-        for precision in ("fp32", "int8"):
-            session = HiDiffSession(quantized, segmentor=precision, threads=threads)
+        masks: dict[str, list] = {"fp32": [], "as_exported": []}
+        for precision in ("fp32", "int8", "as_exported"):
+            session = HiDiffSession(quantized, segmentor=precision.replace("as_exported", "fp32"),
+                                    threads=threads)
+            if precision == "as_exported":  # the refiner step without edge_runtime.rewrite
+                session.refiner = RefinerRunner(load_model(quantized).protos["refiner_step"],
+                                                backend=session.backend, threads=threads,
+                                                rewrite=False)
             scores = {"hidiff": [], "segmentor": []}
             for image, mask in pairs:
                 rgb = read_image(image, session.facts.in_channels)
                 gt = read_labels(mask, session.facts.num_classes)
                 pred = session.predict(rgb, seed=0)
+                if precision in masks:
+                    masks[precision].append(pred.mask)
                 prior = reference.predict_image(
                     as_float_image(rgb, session.facts.in_channels),
                     preprocessing=session.facts.preprocessing,
@@ -87,5 +99,8 @@ def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int 
                 for key, labels in (("hidiff", pred.mask), ("segmentor", prior.mask)):
                     scores[key].append(reference.metrics.dice(labels, gt))
             out[precision] = {k: float(np.nanmean(v)) for k, v in scores.items()}
+        out["rewrite_mask_pixels_differing"] = int(sum(
+            int((a != b).sum()) for a, b in zip(masks["fp32"], masks["as_exported"], strict=True)))
+        out["mask_pixels"] = int(sum(m.size for m in masks["fp32"]))
         out["change"] = {k: out["int8"][k] - out["fp32"][k] for k in ("hidiff", "segmentor")}
     return out
