@@ -190,11 +190,18 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
             continue
         given = getattr(args, name)
         if given != stored[name] and not (name == "batch_size" and given is None):
-            warnings.warn(f"resuming {out}: {name}={given!r} ignored, the run continues with "
-                          f"its stored {name}={stored[name]!r}", stacklevel=3)
+            # a value equal to train()'s default was most likely not given at all
+            message = (f"the run continues with its stored {name}={stored[name]!r} (today's "
+                       f"default is {given!r})" if given == _DEFAULTS.get(name) else
+                       f"{name}={given!r} ignored, the run continues with its stored "
+                       f"{name}={stored[name]!r}")
+            warnings.warn(f"resuming {out}: {message}", stacklevel=3)
         changes[name] = stored[name]
     return dataclasses.replace(args, **changes)
 
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs)
+             if f.default is not dataclasses.MISSING}
 
 #: the subset of a model folder's split.json that holds the refiner-only cases (refiner_holdout)
 REFINER_SUBSET = "train_refiner"
