@@ -193,8 +193,9 @@ TORCH_NOTE = (
     "agree only as far as that sensitivity allows (on the tiny model of "
     "tests/edge/test_session.py the trajectories are checked sample by sample). The last "
     "column is the packed backend with and without `edge_runtime.rewrite`: the rewrites "
-    "regroup float sums (~1e-6), which this random refiner amplifies in the same way; on a "
-    "trained model the difference is the few pixels of the int8 section's last line."
+    "regroup float sums and round folded weights again (~1e-7 per step output), and this "
+    "random refiner amplifies such differences into the mask as it does torch's; on a trained "
+    "model it is the few pixels of the int8 section's last line."
 )
 
 NOTES = (

@@ -1,10 +1,13 @@
 """Graph rewrites that make the refiner step's real-valued layers cheaper.
 
-Each rewrite is exact in real arithmetic; in float32 it only regroups sums (differences of the
-order of one rounding, ~1e-6 here). :class:`~edge_runtime.refiner.RefinerRunner` applies them to
-the refiner graph before splitting it, so the ``onnxruntime`` and ``packed`` backends run the
-same rewritten graph and stay bit-identical to each other; against the exported file (stock
-onnxruntime, torch) they agree to float rounding, as before.
+Each rewrite is exact in real arithmetic; in float32 it regroups sums and rounds folded weights
+again, so one step's output moves by about one rounding (1e-7 relative on a trained
+``cpu-small`` export). :class:`~edge_runtime.refiner.RefinerRunner` applies them to the refiner
+graph before splitting it, so the ``onnxruntime`` and ``packed`` backends run the same rewritten
+graph and stay bit-identical to each other. Against the exported file (stock onnxruntime, torch)
+they differ like torch and onnxruntime already do: where a binarized activation lies within
+that rounding of 0 it flips, so a few mask pixels can change (40 of 35 M on the Kvasir-SEG test
+split, ``benchmarks/results/edge.md``).
 
 ``narrow_conv``
     A k x k ``Conv`` with few output channels (the refiner's head, 32 -> 1 channel, 3 x 3):
@@ -38,6 +41,20 @@ onnxruntime, torch) they agree to float rounding, as before.
     Applied where ``s`` does not depend on ``y_t``: ``BN(s)`` then moves to the per-image (or
     per-step-value) part and the per-step part is a conv and an add, which onnxruntime fuses.
 
+``conv_through_add``
+    A 1 x 1 ``Conv`` (W1, b1) of ``Conv_a(x) + s`` with ``s`` not depending on ``y_t`` (the
+    first feature injection reads the stem, ``Conv_a`` the 3 x 3 conv of the one-channel
+    ``y_t``). Two linear maps compose into one conv with ``Conv_a``'s kernel and padding:
+
+        Conv(Conv_a(x; Wa, ba) + s; W1, b1) = Conv(x; W1 Wa, W1 ba) + Conv(s; W1, b1),
+
+    ``(W1 Wa)[o, c, dy, dx] = sum_m W1[o, m] Wa[m, c, dy, dx]``. Applied where the composed conv
+    costs less per pixel than what it replaces (``Conv_a`` stays when something else reads it).
+
+``sum_statics``
+    ``(d + s1) + s2 = d + (s1 + s2)`` where ``s1`` and ``s2`` are both per-image (or both
+    per-step-value) values: their sum leaves the per-step part.
+
 Never imports torch, hidiff or export.
 """
 
@@ -49,7 +66,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .rewrite_graph import RewriteGraph, attrs, conv_bias, not_per_step, plain_conv
+from .rewrite_graph import (
+    RewriteGraph,
+    attrs,
+    conv_bias,
+    drop_unread_initializers,
+    not_per_step,
+    plain_conv,
+)
 
 __all__ = ["REWRITES", "RewriteStats", "rewrite_refiner"]
 
@@ -180,7 +204,8 @@ def _conv_before_upsample(node, g: RewriteGraph) -> tuple[list, list, list] | No
             removed.append(resize)
             out = up
         terms.append(out)
-    # the full-resolution parts first, so ORT can fuse the last Add into the conv before it
+    # the upsampled parts first and the full-resolution convs last, so that the last Add
+    # directly follows a conv (ORT can fuse it into that conv)
     order = [t for t, r in zip(terms, resized, strict=True) if r] + [
         t for t, r in zip(terms, resized, strict=True) if not r]
     acc = order[0]
@@ -209,7 +234,7 @@ def _bn_through_add(node, g: RewriteGraph) -> tuple[list, list, list] | None:
         # only worth it when BN(s) leaves the per-step part
         if (weight is not None and g.only_reader(add.input[j], add)
                 and not_per_step(g, add.input[1 - j])
-                and g.channels.get(add.input[j]) == g.channels.get(add.input[1 - j])
+                and g.same_channels(add.input[j], add.input[1 - j])
                 and weight.shape[0] == params[0].shape[0]):
             break
     else:
@@ -247,7 +272,7 @@ def _conv_through_add(node, g: RewriteGraph) -> tuple[list, list, list] | None:
         conv = g.producer.get(add.input[j])
         wa = None if conv is None else plain_conv(conv, g, kernel_1x1=False)
         if (wa is not None and not_per_step(g, add.input[1 - j]) and wa.shape[0] == w1.shape[1]
-                and g.channels.get(add.input[j]) == g.channels.get(add.input[1 - j])):
+                and g.same_channels(add.input[j], add.input[1 - j])):
             break
     else:
         return None
@@ -283,7 +308,8 @@ def _conv_through_add(node, g: RewriteGraph) -> tuple[list, list, list] | None:
 
 # -- sum_statics --------------------------------------------------------------------------------
 def _sum_statics(node, g: RewriteGraph) -> tuple[list, list, list] | None:
-    """(d + s1) + s2 -> d + (s1 + s2) for s1, s2 computed outside the step (same shapes)."""
+    """(d + s1) + s2 -> d + (s1 + s2) for s1, s2 computed outside the step (same channel
+    count; exact under broadcasting too)."""
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
         return None
     for j in (0, 1):
@@ -294,11 +320,10 @@ def _sum_statics(node, g: RewriteGraph) -> tuple[list, list, list] | None:
             continue
         for k in (0, 1):
             d, s1 = inner.input[k], inner.input[1 - k]
-            c = {g.channels.get(n) for n in (d, s1, s2)}
             # s1 + s2 leaves the step only when it depends on the image or the step, not both
             one_part = len({g.kinds.get(s1), g.kinds.get(s2)} - {"const"}) <= 1
-            if (not_per_step(g, s1) and one_part and not not_per_step(g, d) and len(c) == 1
-                    and None not in c):
+            if (not_per_step(g, s1) and one_part and not not_per_step(g, d)
+                    and g.same_channels(d, s1, s2)):
                 base = node.name or node.output[0]
                 both = g.fresh(f"{base}/statics")
                 return [helper.make_node("Add", [s1, s2], [both], name=g.fresh(f"{base}/pre")),
@@ -326,12 +351,14 @@ def _one_pass(model: onnx.ModelProto, rewrites: tuple[str, ...], stats: RewriteS
     for node in model.graph.node:
         replaced = None
         for name in rewrites:
+            g.pending = []
             found = _MATCHERS[name](node, g)
             if found is None:
                 continue
             involved = {n.output[0] for n in (node, *found[2])}
             if involved & touched:
                 continue  # a node of this match was already rewritten: next pass
+            g.commit()
             replaced, removed, _ = found
             touched |= involved
             dropped |= {n.output[0] for n in removed}
@@ -346,6 +373,7 @@ def _one_pass(model: onnx.ModelProto, rewrites: tuple[str, ...], stats: RewriteS
     # a removed node (Resize, Concat, Add, Conv) comes before the node that replaced it
     del model.graph.node[:]
     model.graph.node.extend(n for n in new_nodes if n.output[0] not in dropped)
+    drop_unread_initializers(model, g.inits)
     return True
 
 

@@ -12,7 +12,8 @@ from onnx import helper, numpy_helper
 from . import npops
 from .graph import classify
 
-__all__ = ["RewriteGraph", "attrs", "channel_counts", "conv_bias", "not_per_step", "plain_conv"]
+__all__ = ["RewriteGraph", "attrs", "channel_counts", "conv_bias", "drop_unread_initializers",
+           "not_per_step", "plain_conv"]
 
 
 def attrs(node) -> dict:
@@ -36,6 +37,8 @@ class RewriteGraph:
             i.name for i in graph.input}
         self.channels = channel_counts(model)
         self.kinds = classify(graph)  # const / static / step / dynamic (edge_runtime.graph)
+        #: initializers of the match being built; the driver commits or discards them
+        self.pending: list[onnx.TensorProto] = []
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.inits:
@@ -58,18 +61,28 @@ class RewriteGraph:
         self.names.add(name)
         return name
 
+    def same_channels(self, *names: str) -> bool:
+        """Every value has the same channel count, and shape inference knows it."""
+        counts = {self.channels.get(n) for n in names}
+        return len(counts) == 1 and None not in counts
+
     def add_init(self, base: str, value: np.ndarray) -> str:
+        """A new initializer for the match being built (in ``pending`` until accepted)."""
         name = self.fresh(base)
-        init = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        self.model.graph.initializer.append(init)
-        self.inits[name] = init
+        self.pending.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
+
+    def commit(self) -> None:
+        """The pending initializers join the graph (their match was accepted)."""
+        self.model.graph.initializer.extend(self.pending)
+        self.pending = []
 
 
 def channel_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Static channel count (dim 1) of every 4-D value shape inference can type."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+        # data_prop: shapes computed by Shape / Reshape chains (the X-Former's output) too
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - no shapes: rewrites that need them do not fire
         inferred = model
     out: dict[str, int] = {}
@@ -110,3 +123,17 @@ def conv_bias(node, g: RewriteGraph) -> np.ndarray | None | bool:
 def not_per_step(g: RewriteGraph, name: str) -> bool:
     """``name`` is computed outside the per-step part (per image, per step value or const)."""
     return g.kinds.get(name) in ("const", "static", "step")
+
+
+def drop_unread_initializers(model: onnx.ModelProto, before: dict) -> None:
+    """Initializers the removed nodes read and nothing reads any more (the folded weights)."""
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    read |= {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in read or init.name not in before]
+    if len(kept) < len(graph.initializer):
+        copies = [onnx.TensorProto() for _ in kept]
+        for c, init in zip(copies, kept, strict=True):
+            c.CopyFrom(init)
+        del graph.initializer[:]
+        graph.initializer.extend(copies)

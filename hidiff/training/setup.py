@@ -190,9 +190,10 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
             continue
         given = getattr(args, name)
         if given != stored[name] and not (name == "batch_size" and given is None):
-            # a value equal to train()'s default was most likely not given at all
-            message = (f"the run continues with its stored {name}={stored[name]!r} (today's "
-                       f"default is {given!r})" if given == _DEFAULTS.get(name) else
+            # train() cannot tell a value equal to its default from one not given
+            message = (f"{name}={given!r} is not used (given, or today's default); the run "
+                       f"continues with its stored {name}={stored[name]!r}"
+                       if given == _DEFAULTS.get(name) else
                        f"{name}={given!r} ignored, the run continues with its stored "
                        f"{name}={stored[name]!r}")
             warnings.warn(f"resuming {out}: {message}", stacklevel=3)

@@ -205,13 +205,8 @@ def test_unknown_rewrite_is_rejected():
         rewrite_refiner(model, rewrites=("fold_everything",))
 
 
-def test_tiny_export_rewritten_matches_the_file(tiny_export):
-    """The exported tiny refiner: rewrites fire, the rewritten step graph agrees with the file
-    (ORT, tolerance REL) and splits like the original (same dynamic inputs)."""
-    exported = load_model(tiny_export[1])
-    proto = exported.protos["refiner_step"]
-    rewritten, stats = rewrite_refiner(proto)
-    assert stats.counts()["conv_before_upsample"] > 0 and stats.counts()["bn_through_add"] > 0
+def _tiny_values(exported) -> dict[str, np.ndarray]:
+    """Image, segmentor outputs and a y_t draw for a batch of two (the tiny export)."""
     rng = np.random.default_rng(0)
     h, w = exported.facts.input_size
     x = rng.standard_normal((2, exported.facts.in_channels, h, w)).astype(np.float32)
@@ -219,6 +214,17 @@ def test_tiny_export_rewritten_matches_the_file(tiny_export):
     names = [o.name for o in seg.get_outputs()]
     values = dict(zip(names, seg.run(None, {"image": x}), strict=True), image=x)
     values["y_t"] = (rng.random(values["prior"].shape) < values["prior"]).astype(np.float32)
+    return values
+
+
+def test_tiny_export_rewritten_matches_the_file(tiny_export):
+    """The exported tiny refiner: rewrites fire, the rewritten step graph agrees with the file
+    (ORT, tolerance REL) and splits like the original (same dynamic inputs)."""
+    exported = load_model(tiny_export[1])
+    proto = exported.protos["refiner_step"]
+    rewritten, stats = rewrite_refiner(proto)
+    assert stats.counts()["conv_before_upsample"] > 0 and stats.counts()["bn_through_add"] > 0
+    values = _tiny_values(exported)
     for step in (10, 1):
         feeds = dict(values, step=np.full(2, step, np.int64))
         want = make_session(proto).run(None, {i.name: feeds[i.name] for i in proto.graph.input
@@ -228,3 +234,73 @@ def test_tiny_export_rewritten_matches_the_file(tiny_export):
                                                  if i.name in feeds})[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=REL)
     assert split_refiner(rewritten).dynamic.inputs[0] == "y_t"
+
+
+def test_nothing_fires_without_known_channel_counts():
+    """BN(Conv(y_t) + image) where ``image`` has one channel spread over four: with shapes
+    declared the counts differ, without shapes they are unknown; neither may fire (the
+    rewritten BN(image) would have the wrong channel count)."""
+    rng = np.random.default_rng(4)
+    inits = {"w": _values(rng, (4, 2, 3, 3)), "g": np.ones(4, np.float32) * 2,
+             "be": _values(rng, (4,)), "m": _values(rng, (4,)), "v": np.ones(4, np.float32)}
+    nodes = [helper.make_node("Conv", ["y_t", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "image"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "g", "be", "m", "v"], ["out"])]
+    feeds = {"y_t": _values(rng, (1, 2, 5, 5)), "image": _values(rng, (1, 1, 5, 5))}
+    _check(_model(nodes, {"y_t": [1, 2, 5, 5], "image": [1, 1, 5, 5]}, inits), feeds, {})
+    _check(_model(nodes, {"y_t": None, "image": None}, inits), feeds, {})
+
+
+def test_same_padding_and_resize_by_sizes_are_left_alone():
+    rng = np.random.default_rng(5)
+    conv = helper.make_node("Conv", ["y_t", "w"], ["out"], auto_pad="SAME_UPPER",
+                            kernel_shape=[3, 3])
+    x = _values(rng, (1, 8, 6, 6))
+    _check(_model([conv], {"y_t": [1, 8, 6, 6]}, {"w": _values(rng, (1, 8, 3, 3))}),
+           {"y_t": x}, {})
+    model, feeds = _upsample_fuse("up_first")
+    resize = model.graph.node[0]
+    resize.input[2] = ""  # scales -> sizes (the same 2x upsampling)
+    resize.input.append("sizes")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 3, 8, 10], np.int64),
+                                                           "sizes"))
+    _check(model, feeds, {})
+
+
+def test_overlapping_matches_fire_once_and_leave_no_dead_weights():
+    """A narrow conv whose output a BN-through-add would also fold: the first match in graph
+    order wins, the other is dropped with its new weights, and the weights of removed nodes
+    leave the graph."""
+    rng = np.random.default_rng(6)
+    inits = {"w": _values(rng, (1, 16, 3, 3)), "g": np.ones(1, np.float32) * 2,
+             "be": _values(rng, (1,)), "m": _values(rng, (1,)), "v": np.ones(1, np.float32)}
+    nodes = [helper.make_node("Conv", ["y_t", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "image"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "g", "be", "m", "v"], ["out"])]
+    feeds = {"y_t": _values(rng, (1, 16, 5, 5)), "image": _values(rng, (1, 1, 5, 5))}
+    model = _model(nodes, {k: list(v.shape) for k, v in feeds.items()}, inits)
+    rewritten = _check(model, feeds, {"narrow_conv": 1})
+    read = {name for node in rewritten.graph.node for name in node.input}
+    assert all(init.name in read for init in rewritten.graph.initializer)
+    model, feeds = _upsample_fuse("up_first")
+    rewritten = _check(model, feeds, {"conv_before_upsample": 1})
+    assert "w" not in {init.name for init in rewritten.graph.initializer}
+
+
+def test_runner_without_rewrites_runs_the_graph_as_exported(tiny_export):
+    from edge_runtime.refiner import RefinerRunner
+
+    exported = load_model(tiny_export[1])
+    proto = exported.protos["refiner_step"]
+    plain = RefinerRunner(proto, backend="onnxruntime", rewrite=False)
+    rewritten = RefinerRunner(proto, backend="onnxruntime")
+    assert not any(plain.rewrites.counts().values()) and any(rewritten.rewrites.counts().values())
+    values = _tiny_values(exported)
+    for runner in (plain, rewritten):
+        runner.prepared = runner.prepare(values)
+    want = make_session(proto).run(None, {**{i.name: values[i.name] for i in proto.graph.input
+                                             if i.name in values},
+                                          "step": np.full(2, 10, np.int64)})[0]
+    for runner in (plain, rewritten):  # the split and the rewrites: float rounding only
+        np.testing.assert_allclose(runner(runner.prepared, values["y_t"], 10), want, rtol=0,
+                                   atol=REL)

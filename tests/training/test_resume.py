@@ -203,9 +203,10 @@ def test_folder_from_before_lambda_y0_was_recorded_resumes_without_it(kvasir_roo
     ckpt = load_checkpoint(out / "checkpoint.pt")
     del ckpt["train_args"]["lambda_y0"]
     save_checkpoint(out / "checkpoint.pt", ckpt)
-    # today's default was not given: the warning says the run keeps its value, not "ignored"
-    with pytest.warns(UserWarning, match=r"continues with its stored lambda_y0=0\.0 \(today's "
-                                         r"default is 1\.0\)"):
+    # today's default (not given here): the warning does not claim it was given
+    with pytest.warns(UserWarning, match=r"lambda_y0=1\.0 is not used \(given, or today's "
+                                         r"default\); the run continues with its stored "
+                                         r"lambda_y0=0\.0"):
         train(data=kvasir_root, out=out, max_steps=N + 1, resume=True, **RUN)
     assert load_checkpoint(out / "checkpoint.pt")["train_args"]["lambda_y0"] == 0.0
 
@@ -221,6 +222,6 @@ def test_resume_warns_that_a_given_value_is_ignored(kvasir_root, tmp_path, one_t
     assert any("lr=0.0005 ignored, the run continues with its stored lr=0.001" in m
                for m in messages), messages
     assert not any("ignored" in m and "lr=" not in m for m in messages), messages
-    with pytest.warns(UserWarning, match=r"continues with its stored lr=0\.001 \(today's "
-                                         r"default is 0\.0001\)"):
+    with pytest.warns(UserWarning, match=r"lr=0\.0001 is not used \(given, or today's default\)"
+                                         r"; the run continues with its stored lr=0\.001"):
         train(data=kvasir_root, out=out, max_steps=N + 2, resume=True, **RUN)
