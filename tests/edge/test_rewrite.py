@@ -236,16 +236,23 @@ def test_tiny_export_rewritten_matches_the_file(tiny_export):
     assert split_refiner(rewritten).dynamic.inputs[0] == "y_t"
 
 
+def _conv_add_bn(rng, *, cout: int, cin: int):
+    """BN(Conv 3x3 (y_t, cin -> cout) + image): nodes and initializers."""
+    inits = {"w": _values(rng, (cout, cin, 3, 3)), "g": np.ones(cout, np.float32) * 2,
+             "be": _values(rng, (cout,)), "m": _values(rng, (cout,)),
+             "v": np.ones(cout, np.float32)}
+    nodes = [helper.make_node("Conv", ["y_t", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "image"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "g", "be", "m", "v"], ["out"])]
+    return nodes, inits
+
+
 def test_nothing_fires_without_known_channel_counts():
     """BN(Conv(y_t) + image) where ``image`` has one channel spread over four: with shapes
     declared the counts differ, without shapes they are unknown; neither may fire (the
     rewritten BN(image) would have the wrong channel count)."""
     rng = np.random.default_rng(4)
-    inits = {"w": _values(rng, (4, 2, 3, 3)), "g": np.ones(4, np.float32) * 2,
-             "be": _values(rng, (4,)), "m": _values(rng, (4,)), "v": np.ones(4, np.float32)}
-    nodes = [helper.make_node("Conv", ["y_t", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "image"], ["a"]),
-             helper.make_node("BatchNormalization", ["a", "g", "be", "m", "v"], ["out"])]
+    nodes, inits = _conv_add_bn(rng, cout=4, cin=2)
     feeds = {"y_t": _values(rng, (1, 2, 5, 5)), "image": _values(rng, (1, 1, 5, 5))}
     _check(_model(nodes, {"y_t": [1, 2, 5, 5], "image": [1, 1, 5, 5]}, inits), feeds, {})
     _check(_model(nodes, {"y_t": None, "image": None}, inits), feeds, {})
@@ -272,11 +279,7 @@ def test_overlapping_matches_fire_once_and_leave_no_dead_weights():
     order wins, the other is dropped with its new weights, and the weights of removed nodes
     leave the graph."""
     rng = np.random.default_rng(6)
-    inits = {"w": _values(rng, (1, 16, 3, 3)), "g": np.ones(1, np.float32) * 2,
-             "be": _values(rng, (1,)), "m": _values(rng, (1,)), "v": np.ones(1, np.float32)}
-    nodes = [helper.make_node("Conv", ["y_t", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "image"], ["a"]),
-             helper.make_node("BatchNormalization", ["a", "g", "be", "m", "v"], ["out"])]
+    nodes, inits = _conv_add_bn(rng, cout=1, cin=16)
     feeds = {"y_t": _values(rng, (1, 16, 5, 5)), "image": _values(rng, (1, 1, 5, 5))}
     model = _model(nodes, {k: list(v.shape) for k, v in feeds.items()}, inits)
     rewritten = _check(model, feeds, {"narrow_conv": 1})
