@@ -87,6 +87,10 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
                   self_align=args.self_align, refiner_holdout=args.refiner_holdout,
                   lambda_y0=args.lambda_y0,
                   pretrain_steps=args.quick_steps // 2 if args.quick else 0)
+        if args.refine_fraction:  # the last part of the budget: the refiner alone
+            kw.update(refine_after_minutes=(1.0 - args.refine_fraction) * minutes)
+            if args.quick:  # its few steps end long before any minute mark
+                kw.update(refine_after_steps=args.quick_steps - 1)
     result = train(**kw)
     run = {"iterations": result.step, "minutes": round(result.elapsed_s / 60, 2)}
     (out / "run.json").write_text(json.dumps(run))
@@ -197,7 +201,9 @@ def report(results: list[dict], args, wall: float) -> str:
              f"{machine()}; no GPU. Total wall time {wall / 60:.1f} min.", "", "Command:", "",
              "```", "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "```", "",
              f"Preset `{args.preset}`, AdamW lr {args.lr}; HiDiff: segmentor alone for "
-             f"{args.pretrain_fraction:.0%} of the budget, then alternating training, binary "
+             f"{args.pretrain_fraction:.0%} of the budget, then alternating training"
+             + (f" (the last {args.refine_fraction:.0%}: the refiner alone, segmentor frozen)"
+                if args.refine_fraction else "") + ", binary "
              f"refiner with the `bayes` offset, self-align {args.self_align}, refiner holdout "
              f"{args.refiner_holdout:g}, y0 cross-entropy weight {args.lambda_y0:g}, "
              "full-precision twin trained beside it for its column. "
@@ -276,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="kvasir-seg,chase-db1")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-fraction", type=float, default=0.6)
+    p.add_argument("--refine-fraction", type=float, default=0.0,
+                   help="last fraction of HiDiff's budget that trains the refiner alone, the "
+                        "segmentor frozen (hidiff train --refine-after-minutes); default 0")
     p.add_argument("--self-align", type=float, default=0.5)
     p.add_argument("--refiner-holdout", type=float, default=0.0,
                    help="fraction of the train cases kept from HiDiff's segmentor for its "
@@ -298,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick-steps", type=int, default=6)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if not 0.0 <= args.refine_fraction <= 1.0 - args.pretrain_fraction:
+        p.error(f"--refine-fraction must be in [0, 1 - --pretrain-fraction = "
+                f"{1.0 - args.pretrain_fraction:g}]; got {args.refine_fraction}")
     if args.quick:
         args.preset = "tiny"
         args.sweep = [(1, 1), (2, 2)]

@@ -4,9 +4,10 @@
     python benchmarks/train_speed.py --quick --results /tmp/speed   # a smoke run (CI)
 
 One alternating iteration (``hidiff.training.steps.train_step``: refiner phase with self-align
-0.5, then the segmentor phase; no fp twin, as ``hidiff train`` runs by default) and one
-segmentor pre-training step, timed per variant on the same batches from the same initial
-networks:
+0.5, then the segmentor phase; no fp twin, as ``hidiff train`` runs by default), one segmentor
+pre-training step and one refiner-alone iteration (the last phase of ``--refine-after-minutes``:
+the refiner phase, segmentor frozen), timed per variant on the same batches from the same
+initial networks:
 
 - ``default``: what ``hidiff train`` does (float32, NCHW, torch's threads);
 - ``threads=1``: one intra-op thread (the default uses every core);
@@ -77,7 +78,7 @@ def run_variant(name: str, state, batches, iters: int, warmup: int) -> dict:
         compile_s = time.perf_counter() - start  # lazy: most of it lands in the warm-up
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16"
                 else contextlib.nullcontext())
-    losses, times, pre_times = [], [], []
+    losses, times, pre_times, refine_times = [], [], [], []
     try:
         for i, (x, y0) in enumerate(batches[:warmup + iters]):
             x = x.contiguous(memory_format=fmt)
@@ -95,12 +96,18 @@ def run_variant(name: str, state, batches, iters: int, warmup: int) -> dict:
                 train_step(nets, opts, state.diffusion, draws, x, y0, state.settings,
                            pretrain=True)
             pre_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with autocast:
+                train_step(nets, opts, state.diffusion, draws, x, y0, state.settings,
+                           refine_only=True)
+            refine_times.append(time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001 - a variant this torch / CPU cannot run is a result
         return {"variant": name, "error": f"{type(err).__name__}: {err}"[:300]}
     finally:
         torch.set_num_threads(threads)
     return {"variant": name, "iteration_s": sorted(times)[len(times) // 2],
             "pretrain_step_s": sorted(pre_times)[len(pre_times) // 2],
+            "refine_step_s": sorted(refine_times)[len(refine_times) // 2],
             "losses": losses, "compile_s": compile_s}
 
 
@@ -112,10 +119,11 @@ def report(rows: list[dict], args, meta: dict) -> str:
              f"default); preset `{args.preset}`, batch {args.batch_size}, {args.iters} timed "
              f"iterations after {args.warmup} warm-up, median seconds.", "",
              "| variant | HiDiff iteration (s) | vs default | segmentor pre-training step (s) "
-             "| max refiner-loss change vs default |", "|---|---|---|---|---|"]
+             "| refiner-alone iteration (s) | max refiner-loss change vs default |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
             continue
         extra = f" (+{r['compile_s']:.0f} s warm-up)" if r["variant"] == "compile" else ""
         if base is None:
@@ -125,7 +133,7 @@ def report(rows: list[dict], args, meta: dict) -> str:
             diffs = [abs(a - b) for a, b in zip(r["losses"], base["losses"], strict=True)]
             change = f"{max(diffs):.2g}"
         lines.append(f"| {r['variant']} | {r['iteration_s']:.3f}{extra} | {ratio} | "
-                     f"{r['pretrain_step_s']:.3f} | {change} |")
+                     f"{r['pretrain_step_s']:.3f} | {r['refine_step_s']:.3f} | {change} |")
     if any(r["variant"] == "compile" for r in rows):
         lines += ["", "`compile`: the warm-up iterations (compilation included) are reported "
                   "apart; the refiner and segmentor phases switch train / eval mode and "

@@ -70,6 +70,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--y0-term", choices=Y0_TERMS,
                    help="where the y0 cross-entropy acts: the diffusion loss of both phases "
                         "(default) or the refiner's only")
+    p.add_argument("--refine-after-steps", type=nonneg, metavar="N",
+                   help="from iteration N on, train the refiner alone with the segmentor frozen "
+                        "(default: never; on --resume a given value replaces the stored one)")
+    p.add_argument("--refine-after-minutes", type=float, metavar="M",
+                   help="from M minutes of training time on (resumed time included), train the "
+                        "refiner alone with the segmentor frozen (default: never; on --resume a "
+                        "given value replaces the stored one)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,
@@ -87,8 +94,8 @@ def train_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     names = ("dataset", "data", "preset", "out", "max_steps", "max_minutes", "batch_size", "lr",
              "weight_decay", "grad_clip", "seed", "pretrain_steps", "pretrain_minutes",
              "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "lambda_y0",
-             "y0_term", "log_every", "checkpoint_every", "val_every", "num_workers", "limit_cases",
-             "device")
+             "y0_term", "refine_after_steps", "refine_after_minutes", "log_every",
+             "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
     kwargs = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     if kwargs.get("grad_clip") == 0:
         kwargs["grad_clip"] = None

@@ -85,7 +85,9 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           limit_cases: int | None = None, weight_decay: float = 0.01,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
           self_align: float = 0.5, refiner_holdout: float = 0.0,
-          lambda_y0: float = 1.0, y0_term: str = "both") -> TrainResult:
+          lambda_y0: float = 1.0, y0_term: str = "both",
+          refine_after_steps: int | None = None,
+          refine_after_minutes: float | None = None) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
 
     Args:
@@ -137,6 +139,14 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
         y0_term: ``"both"`` (default): that term is part of L_diff in both phases;
             ``"refiner"``: only the refiner's loss has it, the segmentor phase's L_diff is the
             plain diffusion loss (an ablation, ``ablation_levers.md``).
+        refine_after_steps / refine_after_minutes: the last phase trains the refiner alone,
+            the segmentor frozen (no segmentor step, so an iteration costs about 0.6 of an
+            alternating one), from the first iteration where ``step`` reaches
+            ``refine_after_steps`` or the run's training time (resumed time included) reaches
+            ``refine_after_minutes``, whichever comes first, until the run stops. None (default):
+            never. A fresh run needs them at or after the end of pre-training. On resume a
+            given value replaces the stored one (None keeps it), so a finished run can go on
+            with its segmentor frozen: ``resume=True, max_minutes=30, refine_after_minutes=0``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -152,7 +162,9 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
                      val_every=val_every, num_workers=num_workers, progress=progress,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
                      device=device, offset=offset, self_align=self_align,
-                     refiner_holdout=refiner_holdout, lambda_y0=lambda_y0, y0_term=y0_term)
+                     refiner_holdout=refiner_holdout, lambda_y0=lambda_y0, y0_term=y0_term,
+                     refine_after_steps=refine_after_steps,
+                     refine_after_minutes=refine_after_minutes)
     args.check()
     ctx = setup_distributed(device)
     try:
@@ -184,6 +196,7 @@ class _Session:
         self.last_epoch = 0
         self.last_phase = "pretrain"
         self.alternating = False  # set once the alternating phase has begun (pretrain_minutes)
+        self.refining = False  # set once the refiner-alone phase has begun
         self.bar = None
 
     # -- files ----------------------------------------------------------------------------------
@@ -272,6 +285,23 @@ class _Session:
             record["val_cases"] = len(self.spec.val_set)
         return record
 
+    def _elapsed(self) -> float:
+        return self.state.elapsed_before + time.monotonic() - self.t0
+
+    def _phase(self) -> str:
+        """``"refine"`` once ``refine_after_steps`` / ``refine_after_minutes`` is reached (it
+        ends any pre-training; never left again), else ``"pretrain"`` or ``"alternate"``."""
+        args, st = self.args, self.state
+        if not self.refining and (args.refine_after_steps is not None
+                                  or args.refine_after_minutes is not None):
+            due = (args.refine_after_steps is not None and st.step >= args.refine_after_steps) or (
+                args.refine_after_minutes is not None
+                and self._elapsed() >= 60.0 * args.refine_after_minutes)
+            self.refining = bool(broadcast_object(due, self.ctx))
+        if self.refining:
+            return "refine"
+        return "pretrain" if self._pretraining() else "alternate"
+
     def _pretraining(self) -> bool:
         """Segmentor-only while ``step < pretrain_steps`` or, with ``pretrain_minutes``, while
         the run's training time (resumed time included) is under it; never again once the
@@ -281,8 +311,8 @@ class _Session:
             return True
         if not args.pretrain_minutes or self.alternating:
             return False
-        elapsed = st.elapsed_before + time.monotonic() - self.t0
-        pretrain = bool(broadcast_object(elapsed < 60.0 * args.pretrain_minutes, self.ctx))
+        pretrain = bool(broadcast_object(self._elapsed() < 60.0 * args.pretrain_minutes,
+                                         self.ctx))
         self.alternating = not pretrain
         return pretrain
 
@@ -343,17 +373,18 @@ class _Session:
             self.last_epoch = epoch
             x = batch["image"].to(ctx.device, non_blocking=True)
             y0 = batch["mask"].to(ctx.device, non_blocking=True)
-            pretrain = self._pretraining()
+            phase = self._phase()
             refiner_batch = None
-            if not pretrain and st.refiner_batches is not None:
+            if phase != "pretrain" and st.refiner_batches is not None:
                 _, rb = next(st.refiner_batches)
                 refiner_batch = (rb["image"].to(ctx.device, non_blocking=True),
                                  rb["mask"].to(ctx.device, non_blocking=True))
             logs = train_step(st.nets, st.opts, st.diffusion, st.draws, x, y0, st.settings,
-                              pretrain=pretrain, refiner_batch=refiner_batch)
-            if not pretrain:
+                              pretrain=phase == "pretrain", refine_only=phase == "refine",
+                              refiner_batch=refiner_batch)
+            if phase != "pretrain":
                 st.refiner_steps += 1
-            self.last_phase = "pretrain" if pretrain else "alternate"
+            self.last_phase = phase
             st.step += 1
             if not all(math.isfinite(v) for v in logs.values()):
                 raise FloatingPointError(f"non-finite loss at step {st.step}: {logs}")

@@ -78,9 +78,29 @@ class TrainArgs:
     refiner_holdout: float = 0.0
     lambda_y0: float = 1.0
     y0_term: str = "both"
+    refine_after_steps: int | None = None
+    refine_after_minutes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _check_refine(self) -> None:
+        steps, minutes = self.refine_after_steps, self.refine_after_minutes
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 0):
+            raise ValueError(f"refine_after_steps must be an integer >= 0 (or None); "
+                             f"got {steps!r}")
+        if minutes is not None and (isinstance(minutes, bool)
+                                    or not isinstance(minutes, int | float) or not minutes >= 0):
+            raise ValueError(f"refine_after_minutes must be >= 0 (or None); got {minutes!r}")
+        if steps is not None and steps < self.pretrain_steps:
+            raise ValueError(f"refine_after_steps={steps} is before the end of pre-training "
+                             f"(pretrain_steps={self.pretrain_steps}); the phases run in the "
+                             "order pre-training, alternating, refiner alone")
+        if minutes is not None and minutes < self.pretrain_minutes:
+            raise ValueError(f"refine_after_minutes={minutes} is before the end of pre-training "
+                             f"(pretrain_minutes={self.pretrain_minutes}); the phases run in "
+                             "the order pre-training, alternating, refiner alone")
 
     def check(self) -> None:
         """``ValueError`` for values out of range (names and the allowed range)."""
@@ -118,6 +138,7 @@ class TrainArgs:
             raise ValueError(f"pretrain_minutes must be >= 0; got {pm!r}")
         if isinstance(self.self_align, bool) or not 0.0 <= self.self_align <= 1.0:
             raise ValueError(f"self_align must be in [0, 1]; got {self.self_align!r}")
+        self._check_refine()
         rh = self.refiner_holdout
         if isinstance(rh, bool) or not isinstance(rh, int | float) or not 0.0 <= rh < 1.0:
             raise ValueError(f"refiner_holdout must be in [0, 1); got {rh!r}")
@@ -177,6 +198,12 @@ def _check_out(out: Path, resume: bool) -> bool:
     return False
 
 
+#: options of the phase schedule that a resume may change (a given value replaces the stored one
+#: from the resumed step on; None keeps the stored one): a finished run can go on with its
+#: segmentor frozen, as ``max_steps`` can be raised
+SCHEDULE = ("refine_after_steps", "refine_after_minutes")
+
+
 def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> TrainArgs:
     for name in ("dataset", "preset"):
         if str(stored.get(name)) != str(getattr(args, name)):
@@ -198,6 +225,9 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
                        f"{name}={stored[name]!r}")
             warnings.warn(f"resuming {out}: {message}", stacklevel=3)
         changes[name] = stored[name]
+    for name in SCHEDULE:
+        if getattr(args, name) is None and stored.get(name) is not None:
+            changes[name] = stored[name]
     return dataclasses.replace(args, **changes)
 
 

@@ -12,7 +12,8 @@ in train mode minimises ``L_seg + lambda_diff * L_diff`` where ``L_diff`` runs t
 refiner with the prior and features *not* detached, so the diffusion loss reaches the segmentor
 through them (``y_t`` is drawn from the detached prior: sampling has no gradient).
 
-A pre-training step trains the segmentor on ``L_seg`` alone.
+A pre-training step trains the segmentor on ``L_seg`` alone; a refine-only step is the refiner
+phase alone (the last phase of a run with ``refine_after_steps`` / ``refine_after_minutes``).
 """
 
 from __future__ import annotations
@@ -311,15 +312,19 @@ def pretrain_step(nets: Networks, opts: Optimizers, x: Tensor, y0: Tensor,
 
 def train_step(nets: Networks, opts: Optimizers, diffusion: BernoulliDiffusion,
                draws: DiffusionDraws, x: Tensor, y0: Tensor, settings: StepSettings,
-               *, pretrain: bool = False,
+               *, pretrain: bool = False, refine_only: bool = False,
                refiner_batch: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
-    """One iteration: a pre-training step, or the refiner phase then the segmentor phase.
+    """One iteration: a pre-training step, the refiner phase alone (``refine_only``: the
+    segmentor stays frozen), or the refiner phase then the segmentor phase (alternating).
 
     ``refiner_batch``: ``(x, y0)`` of the refiner phase when it has its own cases (held out
     from the segmentor, so its priors are as wrong as on new images); default: ``x, y0``."""
+    if pretrain and refine_only:
+        raise ValueError("pretrain and refine_only exclude each other: one phase per iteration")
     if pretrain:
         return pretrain_step(nets, opts, x, y0, settings)
     xr, yr = (x, y0) if refiner_batch is None else refiner_batch
     logs = refiner_phase(nets, opts, diffusion, draws, xr, yr, settings)
-    logs.update(segmentor_phase(nets, opts, diffusion, draws, x, y0, settings))
+    if not refine_only:
+        logs.update(segmentor_phase(nets, opts, diffusion, draws, x, y0, settings))
     return logs

@@ -34,7 +34,8 @@ def test_every_train_keyword_has_an_option_and_every_option_a_keyword(parser):
 def test_given_options_reach_the_keywords_and_absent_ones_are_left_out(parser):
     given = train_kwargs(parser.parse_args([*BASE, "--self-align", "0.25", "--y0-term",
                                             "refiner", "--lambda-y0", "0", "--grad-clip", "0",
-                                            "--quiet"]))
+                                            "--refine-after-minutes", "12", "--quiet"]))
+    assert given["refine_after_minutes"] == 12.0 and "refine_after_steps" not in given
     assert given["self_align"] == 0.25 and given["y0_term"] == "refiner"
     assert given["lambda_y0"] == 0.0 and given["grad_clip"] is None  # 0 = no clipping
     assert given["progress"] is False

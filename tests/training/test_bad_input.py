@@ -62,6 +62,16 @@ def test_argument_errors(kvasir_root, tmp_path):
         _train(kvasir_root, tmp_path / "m", lambda_y0=-1.0)
     with pytest.raises(ValueError, match="y0_term must be one of both, refiner; got 'segmentor'"):
         _train(kvasir_root, tmp_path / "m", y0_term="segmentor")
+    with pytest.raises(ValueError, match=r"refine_after_steps=1 is before the end of "
+                                         r"pre-training \(pretrain_steps=2\)"):
+        _train(kvasir_root, tmp_path / "m", pretrain_steps=2, refine_after_steps=1)
+    with pytest.raises(ValueError, match=r"refine_after_minutes=1 is before the end of "
+                                         r"pre-training \(pretrain_minutes=2"):
+        _train(kvasir_root, tmp_path / "m", pretrain_minutes=2, refine_after_minutes=1)
+    with pytest.raises(ValueError, match="refine_after_minutes must be >= 0"):
+        _train(kvasir_root, tmp_path / "m", refine_after_minutes=-0.5)
+    with pytest.raises(ValueError, match="refine_after_steps must be an integer >= 0"):
+        _train(kvasir_root, tmp_path / "m", refine_after_steps=1.5)
     with pytest.raises(ValueError, match="leaves 0 for the refiner"):
         _train(kvasir_root, tmp_path / "m", limit_cases=2, refiner_holdout=0.1)
     assert not (tmp_path / "m").exists()

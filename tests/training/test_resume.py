@@ -194,6 +194,36 @@ def test_refiner_holdout_resumes_exactly_and_keeps_its_cases_from_the_segmentor(
         _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
 
 
+def test_refine_phase_freezes_the_segmentor_and_can_be_added_on_resume(kvasir_root, tmp_path,
+                                                                       one_thread):
+    """``refine_after_steps=N``: from step N + 1 on only the refiner trains. A run that stopped
+    at N without it and is resumed with it equals the run that had it from the start; a later
+    resume that does not give it keeps the stored value."""
+    full = train(data=kvasir_root, out=tmp_path / "a", max_steps=2 * N, checkpoint_every=N,
+                 refine_after_steps=N, **RUN)
+    assert full.step == 2 * N
+    log_a = read_log(tmp_path / "a" / "train_log.jsonl")
+    assert [r["phase"] for r in log_a] == ["pretrain"] + ["alternate"] * (N - 1) + ["refine"] * N
+    assert all("loss_segmentor" not in r and r["loss_refiner"] > 0 for r in log_a[N:])
+    ckpt_a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert ckpt_a["refiner_steps"] == 2 * N - 1
+
+    cut = tmp_path / "b"
+    train(data=kvasir_root, out=cut, max_steps=N, checkpoint_every=N, **RUN)
+    seg_at_n = load_checkpoint(cut / "checkpoint.pt")["segmentor"]
+    train(data=kvasir_root, out=cut, max_steps=2 * N - 1, checkpoint_every=100, resume=True,
+          refine_after_steps=N, **RUN)
+    train(data=kvasir_root, out=cut, max_steps=2 * N, checkpoint_every=100, resume=True, **RUN)
+    ckpt_b = load_checkpoint(cut / "checkpoint.pt")
+    assert ckpt_b["train_args"]["refine_after_steps"] == N  # kept by the resume without it
+    _assert_same_tensors(seg_at_n, ckpt_b["segmentor"], "segmentor frozen after N")
+    for key in ("step", "refiner_steps", "segmentor", "refiner", "optimizers"):
+        _assert_same_tensors(ckpt_a[key], ckpt_b[key], key)
+    log_b = read_log(cut / "train_log.jsonl")
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert _losses(ra) == _losses(rb) and ra["phase"] == rb["phase"], ra["step"]
+
+
 def test_folder_from_before_lambda_y0_was_recorded_resumes_without_it(kvasir_root, tmp_path,
                                                                       one_thread):
     """A checkpoint whose train_args predate ``lambda_y0`` trained without the y0 term: resuming

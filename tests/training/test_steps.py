@@ -20,6 +20,7 @@ from hidiff.training.steps import (
     segmentor_losses,
     segmentor_phase,
     self_aligned_sample,
+    train_step,
 )
 
 pytestmark = pytest.mark.data
@@ -77,6 +78,22 @@ def test_segmentor_phase_leaves_the_refiner_untouched(run):
     assert any(k.endswith("weight") for k in changed)
     assert logs["loss_segmentor"] == pytest.approx(logs["loss_seg"] + logs["loss_seg_diff"],
                                                    rel=1e-6)
+
+
+def test_refine_only_step_trains_the_refiner_alone(run):
+    state, x, y0 = run
+    nets = state.nets
+    seg_before, ref_before = _snapshot(nets.segmentor), _snapshot(nets.refiner)
+    seg_opt_before = copy.deepcopy(state.opts.segmentor.state_dict())
+    logs = train_step(nets, state.opts, state.diffusion, state.draws, x, y0, state.settings,
+                      refine_only=True)
+    assert _changed(seg_before, nets.segmentor) == set()
+    assert state.opts.segmentor.state_dict() == seg_opt_before  # no segmentor step at all
+    assert any(k.endswith("weight") for k in _changed(ref_before, nets.refiner))
+    assert "loss_refiner" in logs and "loss_segmentor" not in logs
+    with pytest.raises(ValueError, match="pretrain and refine_only exclude each other"):
+        train_step(nets, state.opts, state.diffusion, state.draws, x, y0, state.settings,
+                   pretrain=True, refine_only=True)
 
 
 def _segmentor_grads(state, x, y0, lambda_diff, draw_state):
