@@ -4,6 +4,7 @@ parameters identical on both ranks (per-rank digests logged at every checkpoint)
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hidiff.checkpoint import load_checkpoint
 from hidiff.training import load_model_dir
@@ -21,8 +22,11 @@ def test_torchrun_two_processes(kvasir_root, tmp_path, cli):
     proc = cli.torchrun(2, cli.args(kvasir_root, out, "--max-steps", "4", *run))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert load_model_dir(out).step == 4
-    # resume under torchrun too (per-rank RNG states come back from the checkpoint)
-    proc = cli.torchrun(2, cli.args(kvasir_root, out, "--max-steps", "5", "--resume", *run))
+    seg_at_4 = load_checkpoint(out / "checkpoint.pt")["segmentor"]
+    # resume under torchrun too (per-rank RNG states come back from the checkpoint), going on
+    # with the refiner alone (the ranks must agree on the phase)
+    proc = cli.torchrun(2, cli.args(kvasir_root, out, "--max-steps", "5", "--resume",
+                                    "--refine-after-steps", "4", *run))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     model = load_model_dir(out)
@@ -33,6 +37,9 @@ def test_torchrun_two_processes(kvasir_root, tmp_path, cli):
 
     records = read_log(out / "train_log.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["phase"] for r in records] == ["pretrain", "alternate", "alternate", "alternate",
+                                             "refine"]
+    assert all(torch.equal(v, ckpt["segmentor"][k]) for k, v in seg_at_4.items())
     digests = {r["step"]: r["param_sha256_by_rank"] for r in records
                if "param_sha256_by_rank" in r}
     assert sorted(digests) == [2, 4, 5]
