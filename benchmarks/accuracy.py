@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick-steps", type=int, default=6)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if not 0.0 <= args.refine_fraction <= 1.0 - args.pretrain_fraction:
+    if not 0.0 <= args.refine_fraction <= 1.0 - args.pretrain_fraction + 1e-9:  # 1 - 0.9 < 0.1
         p.error(f"--refine-fraction must be in [0, 1 - --pretrain-fraction = "
                 f"{1.0 - args.pretrain_fraction:g}]; got {args.refine_fraction}")
     if args.quick:

@@ -4,8 +4,9 @@ Layout (a dict, loadable with ``torch.load(..., weights_only=True)``)::
 
     format_version   1
     step             completed iterations (the data position follows, hidiff/training/batches.py)
-    refiner_steps    alternating (refiner-phase) iterations so far: the data position of the
-                     refiner's own batches under --refiner-holdout (absent in older files: 0)
+    refiner_steps    refiner-phase iterations so far (alternating and refiner-alone): the data
+                     position of the refiner's own batches under --refiner-holdout (absent in
+                     older files: 0)
     segmentor / refiner / refiner_fp (None without the twin)        state dicts
     optimizers       {"segmentor", "refiner", "refiner_fp" (or None)} optimizer state dicts
     rng              [{"torch", "cuda", "numpy", "python", "diffusion"} one dict per rank]

@@ -140,7 +140,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             ``"refiner"``: only the refiner's loss has it, the segmentor phase's L_diff is the
             plain diffusion loss (an ablation, ``ablation_levers.md``).
         refine_after_steps / refine_after_minutes: the last phase trains the refiner alone,
-            the segmentor frozen (no segmentor step, so an iteration costs about 0.6 of an
+            the segmentor frozen (no segmentor step, so an iteration costs about half of an
             alternating one), from the first iteration where ``step`` reaches
             ``refine_after_steps`` or the run's training time (resumed time included) reaches
             ``refine_after_minutes``, whichever comes first, until the run stops. None (default):
@@ -290,7 +290,8 @@ class _Session:
 
     def _phase(self) -> str:
         """``"refine"`` once ``refine_after_steps`` / ``refine_after_minutes`` is reached (it
-        ends any pre-training; never left again), else ``"pretrain"`` or ``"alternate"``."""
+        ends any pre-training; never left again within this call), else ``"pretrain"`` or
+        ``"alternate"``."""
         args, st = self.args, self.state
         if not self.refining and (args.refine_after_steps is not None
                                   or args.refine_after_minutes is not None):

@@ -93,6 +93,12 @@ class TrainArgs:
         if minutes is not None and (isinstance(minutes, bool)
                                     or not isinstance(minutes, int | float) or not minutes >= 0):
             raise ValueError(f"refine_after_minutes must be >= 0 (or None); got {minutes!r}")
+        if self.resume:  # the pre-training options in force are the stored ones
+            return
+        if steps == 0 or minutes == 0:
+            name = "refine_after_steps" if steps == 0 else "refine_after_minutes"
+            raise ValueError(f"{name}=0 on a new run would never train its segmentor; give it "
+                             "on --resume to go on with a trained one, or a later start")
         if steps is not None and steps < self.pretrain_steps:
             raise ValueError(f"refine_after_steps={steps} is before the end of pre-training "
                              f"(pretrain_steps={self.pretrain_steps}); the phases run in the "
@@ -204,7 +210,8 @@ def _check_out(out: Path, resume: bool) -> bool:
 SCHEDULE = ("refine_after_steps", "refine_after_minutes")
 
 
-def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> TrainArgs:
+def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path,
+                     stored_step: int | None = None) -> TrainArgs:
     for name in ("dataset", "preset"):
         if str(stored.get(name)) != str(getattr(args, name)):
             raise ValueError(f"{out} was trained with {name}={stored.get(name)!r}, not "
@@ -226,8 +233,13 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path) -> Trai
             warnings.warn(f"resuming {out}: {message}", stacklevel=3)
         changes[name] = stored[name]
     for name in SCHEDULE:
-        if getattr(args, name) is None and stored.get(name) is not None:
+        given = getattr(args, name)
+        if given is None and stored.get(name) is not None:
             changes[name] = stored[name]
+        elif given is not None and stored.get(name) != given:
+            warnings.warn(f"resuming {out}: {name}={given!r} replaces the stored "
+                          f"{name}={stored.get(name)!r} from step {stored_step} on",
+                          stacklevel=3)
     return dataclasses.replace(args, **changes)
 
 
@@ -280,7 +292,8 @@ def prepare_run(args: TrainArgs) -> RunSpec:
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(out / CHECKPOINT)
-        args = _resolve_resumed(args, dict(checkpoint.get("train_args") or {}), out)
+        args = _resolve_resumed(args, dict(checkpoint.get("train_args") or {}), out,
+                                checkpoint.get("step"))
         config, info, split = read_config(out), read_dataset_info(out), read_split(out)
         _, cases = reader.open(args.data)
         train_cases = split.select(cases, "train")

@@ -1,6 +1,7 @@
 """``train_log.jsonl``: one JSON object per logged step, rewritten atomically on every append.
 
-Records hold ``step`` (completed iterations), ``phase`` (``"pretrain"`` or ``"alternate"``),
+Records hold ``step`` (completed iterations), ``phase`` (``"pretrain"``, ``"alternate"`` or
+``"refine"``: the refiner alone),
 ``epoch``, the losses of that step (``loss_refiner`` = L_diff of the binary refiner with its
 ``_kl``/``_focal`` parts, ``loss_refiner_fp``, ``loss_seg`` = L_seg, ``loss_seg_diff`` = L_diff
 through the frozen refiner, ``loss_segmentor`` = L_seg + lambda_diff * L_diff), gradient norms,

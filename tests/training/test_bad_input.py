@@ -68,6 +68,11 @@ def test_argument_errors(kvasir_root, tmp_path):
     with pytest.raises(ValueError, match=r"refine_after_minutes=1 is before the end of "
                                          r"pre-training \(pretrain_minutes=2"):
         _train(kvasir_root, tmp_path / "m", pretrain_minutes=2, refine_after_minutes=1)
+    with pytest.raises(ValueError, match="refine_after_steps=0 on a new run would never "
+                                         "train its segmentor"):
+        _train(kvasir_root, tmp_path / "m", refine_after_steps=0)
+    with pytest.raises(ValueError, match="refine_after_minutes=0 on a new run"):
+        _train(kvasir_root, tmp_path / "m", refine_after_minutes=0.0)
     with pytest.raises(ValueError, match="refine_after_minutes must be >= 0"):
         _train(kvasir_root, tmp_path / "m", refine_after_minutes=-0.5)
     with pytest.raises(ValueError, match="refine_after_steps must be an integer >= 0"):

@@ -211,8 +211,10 @@ def test_refine_phase_freezes_the_segmentor_and_can_be_added_on_resume(kvasir_ro
     cut = tmp_path / "b"
     train(data=kvasir_root, out=cut, max_steps=N, checkpoint_every=N, **RUN)
     seg_at_n = load_checkpoint(cut / "checkpoint.pt")["segmentor"]
-    train(data=kvasir_root, out=cut, max_steps=2 * N - 1, checkpoint_every=100, resume=True,
-          refine_after_steps=N, **RUN)
+    with pytest.warns(UserWarning, match=rf"refine_after_steps={N} replaces the stored "
+                                         rf"refine_after_steps=None from step {N} on"):
+        train(data=kvasir_root, out=cut, max_steps=2 * N - 1, checkpoint_every=100,
+              resume=True, refine_after_steps=N, **RUN)
     train(data=kvasir_root, out=cut, max_steps=2 * N, checkpoint_every=100, resume=True, **RUN)
     ckpt_b = load_checkpoint(cut / "checkpoint.pt")
     assert ckpt_b["train_args"]["refine_after_steps"] == N  # kept by the resume without it
@@ -222,6 +224,21 @@ def test_refine_phase_freezes_the_segmentor_and_can_be_added_on_resume(kvasir_ro
     log_b = read_log(cut / "train_log.jsonl")
     for ra, rb in zip(log_a, log_b, strict=True):
         assert _losses(ra) == _losses(rb) and ra["phase"] == rb["phase"], ra["step"]
+
+
+def test_resume_with_refine_after_minutes_zero_goes_on_with_the_segmentor_frozen(
+        kvasir_root, tmp_path, one_thread):
+    """The README's recipe: the same options (pre-training included, which a new run would
+    check the refine start against) plus ``refine_after_minutes=0`` on resume: every further
+    iteration trains the refiner alone, through the minutes path of the phase."""
+    out = tmp_path / "run"
+    train(data=kvasir_root, out=out, max_steps=N, checkpoint_every=N, **RUN)
+    seg = load_checkpoint(out / "checkpoint.pt")["segmentor"]
+    with pytest.warns(UserWarning, match="refine_after_minutes=0 replaces"):
+        train(data=kvasir_root, out=out, max_steps=N + 2, resume=True, refine_after_minutes=0,
+              **RUN)
+    assert [r["phase"] for r in read_log(out / "train_log.jsonl")][N:] == ["refine"] * 2
+    _assert_same_tensors(seg, load_checkpoint(out / "checkpoint.pt")["segmentor"], "segmentor")
 
 
 def test_folder_from_before_lambda_y0_was_recorded_resumes_without_it(kvasir_root, tmp_path,

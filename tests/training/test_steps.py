@@ -16,6 +16,7 @@ from hidiff.training.steps import (
     DiffusionDraws,
     StepSettings,
     frozen,
+    pretrain_step,
     refiner_phase,
     segmentor_losses,
     segmentor_phase,
@@ -83,12 +84,17 @@ def test_segmentor_phase_leaves_the_refiner_untouched(run):
 def test_refine_only_step_trains_the_refiner_alone(run):
     state, x, y0 = run
     nets = state.nets
-    seg_before, ref_before = _snapshot(nets.segmentor), _snapshot(nets.refiner)
-    seg_opt_before = copy.deepcopy(state.opts.segmentor.state_dict())
+    ref_before = _snapshot(nets.refiner)
+    opt = state.opts.segmentor
+    pretrain_step(nets, state.opts, x, y0, state.settings)  # an optimizer state to keep
+    seg_before, opt_before = _snapshot(nets.segmentor), copy.deepcopy(opt.state_dict()["state"])
     logs = train_step(nets, state.opts, state.diffusion, state.draws, x, y0, state.settings,
                       refine_only=True)
     assert _changed(seg_before, nets.segmentor) == set()
-    assert state.opts.segmentor.state_dict() == seg_opt_before  # no segmentor step at all
+    opt_after = opt.state_dict()["state"]  # no segmentor step at all: Adam moments unchanged
+    assert opt_before and opt_after.keys() == opt_before.keys()
+    for k, moments in opt_before.items():
+        assert all(torch.equal(v, opt_after[k][name]) for name, v in moments.items()), k
     assert any(k.endswith("weight") for k in _changed(ref_before, nets.refiner))
     assert "loss_refiner" in logs and "loss_segmentor" not in logs
     with pytest.raises(ValueError, match="pretrain and refine_only exclude each other"):
