@@ -70,13 +70,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--y0-term", choices=Y0_TERMS,
                    help="where the y0 cross-entropy acts: the diffusion loss of both phases "
                         "(default) or the refiner's only")
-    p.add_argument("--refine-after-steps", type=nonneg, metavar="N",
-                   help="from iteration N on, train the refiner alone with the segmentor frozen "
-                        "(default: never; on --resume a given value replaces the stored one)")
-    p.add_argument("--refine-after-minutes", type=float, metavar="M",
-                   help="from M minutes of training time on (resumed time included), train the "
-                        "refiner alone with the segmentor frozen (default: never; on --resume a "
-                        "given value replaces the stored one)")
+    for unit, kind, var, start in (
+            ("steps", nonneg, "N", "iteration N"),
+            ("minutes", float, "M", "M minutes of training time (resumed included)")):
+        p.add_argument(f"--refine-after-{unit}", type=kind, metavar=var,
+                       help=f"from {start} on, train the refiner alone with the segmentor frozen "
+                            "(default: never; on --resume a given value replaces the stored one)")
     p.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     p.add_argument("--log-every", type=pos, help="iterations between log records (default 10)")
     p.add_argument("--checkpoint-every", type=pos,
