@@ -144,9 +144,10 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             alternating one), from the first iteration where ``step`` reaches
             ``refine_after_steps`` or the run's training time (resumed time included) reaches
             ``refine_after_minutes``, whichever comes first, until the run stops. None (default):
-            never. A fresh run needs them at or after the end of pre-training. On resume a
-            given value replaces the stored one (None keeps it), so a finished run can go on
-            with its segmentor frozen: ``resume=True, max_minutes=30, refine_after_minutes=0``.
+            never. A fresh run needs them > 0 and at or after the end of pre-training. On
+            resume a given value replaces the stored one, with a warning (None keeps it), so a
+            finished run can go on with its segmentor frozen: ``resume=True, max_minutes=30,
+            refine_after_minutes=0``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data

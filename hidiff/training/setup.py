@@ -289,6 +289,7 @@ def prepare_run(args: TrainArgs) -> RunSpec:
     out = Path(args.out)
     if _check_out(out, args.resume):
         args = dataclasses.replace(args, resume=False)  # start again in the same folder
+        args.check()  # as a new run (refine_after_* against pre-training)
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(out / CHECKPOINT)
