@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --data ../shared/data                 # the full report
     python benchmarks/accuracy.py --quick --results /tmp/acc            # a smoke run (CI)
+    python benchmarks/accuracy.py --refine-more 1800 --reuse   # + going on, segmentor frozen
 
 Per dataset and seed, with the same wall-clock budget for both runs:
 
@@ -10,7 +11,11 @@ Per dataset and seed, with the same wall-clock budget for both runs:
    full-precision twin on, for the binary-vs-fp column);
 2. the segmentor trained alone for the whole budget (what a user gets without HiDiff).
 
-Both are evaluated on the committed test split with ``hidiff.evaluation.evaluate`` at the
+With ``--refine-more N``, each finished HiDiff model is also copied and resumed for N
+refiner-alone iterations, its segmentor frozen (``hidiff train --resume --refine-after-minutes
+0``), and scored beside it: what a user with more time than the budget gets.
+
+All are evaluated on the committed test split with ``hidiff.evaluation.evaluate`` at the
 model's default sampling (steps x S): predictors *segmentor inside HiDiff*, *HiDiff binary*,
 *HiDiff fp twin*, *segmentor trained alone*. The first seed of each dataset also gets a
 steps x S table of HiDiff binary (Dice and seconds per case; one per chain estimate of
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,6 +100,28 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
     result = train(**kw)
     run = {"iterations": result.step, "minutes": round(result.elapsed_s / 60, 2)}
     (out / "run.json").write_text(json.dumps(run))
+    return run
+
+
+def _refine_more(args, dataset: str, src: Path, out: Path, start: int) -> dict:
+    """A copy of the finished HiDiff folder ``src`` (evaluations left out) resumed for
+    ``--refine-more`` refiner-alone iterations, its segmentor frozen (``hidiff train --resume
+    --refine-after-minutes 0``: what a user with more time does with a trained model)."""
+    end = start + args.refine_more
+    run_file = out / "run.json"
+    if args.reuse and (out / "checkpoint.pt").is_file() and run_file.is_file():
+        run = json.loads(run_file.read_text())
+        if run.get("iterations") == end:
+            return run
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("eval", "sweep.json", "run.json"))
+    result = train(dataset=dataset, data=Path(args.data) / FOLDERS[dataset], preset=args.preset,
+                   out=out, resume=True, max_steps=end, refine_after_minutes=0.0,
+                   progress=not args.quiet, checkpoint_every=10_000)
+    run = {"iterations": result.step, "refiner_alone": result.step - start,
+           "minutes": round(result.elapsed_s / 60, 2)}
+    run_file.write_text(json.dumps(run))
     return run
 
 
@@ -174,8 +202,17 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
                         limit=limit, overlays=0, predictors=("segmentor",),
                         progress=not args.quiet)
         dice = {k: _mean(s_h, k) for k, _ in PREDICTORS[:3]} | {"alone": _mean(s_a, "segmentor")}
+        more = None
+        if args.refine_more:
+            more = _refine_more(args, dataset, base / "hidiff", base / "hidiff_refined",
+                                hid["iterations"])
+            s_r = _evaluate(args, base / "hidiff_refined", reused, data=data, steps=steps,
+                            seed=seed, limit=limit, overlays=0, progress=not args.quiet)
+            # its segmentor is the frozen one: the same Dice, kept as a check
+            dice |= {f"refined_{k}": _mean(s_r, k) for k, _ in PREDICTORS[:3]}
         sec = {k: s_h["predictors"][k].get("seconds_per_case") for k, _ in PREDICTORS[:3]}
-        run = {"seed": seed, "hidiff_run": hid, "alone_run": alone, "dice": dice,
+        run = {"seed": seed, "hidiff_run": hid, "alone_run": alone, "refined_run": more,
+               "dice": dice,
                "seconds_per_case": sec | {"alone": s_a["predictors"]["segmentor"][
                    "seconds_per_case"]},
                "steps": s_h["steps"], "samples": s_h.get("samples", 1),
@@ -193,6 +230,32 @@ def run_dataset(args, dataset: str, minutes: float, seeds: list[int]) -> dict:
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _refined_table(runs: list[dict]) -> list[str]:
+    """The ``--refine-more`` rows: each HiDiff model before and after going on with its
+    segmentor frozen (empty when it did not run)."""
+    done = [r for r in runs if r.get("refined_run")]
+    if not done:
+        return []
+    keys = ("segmentor", "hidiff_binary", "refined_segmentor", "refined_hidiff_binary",
+            "refined_hidiff_fp")
+    lines = [f"Going on from each HiDiff model above for {done[0]['refined_run']['refiner_alone']} "
+             "refiner-alone iterations, its segmentor frozen (`--refine-more`, i.e. `hidiff "
+             "train ... --resume --refine-after-minutes 0`); same test cases and sampling. The "
+             "minutes are the refiner-alone part's, on top of the budget above.", "",
+             "| seed | iterations in all (minutes more) | segmentor before | HiDiff binary "
+             "before | segmentor after (frozen) | HiDiff binary after | HiDiff fp twin after |",
+             "|---|---|---|---|---|---|---|"]
+    for r in done:
+        lines.append(f"| {r['seed']} | {r['refined_run']['iterations']} "
+                     f"({r['refined_run']['minutes']:g}) | "
+                     + " | ".join(_fmt(r["dice"][k]) for k in keys) + " |")
+    if len(done) > 1:
+        means = [_fmt(float(np.mean([r["dice"][k] for r in done]))
+                      if all(r["dice"][k] is not None for r in done) else None) for k in keys]
+        lines.append(f"| mean of {len(done)} | | " + " | ".join(means) + " |")
+    return lines + [""]
 
 
 def report(results: list[dict], args, wall: float) -> str:
@@ -227,6 +290,7 @@ def report(results: list[dict], args, wall: float) -> str:
             lines.append(f"| mean of {len(runs)} | | | "
                          + " | ".join(_fmt(means[k]) for k, _ in PREDICTORS) + " |")
         lines.append("")
+        lines += _refined_table(runs)
         sec = runs[0]["seconds_per_case"]
         lines += ["Seconds per test case (first seed, this machine, whole-image inference in "
                   "torch): " + ", ".join(f"{label} {sec[k]:.3f}" for k, label in PREDICTORS
@@ -285,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-fraction", type=float, default=0.0,
                    help="last fraction of HiDiff's budget that trains the refiner alone, the "
                         "segmentor frozen (hidiff train --refine-after-minutes); default 0")
+    p.add_argument("--refine-more", type=int, default=0, metavar="N",
+                   help="also go on from each finished HiDiff model for N refiner-alone "
+                        "iterations, segmentor frozen (hidiff train --resume "
+                        "--refine-after-minutes 0), and report its Dice; default 0: not run")
     p.add_argument("--self-align", type=float, default=0.5)
     p.add_argument("--refiner-holdout", type=float, default=0.0,
                    help="fraction of the train cases kept from HiDiff's segmentor for its "
@@ -310,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.refine_fraction <= 1.0 - args.pretrain_fraction + 1e-9:  # 1 - 0.9 < 0.1
         p.error(f"--refine-fraction must be in [0, 1 - --pretrain-fraction = "
                 f"{1.0 - args.pretrain_fraction:g}]; got {args.refine_fraction}")
+    if args.refine_more < 0:
+        p.error(f"--refine-more must be an integer >= 0; got {args.refine_more}")
     if args.quick:
         args.preset = "tiny"
         args.sweep = [(1, 1), (2, 2)]
