@@ -33,12 +33,14 @@ costs about 30 min of CPU).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,24 +105,40 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
     return run
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _refine_more(args, dataset: str, src: Path, out: Path, start: int) -> dict:
     """A copy of the finished HiDiff folder ``src`` (evaluations left out) resumed for
     ``--refine-more`` refiner-alone iterations, its segmentor frozen (``hidiff train --resume
-    --refine-after-minutes 0``: what a user with more time does with a trained model)."""
+    --refine-after-minutes 0``: what a user with more time does with a trained model).
+
+    ``run.json`` records the end step and the SHA-256 of the checkpoint it went on from;
+    ``--reuse`` takes a finished copy only when both match (not one left from another model)."""
     end = start + args.refine_more
+    source = _sha256(src / "checkpoint.pt")
     run_file = out / "run.json"
     if args.reuse and (out / "checkpoint.pt").is_file() and run_file.is_file():
         run = json.loads(run_file.read_text())
-        if run.get("iterations") == end:
+        if run.get("iterations") == end and run.get("source_checkpoint_sha256") == source:
             return run
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("eval", "sweep.json", "run.json"))
-    result = train(dataset=dataset, data=Path(args.data) / FOLDERS[dataset], preset=args.preset,
-                   out=out, resume=True, max_steps=end, refine_after_minutes=0.0,
-                   progress=not args.quiet, checkpoint_every=10_000)
+    with warnings.catch_warnings():
+        if args.quiet:  # resume's notes on the stored options the defaults passed here differ from
+            warnings.simplefilter("ignore", UserWarning)
+        result = train(dataset=dataset, data=Path(args.data) / FOLDERS[dataset],
+                       preset=args.preset, out=out, resume=True, max_steps=end,
+                       refine_after_minutes=0.0, progress=not args.quiet,
+                       checkpoint_every=10_000)
     run = {"iterations": result.step, "refiner_alone": result.step - start,
-           "minutes": round(result.elapsed_s / 60, 2)}
+           "minutes": round(result.elapsed_s / 60, 2), "source_checkpoint_sha256": source}
     run_file.write_text(json.dumps(run))
     return run
 
@@ -240,7 +258,9 @@ def _refined_table(runs: list[dict]) -> list[str]:
         return []
     keys = ("segmentor", "hidiff_binary", "refined_segmentor", "refined_hidiff_binary",
             "refined_hidiff_fp")
-    lines = [f"Going on from each HiDiff model above for {done[0]['refined_run']['refiner_alone']} "
+    first = done[0]
+    more = first["refined_run"]["iterations"] - first["hidiff_run"]["iterations"]
+    lines = [f"Going on from each HiDiff model above for {more} "
              "refiner-alone iterations, its segmentor frozen (`--refine-more`, i.e. `hidiff "
              "train ... --resume --refine-after-minutes 0`); same test cases and sampling. The "
              "minutes are the refiner-alone part's, on top of the budget above.", "",
