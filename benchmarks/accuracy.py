@@ -51,6 +51,7 @@ from hidiff.data import get_reader, load_case
 from hidiff.evaluation import evaluate, pipeline_from_model_dir
 from hidiff.model_dir import read_config
 from hidiff.training import train
+from hidiff.training.lr_schedule import SEGMENTOR_SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"kvasir-seg": "Kvasir-SEG", "chase-db1": "CHASE_DB1"}
@@ -85,7 +86,7 @@ def _train(args, dataset: str, out: Path, seed: int, minutes: float, *, alone: b
         return json.loads((out / "run.json").read_text())
     kw = dict(dataset=dataset, data=Path(args.data) / FOLDERS[dataset], preset=args.preset,
               out=out, max_minutes=minutes, lr=args.lr, seed=seed, progress=not args.quiet,
-              checkpoint_every=10_000)
+              checkpoint_every=10_000, segmentor_schedule=args.segmentor_schedule)
     if args.quick:
         kw.update(max_steps=args.quick_steps, limit_cases=8, batch_size=2)
     if alone:  # the segmentor alone for the whole budget (its refiner is never trained)
@@ -283,7 +284,10 @@ def report(results: list[dict], args, wall: float) -> str:
              f"Written by `benchmarks/accuracy.py` on {time.strftime('%Y-%m-%d')}; machine: "
              f"{machine()}; no GPU. Total wall time {wall / 60:.1f} min.", "", "Command:", "",
              "```", "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "```", "",
-             f"Preset `{args.preset}`, AdamW lr {args.lr}; HiDiff: segmentor alone for "
+             f"Preset `{args.preset}`, AdamW lr {args.lr}"
+             + f" (the segmentor's learning rate on the `{args.segmentor_schedule}` schedule in "
+               "both runs)"
+             + "; HiDiff: segmentor alone for "
              f"{args.pretrain_fraction:.0%} of the budget, then alternating training"
              + (f" (the last {args.refine_fraction:.0%}: the refiner alone, segmentor frozen)"
                 if args.refine_fraction else "") + ", binary "
@@ -365,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chase-seeds", default="0")
     p.add_argument("--datasets", default="kvasir-seg,chase-db1")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--segmentor-schedule", choices=SEGMENTOR_SCHEDULES, default="cosine",
+                   help="the segmentor's learning rate in both runs, HiDiff's and the segmentor "
+                        "alone's (hidiff train --segmentor-schedule); default cosine")
     p.add_argument("--pretrain-fraction", type=float, default=0.6)
     p.add_argument("--refine-fraction", type=float, default=0.0,
                    help="last fraction of HiDiff's budget that trains the refiner alone, the "

@@ -12,6 +12,7 @@ from typing import Any
 
 from hidiff.config import OFFSETS, list_presets
 from hidiff.data.readers import available_readers
+from hidiff.training.lr_schedule import SEGMENTOR_SCHEDULES
 from hidiff.training.setup import Y0_TERMS
 
 __all__ = ["add_train_arguments", "train_kwargs"]
@@ -70,6 +71,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--y0-term", choices=Y0_TERMS,
                    help="where the y0 cross-entropy acts: the diffusion loss of both phases "
                         "(default) or the refiner's only")
+    p.add_argument("--segmentor-schedule", choices=SEGMENTOR_SCHEDULES,
+                   help="segmentor learning rate: cosine (default), annealed to 0 where the "
+                        "segmentor's training ends, or constant")
     for unit, kind, var, start in (
             ("steps", nonneg, "N", "iteration N"),
             ("minutes", float, "M", "M minutes of training time (resumed included)")):
@@ -93,8 +97,8 @@ def train_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     names = ("dataset", "data", "preset", "out", "max_steps", "max_minutes", "batch_size", "lr",
              "weight_decay", "grad_clip", "seed", "pretrain_steps", "pretrain_minutes",
              "train_fp_twin", "lambda_diff", "offset", "self_align", "refiner_holdout", "lambda_y0",
-             "y0_term", "refine_after_steps", "refine_after_minutes", "log_every",
-             "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
+             "y0_term", "segmentor_schedule", "refine_after_steps", "refine_after_minutes",
+             "log_every", "checkpoint_every", "val_every", "num_workers", "limit_cases", "device")
     kwargs = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     if kwargs.get("grad_clip") == 0:
         kwargs["grad_clip"] = None

@@ -34,6 +34,7 @@ from hidiff.training.distributed import (
     teardown_distributed,
     unwrap,
 )
+from hidiff.training.lr_schedule import lr_factor, segmentor_ends
 from hidiff.training.plot import plot_training_curve
 from hidiff.training.run_state import RunState, build_state, run_synchronised
 from hidiff.training.setup import RunSpec, TrainArgs, prepare_run
@@ -86,6 +87,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
           grad_clip: float | None = 1.0, device: str | None = None, offset: str = "bayes",
           self_align: float = 0.5, refiner_holdout: float = 0.0,
           lambda_y0: float = 1.0, y0_term: str = "both",
+          segmentor_schedule: str = "cosine",
           refine_after_steps: int | None = None,
           refine_after_minutes: float | None = None) -> TrainResult:
     """Train a HiDiff model (segmentor + binary refiner, method §6) into the folder ``out``.
@@ -139,6 +141,12 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
         y0_term: ``"both"`` (default): that term is part of L_diff in both phases;
             ``"refiner"``: only the refiner's loss has it, the segmentor phase's L_diff is the
             plain diffusion loss (an ablation, ``ablation_levers.md``).
+        segmentor_schedule: ``"cosine"`` (default): the segmentor's learning rate annealed to 0
+            where its training ends (the refiner-alone phase or the run's stop, in steps or
+            minutes, whichever is first; :mod:`hidiff.training.lr_schedule`), chosen on the val
+            split; ``"constant"``: ``lr`` throughout. The end is part of the schedule, so a run
+            stopped at ``max_steps`` and resumed with a later one anneals differently from one
+            run straight to it (an interrupted run resumed with the same ends does not).
         refine_after_steps / refine_after_minutes: the last phase trains the refiner alone,
             the segmentor frozen (no segmentor step, so an iteration costs about half of an
             alternating one), from the first iteration where ``step`` reaches
@@ -164,6 +172,7 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
                      limit_cases=limit_cases, weight_decay=weight_decay, grad_clip=grad_clip,
                      device=device, offset=offset, self_align=self_align,
                      refiner_holdout=refiner_holdout, lambda_y0=lambda_y0, y0_term=y0_term,
+                     segmentor_schedule=segmentor_schedule,
                      refine_after_steps=refine_after_steps,
                      refine_after_minutes=refine_after_minutes)
     args.check()
@@ -304,6 +313,20 @@ class _Session:
             return "refine"
         return "pretrain" if self._pretraining() else "alternate"
 
+    def _set_segmentor_lr(self) -> None:
+        """The segmentor's learning rate for the next iteration (``segmentor_schedule``; rank
+        0's clock decides for every rank, so the replicas stay identical)."""
+        args, st = self.args, self.state
+        end_steps, end_s = segmentor_ends(
+            max_steps=args.max_steps, max_minutes=args.max_minutes,
+            refine_after_steps=args.refine_after_steps,
+            refine_after_minutes=args.refine_after_minutes, elapsed_before_s=st.elapsed_before)
+        factor = lr_factor(args.segmentor_schedule, step=st.step, elapsed_s=self._elapsed(),
+                           end_steps=end_steps, end_s=end_s)
+        factor = float(broadcast_object(factor, self.ctx))
+        for group in st.opts.segmentor.param_groups:
+            group["lr"] = args.lr * factor
+
     def _pretraining(self) -> bool:
         """Segmentor-only while ``step < pretrain_steps`` or, with ``pretrain_minutes``, while
         the run's training time (resumed time included) is under it; never again once the
@@ -376,6 +399,8 @@ class _Session:
             x = batch["image"].to(ctx.device, non_blocking=True)
             y0 = batch["mask"].to(ctx.device, non_blocking=True)
             phase = self._phase()
+            if phase != "refine" and args.segmentor_schedule != "constant":
+                self._set_segmentor_lr()
             refiner_batch = None
             if phase != "pretrain" and st.refiner_batches is not None:
                 _, rb = next(st.refiner_batches)

@@ -30,6 +30,7 @@ from hidiff.model_dir import (
     read_model_header,
     read_split,
 )
+from hidiff.training.lr_schedule import SEGMENTOR_SCHEDULES
 
 __all__ = ["DEFAULT_BATCH_SIZE", "RunSpec", "TrainArgs", "model_dataset_info", "prepare_run"]
 
@@ -38,10 +39,11 @@ FALLBACK_BATCH_SIZE = 8
 # Arguments that define the trajectory: on resume the stored values are used.
 TRAJECTORY = ("batch_size", "lr", "weight_decay", "grad_clip", "seed", "pretrain_steps",
               "train_fp_twin", "lambda_diff", "limit_cases", "self_align", "pretrain_minutes",
-              "refiner_holdout", "lambda_y0", "y0_term")
+              "refiner_holdout", "lambda_y0", "y0_term", "segmentor_schedule")
 
 #: what folders written before an argument was recorded trained with (their resume keeps it)
-UNRECORDED = {"lambda_y0": 0.0, "refiner_holdout": 0.0, "y0_term": "both"}
+UNRECORDED = {"lambda_y0": 0.0, "refiner_holdout": 0.0, "y0_term": "both",
+              "segmentor_schedule": "constant"}
 #: where the y0 cross-entropy acts: the diffusion loss of both phases, or the refiner's only
 Y0_TERMS = ("both", "refiner")
 
@@ -78,6 +80,7 @@ class TrainArgs:
     refiner_holdout: float = 0.0
     lambda_y0: float = 1.0
     y0_term: str = "both"
+    segmentor_schedule: str = "cosine"
     refine_after_steps: int | None = None
     refine_after_minutes: float | None = None
 
@@ -139,6 +142,9 @@ class TrainArgs:
         if self.y0_term not in Y0_TERMS:
             raise ValueError(f"y0_term must be one of {', '.join(Y0_TERMS)}; "
                              f"got {self.y0_term!r}")
+        if self.segmentor_schedule not in SEGMENTOR_SCHEDULES:
+            raise ValueError(f"segmentor_schedule must be one of "
+                             f"{', '.join(SEGMENTOR_SCHEDULES)}; got {self.segmentor_schedule!r}")
         pm = self.pretrain_minutes
         if isinstance(pm, bool) or not isinstance(pm, int | float) or not pm >= 0:
             raise ValueError(f"pretrain_minutes must be >= 0; got {pm!r}")

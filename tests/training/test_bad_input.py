@@ -62,6 +62,9 @@ def test_argument_errors(kvasir_root, tmp_path):
         _train(kvasir_root, tmp_path / "m", lambda_y0=-1.0)
     with pytest.raises(ValueError, match="y0_term must be one of both, refiner; got 'segmentor'"):
         _train(kvasir_root, tmp_path / "m", y0_term="segmentor")
+    with pytest.raises(ValueError, match="segmentor_schedule must be one of constant, cosine; "
+                                         "got 'linear'"):
+        _train(kvasir_root, tmp_path / "m", segmentor_schedule="linear")
     with pytest.raises(ValueError, match=r"refine_after_steps=1 is before the end of "
                                          r"pre-training \(pretrain_steps=2\)"):
         _train(kvasir_root, tmp_path / "m", pretrain_steps=2, refine_after_steps=1)

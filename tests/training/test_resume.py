@@ -18,10 +18,13 @@ from hidiff.training.train_log import read_log
 pytestmark = pytest.mark.data
 
 N = 3  # resume point; 8 cases / batch 4 = 2 batches per epoch, so N is mid-epoch
+# These runs are cut by max_steps, which the default cosine schedule anneals to, so a cut run
+# would anneal differently from the uninterrupted one by design; the constant rate isolates the
+# resume machinery (cosine resumes: tests/training/test_lr_schedule.py).
 RUN = dict(dataset="kvasir-seg", preset="tiny", batch_size=4, limit_cases=8, pretrain_steps=1,
-           seed=5, log_every=1, progress=False)
+           seed=5, log_every=1, progress=False, segmentor_schedule="constant")
 CLI_RUN = ("--batch-size", "4", "--limit-cases", "8", "--pretrain-steps", "1", "--seed", "5",
-           "--log-every", "1")
+           "--log-every", "1", "--segmentor-schedule", "constant")
 
 
 def _losses(record):

@@ -37,9 +37,11 @@ def test_short_run_learns_and_writes_a_complete_model_folder(kvasir_root, tmp_pa
     # so its loss is not a fixed target to fall; self-alignment is checked on its own in
     # tests/training/test_steps.py. lambda_y0 0 for the same reason: its cross-entropy on y0_hat
     # starts high, is part of loss_seg_diff itself and moves the refiner in its own direction over
-    # 24 iterations; it is checked in test_steps.py
+    # 24 iterations; it is checked in test_steps.py. A constant segmentor rate: annealed, its
+    # mean rate halves and 184 steps no longer take the tiny U-Net past p = 0.5 (the schedule is
+    # checked in tests/training/test_lr_schedule.py)
     result = train(dataset="kvasir-seg", data=kvasir_root, preset="tiny", out=out, offset="none",
-                   self_align=0.0, lambda_y0=0.0,
+                   self_align=0.0, lambda_y0=0.0, segmentor_schedule="constant",
                    max_steps=184, pretrain_steps=160, lr=1e-2, batch_size=4, limit_cases=8,
                    log_every=1, checkpoint_every=100, val_every=92, progress=False,
                    train_fp_twin=True)
