@@ -34,7 +34,7 @@ from hidiff.training.distributed import (
     teardown_distributed,
     unwrap,
 )
-from hidiff.training.lr_schedule import lr_factor, segmentor_ends
+from hidiff.training.phases import PhaseTracker
 from hidiff.training.plot import plot_training_curve
 from hidiff.training.run_state import RunState, build_state, run_synchronised
 from hidiff.training.setup import RunSpec, TrainArgs, prepare_run
@@ -205,8 +205,7 @@ class _Session:
         self.val_dice: float | None = None
         self.last_epoch = 0
         self.last_phase = "pretrain"
-        self.alternating = False  # set once the alternating phase has begun (pretrain_minutes)
-        self.refining = False  # set once the refiner-alone phase has begun
+        self.phases = PhaseTracker(spec.args, ctx)
         self.bar = None
 
     # -- files ----------------------------------------------------------------------------------
@@ -298,49 +297,6 @@ class _Session:
     def _elapsed(self) -> float:
         return self.state.elapsed_before + time.monotonic() - self.t0
 
-    def _phase(self) -> str:
-        """``"refine"`` once ``refine_after_steps`` / ``refine_after_minutes`` is reached (it
-        ends any pre-training; never left again within this call), else ``"pretrain"`` or
-        ``"alternate"``."""
-        args, st = self.args, self.state
-        if not self.refining and (args.refine_after_steps is not None
-                                  or args.refine_after_minutes is not None):
-            due = (args.refine_after_steps is not None and st.step >= args.refine_after_steps) or (
-                args.refine_after_minutes is not None
-                and self._elapsed() >= 60.0 * args.refine_after_minutes)
-            self.refining = bool(broadcast_object(due, self.ctx))
-        if self.refining:
-            return "refine"
-        return "pretrain" if self._pretraining() else "alternate"
-
-    def _set_segmentor_lr(self) -> None:
-        """The segmentor's learning rate for the next iteration (``segmentor_schedule``; rank
-        0's clock decides for every rank, so the replicas stay identical)."""
-        args, st = self.args, self.state
-        end_steps, end_s = segmentor_ends(
-            max_steps=args.max_steps, max_minutes=args.max_minutes,
-            refine_after_steps=args.refine_after_steps,
-            refine_after_minutes=args.refine_after_minutes, elapsed_before_s=st.elapsed_before)
-        factor = lr_factor(args.segmentor_schedule, step=st.step, elapsed_s=self._elapsed(),
-                           end_steps=end_steps, end_s=end_s)
-        factor = float(broadcast_object(factor, self.ctx))
-        for group in st.opts.segmentor.param_groups:
-            group["lr"] = args.lr * factor
-
-    def _pretraining(self) -> bool:
-        """Segmentor-only while ``step < pretrain_steps`` or, with ``pretrain_minutes``, while
-        the run's training time (resumed time included) is under it; never again once the
-        alternating phase has begun."""
-        args, st = self.args, self.state
-        if st.step < args.pretrain_steps:
-            return True
-        if not args.pretrain_minutes or self.alternating:
-            return False
-        pretrain = bool(broadcast_object(self._elapsed() < 60.0 * args.pretrain_minutes,
-                                         self.ctx))
-        self.alternating = not pretrain
-        return pretrain
-
     def _stop_reason(self) -> str | None:
         """``"signal"`` after SIGINT / SIGTERM, ``"max_minutes"`` when the time is up, else None
         (rank 0 decides for every rank)."""
@@ -398,9 +354,11 @@ class _Session:
             self.last_epoch = epoch
             x = batch["image"].to(ctx.device, non_blocking=True)
             y0 = batch["mask"].to(ctx.device, non_blocking=True)
-            phase = self._phase()
+            phase = self.phases.phase(st.step, self._elapsed())
             if phase != "refine" and args.segmentor_schedule != "constant":
-                self._set_segmentor_lr()
+                self.phases.set_segmentor_lr(st.opts.segmentor, step=st.step,
+                                             elapsed_s=self._elapsed(),
+                                             elapsed_before_s=st.elapsed_before)
             refiner_batch = None
             if phase != "pretrain" and st.refiner_batches is not None:
                 _, rb = next(st.refiner_batches)
