@@ -1,8 +1,9 @@
 """``train(...)``: alternate-collaborative training of a segmentor and the binary refiner.
 
-See :func:`train`. The pieces: :mod:`.setup` (arguments, data, split), :mod:`.steps` (one
-iteration, method §6), :mod:`.batches` (data order), :mod:`.checkpoint` / :mod:`.model_dir` (the
-model folder), :mod:`.train_log` / :mod:`.plot` (logs), :mod:`.distributed` (torchrun).
+See :func:`train`. The pieces: :mod:`.setup` (arguments, data, split), :mod:`.phases` (which
+phase an iteration is in, the segmentor's rate), :mod:`.steps` (one iteration, method §6),
+:mod:`.batches` (data order), :mod:`.checkpoint` / :mod:`.model_dir` (the model folder),
+:mod:`.train_log` / :mod:`.plot` (logs), :mod:`.distributed` (torchrun).
 """
 
 from __future__ import annotations
