@@ -39,7 +39,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(list_presets())}")
     p.add_argument("--out", required=True, help="model folder (new or empty, or --resume)")
     p.add_argument("--max-steps", type=pos, help="total iterations (counting resumed ones)")
-    p.add_argument("--max-minutes", type=float, help="wall-clock limit of this run")
+    p.add_argument("--max-minutes", type=float,
+                   help="limit on the run's training time in minutes, time before a resume "
+                        "included (like --max-steps: raise it to go on from a finished run)")
     p.add_argument("--batch-size", type=pos, help="per process (default by preset)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")

@@ -12,6 +12,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,11 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             is trained on (``hidiff.data.default_split``).
         preset: model preset (``paper``, ``cpu-base``, ``cpu-small``, ``tiny``).
         out: the model folder; must be new or empty unless ``resume``.
-        max_steps: total iterations (counting those before a resume); ``max_minutes``: wall
-            clock of this call. Training stops at whichever comes first; give at least one.
+        max_steps: total iterations; ``max_minutes``: total training time of the run; both
+            count what came before a resume, so an interrupted run resumed with the same
+            values stops where it would have (raise them to go on). Training stops at whichever
+            comes first; give at least one. Training time is the wall clock of the training
+            loop (start-up, data indexing and model building left out).
         batch_size: per process (default by preset: paper 32, others 8).
         lr, weight_decay, grad_clip: AdamW and gradient-norm clipping (None: no clipping), the
             same for every network.
@@ -155,8 +159,8 @@ def train(*, dataset: str, data: str | Path, preset: str, out: str | Path,
             ``refine_after_minutes``, whichever comes first, until the run stops. None (default):
             never. A fresh run needs them > 0 and at or after the end of pre-training. On
             resume a given value replaces the stored one, with a warning (None keeps it), so a
-            finished run can go on with its segmentor frozen: ``resume=True, max_minutes=30,
-            refine_after_minutes=0``.
+            finished run can go on with its segmentor frozen: ``resume=True, max_minutes=55,
+            refine_after_minutes=0`` after a 30-minute run.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this; training cases are sharded
     by rank and only rank 0 writes. Bad input raises ``ValueError`` (``DataError`` for data
@@ -305,7 +309,7 @@ class _Session:
         reason = None
         if self.signals.received is not None:
             reason = "signal"
-        elif limit is not None and time.monotonic() - self.t0 >= 60.0 * limit:
+        elif limit is not None and self._elapsed() >= 60.0 * limit:
             reason = "max_minutes"
         return broadcast_object(reason, self.ctx)
 
@@ -321,6 +325,10 @@ class _Session:
                 self.log.append({"step": 0, "val_dice": self._validate(),
                                  "val_cases": len(self.spec.val_set)})
             stopped_by, logs = self._loop()
+            if st.step == start > 0 and stopped_by != "signal" and self.ctx.is_main:
+                warnings.warn(f"{self.out}: nothing to train, the run had already reached its "
+                              f"{stopped_by} (step {start}, {self._elapsed() / 60:.2f} min of "
+                              "training): raise it to go on", stacklevel=3)
             if self.ctx.is_main and st.step > start and self.log.last("step") != st.step:
                 val = self._validate() if args.val_every is not None else None
                 self.log.append(self._record(self.last_epoch, logs, val))
@@ -358,8 +366,7 @@ class _Session:
             phase = self.phases.phase(st.step, self._elapsed())
             if phase != "refine" and args.segmentor_schedule != "constant":
                 self.phases.set_segmentor_lr(st.opts.segmentor, step=st.step,
-                                             elapsed_s=self._elapsed(),
-                                             elapsed_before_s=st.elapsed_before)
+                                             elapsed_s=self._elapsed())
             refiner_batch = None
             if phase != "pretrain" and st.refiner_batches is not None:
                 _, rb = next(st.refiner_batches)

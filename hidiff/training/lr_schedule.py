@@ -28,18 +28,18 @@ SEGMENTOR_SCHEDULES = ("constant", "cosine")
 
 
 def segmentor_ends(*, max_steps: int | None, max_minutes: float | None,
-                   refine_after_steps: int | None, refine_after_minutes: float | None,
-                   elapsed_before_s: float) -> tuple[int | None, float | None]:
+                   refine_after_steps: int | None,
+                   refine_after_minutes: float | None) -> tuple[int | None, float | None]:
     """The iteration and the training second (resumed time included) at which the segmentor's
-    training ends, each None when nothing bounds it in that unit.
+    training ends, each None when nothing bounds it in that unit. All four count the whole run
+    from its start, across resumes.
 
-    ``max_minutes`` is the wall clock of this call, so its end is ``elapsed_before_s`` later;
-    ``refine_after_minutes`` counts the run's training time from its start.
+    >>> segmentor_ends(max_steps=None, max_minutes=20.0, refine_after_steps=None,
+    ...                refine_after_minutes=16.0)
+    (None, 960.0)
     """
     steps = [s for s in (max_steps, refine_after_steps) if s is not None]
-    seconds = [s for s in (None if max_minutes is None else elapsed_before_s + 60.0 * max_minutes,
-                           None if refine_after_minutes is None else 60.0 * refine_after_minutes)
-               if s is not None]
+    seconds = [60.0 * m for m in (max_minutes, refine_after_minutes) if m is not None]
     return (min(steps) if steps else None), (min(seconds) if seconds else None)
 
 

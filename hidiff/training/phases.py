@@ -52,16 +52,15 @@ class PhaseTracker:
         self.alternating = not pretrain
         return pretrain
 
-    def set_segmentor_lr(self, optimizer: torch.optim.Optimizer, *, step: int, elapsed_s: float,
-                         elapsed_before_s: float) -> None:
-        """Set the segmentor's learning rate for the next iteration (``segmentor_schedule``);
-        ``elapsed_before_s``: training seconds before this call (``max_minutes`` counts from
-        there)."""
+    def set_segmentor_lr(self, optimizer: torch.optim.Optimizer, *, step: int,
+                         elapsed_s: float) -> None:
+        """Set the segmentor's learning rate for the next iteration (``segmentor_schedule``),
+        ``step`` iterations and ``elapsed_s`` training seconds into the run."""
         args = self.args
         end_steps, end_s = segmentor_ends(
             max_steps=args.max_steps, max_minutes=args.max_minutes,
             refine_after_steps=args.refine_after_steps,
-            refine_after_minutes=args.refine_after_minutes, elapsed_before_s=elapsed_before_s)
+            refine_after_minutes=args.refine_after_minutes)
         factor = lr_factor(args.segmentor_schedule, step=step, elapsed_s=elapsed_s,
                            end_steps=end_steps, end_s=end_s)
         factor = float(broadcast_object(factor, self.ctx))

@@ -48,14 +48,14 @@ def test_cosine_is_in_zero_one_and_never_rises(a, b, end, t, end_s):
 
 def test_the_segmentor_stops_training_at_the_first_end():
     assert segmentor_ends(max_steps=100, max_minutes=None, refine_after_steps=60,
-                          refine_after_minutes=None, elapsed_before_s=0.0) == (60, None)
-    # max_minutes is this call's clock: after a resume it ends elapsed_before_s later
+                          refine_after_minutes=None) == (60, None)
+    # every end counts the whole run (resumed time included), so a resume does not move it
     assert segmentor_ends(max_steps=None, max_minutes=20.0, refine_after_steps=None,
-                          refine_after_minutes=None, elapsed_before_s=30.0) == (None, 1230.0)
+                          refine_after_minutes=None) == (None, 1200.0)
     assert segmentor_ends(max_steps=None, max_minutes=20.0, refine_after_steps=None,
-                          refine_after_minutes=16.0, elapsed_before_s=0.0) == (None, 960.0)
+                          refine_after_minutes=16.0) == (None, 960.0)
     assert segmentor_ends(max_steps=None, max_minutes=None, refine_after_steps=None,
-                          refine_after_minutes=None, elapsed_before_s=0.0) == (None, None)
+                          refine_after_minutes=None) == (None, None)
 
 
 RUN = dict(dataset="kvasir-seg", preset="tiny", batch_size=4, limit_cases=8, pretrain_steps=1,
@@ -106,3 +106,24 @@ def test_a_cosine_run_cut_where_its_segmentor_stops_resumes_exactly(kvasir_root,
             assert tensor.equal(b[name][key]), f"{name}.{key}"
     assert a["optimizers"]["segmentor"]["param_groups"][0]["lr"] == pytest.approx(
         1e-3 * (1 + math.cos(2 * math.pi / 3)) / 2, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.data
+def test_the_minute_budget_counts_the_time_before_a_resume(kvasir_root, tmp_path, one_thread):
+    """``max_minutes`` is the run's total training time, as ``max_steps`` is its total
+    iterations: resumed with a budget its first session already used up, the run stops at once,
+    unchanged (were it this call's clock, it would train ~0.99 of that time again, and an
+    interrupted cosine run would anneal towards an end pushed later); raised, it goes on."""
+    out = tmp_path / "a"
+    train(data=kvasir_root, out=out, max_steps=2, checkpoint_every=100, **RUN)
+    used_s = load_checkpoint(out / "checkpoint.pt")["elapsed_s"]
+    assert used_s > 0.0
+    with pytest.warns(UserWarning, match="nothing to train, the run had already reached its "
+                                         "max_minutes"):
+        again = train(data=kvasir_root, out=out, max_steps=50,
+                      max_minutes=0.99 * used_s / 60.0, checkpoint_every=100, resume=True, **RUN)
+    assert (again.stopped_by, again.start_step, again.step) == ("max_minutes", 2, 2)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    more = train(data=kvasir_root, out=out, max_steps=3, max_minutes=60.0, checkpoint_every=100,
+                 resume=True, **RUN)
+    assert (more.stopped_by, more.step) == ("max_steps", 3)
