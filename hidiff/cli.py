@@ -245,7 +245,8 @@ def _message(err: BaseException) -> str:
 
 def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run the chosen subcommand's handler: user errors print
-    ``PROG CMD: error: ...`` and give exit code 2, Ctrl-C gives 130, no traceback."""
+    ``PROG CMD: error: ...`` and give exit code 2, a diverged training run 1, Ctrl-C 130, no
+    traceback."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2)
@@ -255,6 +256,9 @@ def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     except USER_ERRORS as err:
         print(f"{parser.prog} {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training diverged (TrainingDiverged): not bad input
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C; training: a signal after its checkpoint
         detail = f": {err}" if str(err) else ""
         print(f"{parser.prog} {args.command}: interrupted{detail}", file=sys.stderr)

@@ -4,7 +4,8 @@
         --preset cpu-small --out runs/kvasir --max-steps 500
     torchrun --nproc_per_node=2 -m hidiff.training ... (same arguments)
 
-Exit status 0 on success, 2 for bad input (the message on stderr), 130 on Ctrl-C.
+Exit status 0 on success, 2 for bad input (the message on stderr), 1 when training diverges (a
+non-finite loss), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:  # DataError, ModelDirError, argument and file errors
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # TrainingDiverged: a non-finite loss
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C; a signal after its checkpoint
         print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 128 + int(getattr(err, "signum", 2))

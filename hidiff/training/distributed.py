@@ -49,6 +49,21 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def _parse_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)`` for ``cpu``, ``cuda`` or ``cuda:N``; ``ValueError`` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device name; allowed: cpu, cuda, "
+                         "cuda:N") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: training runs on cpu, cuda or cuda:N")
+    given = str(device).partition(":")[2]
+    if given and (not given.isdigit() or int(given) != dev.index):  # torch wraps it to 8 bits
+        raise ValueError(f"device {device!r}: index out of range")
+    return dev
+
+
 def setup_distributed(device: str | torch.device | None = None) -> DistContext:
     """Join the torchrun process group when ``WORLD_SIZE > 1``; pick the device.
 
@@ -59,9 +74,14 @@ def setup_distributed(device: str | torch.device | None = None) -> DistContext:
     if device is None:
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
+        dev = _parse_device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local_rank if world > 1 else 0}")
+    if dev.type == "cuda" and not 0 <= dev.index < torch.cuda.device_count():
+        found = torch.cuda.device_count()
+        raise ValueError(f"device {str(dev)!r}: this machine has {found} CUDA device(s)"
+                         + ("" if found else " (or this torch build has no CUDA)")
+                         + "; pass --device cpu or leave it out")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False

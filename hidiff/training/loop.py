@@ -40,7 +40,7 @@ from hidiff.training.phases import PhaseTracker
 from hidiff.training.plot import plot_training_curve
 from hidiff.training.run_state import RunState, build_state, run_synchronised
 from hidiff.training.setup import RunSpec, TrainArgs, prepare_run
-from hidiff.training.signals import StopSignals, TrainingInterrupted
+from hidiff.training.signals import StopSignals, TrainingDiverged, TrainingInterrupted
 from hidiff.training.steps import train_step
 from hidiff.training.train_log import TrainLog
 from hidiff.training.validation import segmentor_dice
@@ -316,7 +316,7 @@ class _Session:
     def run(self) -> TrainResult:
         args, st = self.args, self.state
         self.t0 = time.monotonic()
-        start = st.step
+        start = self.start_step = st.step
         self.signals = StopSignals()
         try:
             self.signals.__enter__()
@@ -380,7 +380,9 @@ class _Session:
             self.last_phase = phase
             st.step += 1
             if not all(math.isfinite(v) for v in logs.values()):
-                raise FloatingPointError(f"non-finite loss at step {st.step}: {logs}")
+                kept = self.saved_step if self.saved_step is not None else (
+                    self.start_step if self.start_step > 0 else None)
+                raise TrainingDiverged(st.step, logs, args.lr, self.out, kept)
             self.bar.update(1)
             self.bar.set_postfix({k.removeprefix("loss_"): f"{logs[k]:.4f}"
                                   for k in ("loss_segmentor", "loss_refiner", "loss_refiner_fp")

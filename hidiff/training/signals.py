@@ -1,4 +1,5 @@
-"""Stopping a training run cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler).
+"""How a training run stops early: on SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler),
+cleanly; on a non-finite loss, with :class:`TrainingDiverged`.
 
 While :class:`StopSignals` is active, the first SIGINT or SIGTERM only sets a flag: the running
 iteration completes, the training loop sees the flag before the next one, writes a checkpoint of
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["StopSignals", "TrainingInterrupted"]
+__all__ = ["StopSignals", "TrainingDiverged", "TrainingInterrupted"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,6 +30,21 @@ class TrainingInterrupted(KeyboardInterrupt):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after step {step}; checkpoint written to "
                          f"{self.out / 'checkpoint.pt'} (continue with --resume)")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss became NaN or infinite at ``step``; nothing of that step is saved. ``kept``: the
+    step of the run's last checkpoint in ``out`` (None: the run had none and left nothing)."""
+
+    def __init__(self, step: int, losses: dict[str, float], lr: float, out: Path,
+                 kept: int | None) -> None:
+        self.step, self.losses, self.out, self.kept = step, dict(losses), Path(out), kept
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        super().__init__(
+            f"training diverged: non-finite loss at step {step} ({shown}); lower --lr (it was "
+            f"{lr:g}) or keep --grad-clip on; "
+            + (f"{self.out / 'checkpoint.pt'} still holds step {kept}" if kept is not None
+               else "no checkpoint had been written, so nothing was kept"))
 
 
 class StopSignals:

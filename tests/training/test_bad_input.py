@@ -4,6 +4,7 @@ named in the error."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,6 +83,13 @@ def test_argument_errors(kvasir_root, tmp_path):
         _train(kvasir_root, tmp_path / "m", refine_after_steps=1.5)
     with pytest.raises(ValueError, match="leaves 0 for the refiner"):
         _train(kvasir_root, tmp_path / "m", limit_cases=2, refiner_holdout=0.1)
+    with pytest.raises(ValueError, match="device 'bogus' is not a device name; allowed: cpu, "
+                                         "cuda, cuda:N"):
+        _train(kvasir_root, tmp_path / "m", device="bogus")
+    with pytest.raises(ValueError, match="device 'cuda:99': this machine has"):
+        _train(kvasir_root, tmp_path / "m", device="cuda:99")
+    with pytest.raises(ValueError, match="device 'cuda:999': index out of range"):
+        _train(kvasir_root, tmp_path / "m", device="cuda:999")  # torch.device keeps 8 bits
     assert not (tmp_path / "m").exists()
 
 
@@ -125,6 +133,19 @@ def test_cli_reports_bad_input_with_exit_status_2(kvasir_root, tmp_path, cli):
     proc = cli.run(cli.args(kvasir_root, tmp_path / "m", "--max-steps", "1") + ["--preset",
                                                                                 "nope"])
     assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_reports_a_diverged_run_with_exit_status_1(kvasir_root, tmp_path, cli):
+    """At lr 1e30 the first step's update overflows the segmentor's weights: the non-finite
+    loss is reported (step, losses, the lr, what was kept) with exit 1 and no traceback, and the
+    fresh run's folder, which had no checkpoint yet, is removed."""
+    proc = cli.run(cli.args(kvasir_root, tmp_path / "m", "--max-steps", "4", "--lr", "1e30",
+                            "--limit-cases", "8", "--batch-size", "2"))
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"error: training diverged: non-finite loss at step \d+ \(.*nan", proc.stderr)
+    assert "lower --lr (it was 1e+30)" in proc.stderr and "nothing was kept" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
 
 
