@@ -216,6 +216,16 @@ def _check_out(out: Path, resume: bool) -> bool:
 SCHEDULE = ("refine_after_steps", "refine_after_minutes")
 
 
+def _warn_ignored(out: Path, name: str, given: Any, stored: Any, where: str = "") -> None:
+    """Warn that resuming ``out`` keeps its stored ``name`` over the ``given`` one."""
+    # train() cannot tell a value equal to its default from one not given
+    message = (f"{name}={given!r} is not used (given, or today's default); the run continues "
+               f"with its stored {name}={stored!r}{where}" if given == _DEFAULTS.get(name) else
+               f"{name}={given!r} ignored, the run continues with its stored "
+               f"{name}={stored!r}{where}")
+    warnings.warn(f"resuming {out}: {message}", stacklevel=4)
+
+
 def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path,
                      stored_step: int | None = None) -> TrainArgs:
     for name in ("dataset", "preset"):
@@ -230,13 +240,7 @@ def _resolve_resumed(args: TrainArgs, stored: dict[str, Any], out: Path,
             continue
         given = getattr(args, name)
         if given != stored[name] and not (name == "batch_size" and given is None):
-            # train() cannot tell a value equal to its default from one not given
-            message = (f"{name}={given!r} is not used (given, or today's default); the run "
-                       f"continues with its stored {name}={stored[name]!r}"
-                       if given == _DEFAULTS.get(name) else
-                       f"{name}={given!r} ignored, the run continues with its stored "
-                       f"{name}={stored[name]!r}")
-            warnings.warn(f"resuming {out}: {message}", stacklevel=3)
+            _warn_ignored(out, name, given, stored[name])
         changes[name] = stored[name]
     for name in SCHEDULE:
         given = getattr(args, name)
@@ -302,6 +306,9 @@ def prepare_run(args: TrainArgs) -> RunSpec:
         args = _resolve_resumed(args, dict(checkpoint.get("train_args") or {}), out,
                                 checkpoint.get("step"))
         config, info, split = read_config(out), read_dataset_info(out), read_split(out)
+        if args.offset != config.refiner.offset:  # part of the model, not of the trajectory
+            _warn_ignored(out, "offset", args.offset, config.refiner.offset, " (config.json)")
+            args = dataclasses.replace(args, offset=config.refiner.offset)
         _, cases = reader.open(args.data)
         train_cases = split.select(cases, "train")
         refiner_cases = []

@@ -12,6 +12,7 @@ import torch
 
 from hidiff.checkpoint import load_checkpoint, save_checkpoint
 from hidiff.data import load_split
+from hidiff.model_dir import read_config
 from hidiff.training import load_model_dir, train
 from hidiff.training.train_log import read_log
 
@@ -275,3 +276,16 @@ def test_resume_warns_that_a_given_value_is_ignored(kvasir_root, tmp_path, one_t
     with pytest.warns(UserWarning, match=r"lr=0\.0001 is not used \(given, or today's default\)"
                                          r"; the run continues with its stored lr=0\.001"):
         train(data=kvasir_root, out=out, max_steps=N + 2, resume=True, **RUN)
+
+
+def test_resume_keeps_the_models_offset_and_says_so(kvasir_root, tmp_path, one_thread):
+    """``offset`` is part of the model (config.json), not of the trajectory: a resume keeps the
+    stored form and names the given one as ignored."""
+    out = tmp_path / "plain"
+    train(data=kvasir_root, out=out, max_steps=N, checkpoint_every=N, offset="none", **RUN)
+    with pytest.warns(UserWarning, match=r"offset='bayes' is not used \(given, or today's "
+                                         r"default\); the run continues with its stored "
+                                         r"offset='none' \(config\.json\)"):
+        train(data=kvasir_root, out=out, max_steps=N + 1, resume=True, **RUN)
+    assert read_config(out).refiner.offset == "none"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == N + 1
