@@ -21,6 +21,7 @@ from export.api import (
     SUPPORTED_OPSETS,
     ExportError,
     ExportResult,
+    VerificationFailed,
     export_model_dir,
 )
 from export.verify import VerifyReport, verify_export
@@ -32,6 +33,7 @@ __all__ = [
     "SUPPORTED_OPSETS",
     "ExportError",
     "ExportResult",
+    "VerificationFailed",
     "VerifyReport",
     "export_model_dir",
     "verify_export",

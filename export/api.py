@@ -37,7 +37,7 @@ import torch
 from edge_runtime.export_format import DOMAIN, FILES, MANIFEST
 from export.convert import ConversionReport, check_equivalent, prepare_refiner
 from export.graphs import RefinerStepGraph, SegmentorGraph, refiner_feature_indices, to_onnx
-from export.loading import ExportError, load_model
+from export.loading import ExportError, VerificationFailed, load_model
 from export.metadata import (
     CUSTOM_OPS_DOC,
     EXPORT_FORMAT,
@@ -55,6 +55,7 @@ __all__ = [
     "SUPPORTED_OPSETS",
     "ExportError",
     "ExportResult",
+    "VerificationFailed",
     "export_model_dir",
     "load_model",
 ]
@@ -232,7 +233,7 @@ def export_model_dir(
         if verify:
             report = verify_export(tmp, model=loaded)
             if not report.passed:
-                raise ExportError(f"verification failed:\n{report.format()}")
+                raise VerificationFailed(report)
         files = _move_into(tmp, out_dir, [ROLES[r] for r in models])
         if report is not None:
             report.out_dir = out_dir

@@ -4,8 +4,8 @@
 (``hidiff``'s CLI calls it); each parser gets ``handler=(args) -> int`` as its default, the
 convention of :mod:`hidiff.cli`. ``python -m export.cli ...`` runs them standalone.
 
-Exit codes: 0 success; 1 verification failed; 2 user error (bad arguments, missing or bad
-files: the message, no traceback).
+Exit codes: 0 success; 1 verification failed (``verify-export``, ``export --verify``); 2 user
+error (bad arguments, missing or bad files: the message, no traceback).
 """
 
 from __future__ import annotations
@@ -66,10 +66,14 @@ def _positive(text: str) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from export.api import export_model_dir
+    from export.api import VerificationFailed, export_model_dir
 
-    result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset,
-                              ir_version=args.ir_version, verify=args.verify)
+    try:
+        result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset,
+                                  ir_version=args.ir_version, verify=args.verify)
+    except VerificationFailed as err:  # exit 1, as verify-export: the export itself is wrong
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for entry in result.manifest["files"]:
         print(f"{result.out_dir / entry['name']}  {entry['bytes']} bytes  "
               f"sha256 {entry['sha256'][:16]}")

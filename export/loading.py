@@ -6,11 +6,20 @@ from pathlib import Path
 
 from hidiff.model_dir import load_model_dir
 
-__all__ = ["ExportError", "load_model"]
+__all__ = ["ExportError", "VerificationFailed", "load_model"]
 
 
 class ExportError(ValueError):
     """A bad export request (arguments, model folder, output folder) or a failed check."""
+
+
+class VerificationFailed(ExportError):
+    """``export_model_dir(verify=True)``: the graphs differ from the torch model beyond the
+    tolerances (nothing was written); ``report`` is the :class:`export.VerifyReport`."""
+
+    def __init__(self, report) -> None:
+        self.report = report
+        super().__init__(f"verification failed:\n{report.format()}")
 
 
 def load_model(model_dir: str | Path):

@@ -3,6 +3,7 @@ pulls torch. Checked in a subprocess where the forbidden modules cannot be impor
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,18 @@ def test_no_import_cycles_between_modules():
         if start not in state:
             visit(start, [start])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_edge_extra_installs_no_torch():
+    """``pip install hidiff[edge]`` (the point-of-care install) pulls no torch, and the base
+    install (the oracle) needs numpy only: read from pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library >= 3.11")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert names(project["dependencies"]) == {"numpy"}
+    edge = names(project["optional-dependencies"]["edge"])
+    assert "onnxruntime" in edge and not edge & {"torch", "torchvision", "onnxscript"}, edge
+    assert "torch" in names(project["optional-dependencies"]["train"])

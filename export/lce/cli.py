@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what the command reports as a user error (exit 2, no traceback), as ``hidiff`` and
+#: ``hidiff-edge`` do (kept here: the LCE environment has no torch, which ``hidiff`` needs)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for line in run_lce_target(args.source, args.out_dir, args, role=args.role):
             print(line)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except USER_ERRORS as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

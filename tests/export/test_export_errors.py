@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import export.api
-from export import ExportError, export_model_dir
+import export.verify
+from export import ExportError, VerificationFailed, export_model_dir
 from export.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +101,22 @@ def test_cli_export_with_verify(tiny_model_dir, tmp_path, capsys):
     assert "refiner_step.onnx" in text and "passed" in text
     assert _listing(out) == ["manifest.json", "refiner_step.onnx", "refiner_step_fp.onnx",
                              "segmentor.onnx"]
+
+
+def test_cli_export_whose_verification_fails_exits_1(tiny_model_dir, tmp_path, capsys,
+                                                     monkeypatch):
+    """Exit 1 (as ``verify-export``), not 2 (bad input): the tolerances are set below 0 so that
+    every comparison of a correct export fails; nothing is written."""
+    for kind in export.verify.TOLERANCES:
+        monkeypatch.setitem(export.verify.TOLERANCES, kind, (-1.0, 0.0, 0.0))
+    out = tmp_path / "cli"
+    assert main(["export", str(tiny_model_dir), "-o", str(out), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: verification failed:") and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(VerificationFailed) as caught:
+        export_model_dir(tiny_model_dir, out, verify=True)
+    assert not caught.value.report.passed and isinstance(caught.value, ExportError)
 
 
 @pytest.mark.data
