@@ -32,9 +32,12 @@ def contour(mask: np.ndarray, *, thickness: int = 2) -> np.ndarray:
 
 def overlay(rgb: np.ndarray, mask: np.ndarray | None, gt: np.ndarray | None = None, *,
             thickness: int = 2) -> np.ndarray:
-    """uint8 RGB ``rgb`` (H, W, 3) with the label map ``mask`` (H, W; None: none) filled and
-    outlined and the ground-truth label map ``gt`` outlined (module docstring)."""
+    """uint8 RGB ``rgb`` (H, W, 3; a grey (H, W, 1) image is drawn on as RGB) with the label
+    map ``mask`` (H, W; None: none) filled and outlined and the ground-truth label map ``gt``
+    outlined (module docstring)."""
     rgb = np.asarray(rgb)
+    if rgb.ndim == 3 and rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"overlay needs a uint8 H x W x 3 image; got {rgb.dtype} {rgb.shape}")
     for name, labels in (("mask", mask), ("ground truth", gt)):

@@ -276,3 +276,51 @@ def test_argument_errors_exit_2(exported, tmp_path, capsys):
     code, _, stderr = _run(capsys, ["predict", "--model", tmp_path / "nowhere", image, "-o",
                                     tmp_path / "o"])
     assert code == 2 and "no such model folder" in stderr
+
+
+@pytest.fixture(scope="module")
+def grey_export(tmp_path_factory, torch_one_thread) -> Path:
+    """A tiny random 1-channel model (a ``generic`` grayscale dataset), exported."""
+    from model_factory import make_model_dir
+
+    from export import export_model_dir
+    from hidiff.config import preset
+    from hidiff.data.info import DatasetInfo
+
+    info = DatasetInfo(name="grey", channel_names=("grey",), mean=(0.5,), std=(0.25,))
+    model = make_model_dir(tmp_path_factory.mktemp("grey_model") / "tiny", "tiny",
+                           config=preset("tiny", in_channels=1), dataset_info=info)
+    out = tmp_path_factory.mktemp("grey_onnx") / "tiny"
+    export_model_dir(model, out)
+    return out
+
+
+def test_a_grayscale_model_reads_grey_files_and_refuses_colour(grey_export, tmp_path, capsys):
+    """A 1-channel model takes 8-bit grey files (L, LA, bilevel) and RGB files whose channels are
+    equal, with the same masks for the same pixels; a colour file is refused by name."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 52), dtype=np.uint8)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(grey).save(inputs / "l.png")
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(
+        inputs / "la.png")
+    Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(inputs / "rgb_grey.png")
+    out = tmp_path / "out"
+    code, _, stderr = _run(capsys, ["predict", "--model", grey_export, inputs, "-o", out,
+                                    "--overlay", "--no-progress"])
+    assert code == 0, stderr
+    masks = {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")
+             if "_overlay" not in p.name}
+    assert sorted(masks) == ["l.png", "la.png", "rgb_grey.png"]
+    assert all(m.shape == grey.shape for m in masks.values())
+    assert np.array_equal(masks["l.png"], masks["la.png"])
+    assert np.array_equal(masks["l.png"], masks["rgb_grey.png"])
+    assert np.asarray(Image.open(out / "l_overlay.png")).shape == (*grey.shape, 3)
+
+    colour = inputs / "colour.png"
+    Image.fromarray(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)).save(colour)
+    code, _, stderr = _run(capsys, ["predict", "--model", grey_export, colour, "-o",
+                                    tmp_path / "out2", "--no-progress"])
+    assert code == 2 and "colour.png" in stderr and "1-channel grayscale" in stderr
+    assert not (tmp_path / "out2").exists()
