@@ -232,9 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
     """Subcommands of packages that build on ``hidiff`` (``export`` adds ``export`` and
     ``verify-export``), registered under the ``hidiff.commands`` entry-point group so that
-    ``hidiff`` never imports them (imports point one way: export -> hidiff)."""
+    ``hidiff`` never imports them (imports point one way: export -> hidiff). One that fails to
+    load (a missing or broken dependency of it) is skipped with a warning on stderr, so that it
+    cannot take ``hidiff``'s own commands down with it."""
     for ep in sorted(entry_points(group="hidiff.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except Exception as err:  # any failure of the plugin or its imports
+            print(f"hidiff: warning: the commands of {ep.value} are unavailable "
+                  f"({type(err).__name__}: {err})", file=sys.stderr)
 
 
 def _message(err: BaseException) -> str:

@@ -100,3 +100,16 @@ def test_the_edge_extra_installs_no_torch():
     edge = names(project["optional-dependencies"]["edge"])
     assert "onnxruntime" in edge and not edge & {"torch", "torchvision", "onnxscript"}, edge
     assert "torch" in names(project["optional-dependencies"]["train"])
+
+
+def test_a_plugin_that_cannot_load_leaves_hidiffs_own_commands_working():
+    """With onnxruntime unimportable the ``export`` plugin cannot load: ``hidiff`` says so on
+    stderr and its own commands still parse (``train --help`` exits 0)."""
+    code = (BLOCK.format(mods=["onnxruntime"]) + "from hidiff.cli import main\n"
+            "raise SystemExit(main(['train', '--help']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-minutes" in proc.stdout
+    assert "hidiff: warning: the commands of export.cli:add_export_commands are unavailable" \
+        in proc.stderr
