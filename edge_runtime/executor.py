@@ -11,7 +11,8 @@ kernel, NumPy or onnxruntime. This module turns the plan into a list of closures
   the previous fused conv emitted), runs the kernel with its epilogue (residual, zeta, PReLU,
   gamma) and optionally emits the next conv's packed input; the output may take the residual's
   buffer (in place); vectors of unexpected runtime shape fall back to the ops one by one;
-- a NumPy elementwise node of the region: NHWC, bit-identical to ORT's NCHW result;
+- a NumPy elementwise node (or 2 x 2 average pool) of the region: NHWC, bit-identical to ORT's
+  NCHW result;
 - a run of ORT nodes: one sub-model, fed and producing NHWC where the region needs it.
 
 Values are dropped after their last reader. Values the step receives from the static part are
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import nhwc
+from . import nhwc, pool
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
 from .ortutil import make_session
@@ -180,6 +181,12 @@ class StepExecutor:
         return fused_conv_step(f, layer, explicit, donor, consts, self._packed)
 
     def _numpy_step(self, node) -> Callable[[StepValues], None]:
+        if node.op_type == "AveragePool":  # edge_runtime.pool (a smaller output: no donors)
+            src, dst = node.input[0], node.output[0]
+
+            def run_pool(env: StepValues) -> None:
+                env.nhwc[dst] = pool.average_pool_2x2(env.get_nhwc(src))
+            return run_pool
         fn = nhwc.ELEMENTWISE[node.op_type]
         consts = [self.consts.get(name) for name in node.input]
         fixed = {i: nhwc.view(c) for i, c in enumerate(consts) if c is not None}

@@ -1,9 +1,11 @@
 """Planning the packed backend's step: who runs each node, in which order, in which layout.
 
 :func:`assign` gives every node of the dynamic part one of ``packed`` (a ``BinaryConv`` the
-native kernel can run), ``numpy`` or ``ort``. Elementwise nodes go to NumPy only when they are
-connected to packed convs (the *region*: they read a packed / NumPy result, or feed only packed
-/ NumPy nodes) and their output is a 4-D feature map; everything else stays in onnxruntime, so
+native kernel can run), ``numpy`` or ``ort``. Elementwise nodes, and 2 x 2 average pools where
+onnxruntime's rounding order is the one :mod:`edge_runtime.pool` reproduces, go to NumPy only
+when they are connected to packed convs (the *region*: they read a packed / NumPy result, or
+feed only packed / NumPy nodes) and their output is a 4-D feature map; everything else stays in
+onnxruntime, so
 ORT keeps its own fusions (e.g. GELU in the X-Former) and the results stay bit-identical to
 the ``onnxruntime`` backend. Region values are NHWC (what the packed kernel reads and writes);
 onnxruntime pieces receive and produce NHWC through ``Transpose`` nodes that ORT folds into the
@@ -27,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import nhwc, npops
+from . import nhwc, npops, pool
 from .export_format import BINARY_CONV, DOMAIN
 
 __all__ = [
@@ -109,6 +111,14 @@ def _rank(types: dict, name: str) -> int | None:
     return len(t.tensor_type.shape.dim)
 
 
+def _channels(types: dict, name: str) -> int | None:
+    t = types.get(name)
+    if t is None or not t.tensor_type.HasField("shape") or len(t.tensor_type.shape.dim) != 4:
+        return None
+    dim = t.tensor_type.shape.dim[1]
+    return dim.dim_value if dim.HasField("dim_value") else None
+
+
 def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: bool,
            fallbacks: list[str]) -> dict[int, str]:
     """Executor of every node: ``packed``, ``numpy`` or ``ort`` (module docstring)."""
@@ -123,6 +133,9 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
             kinds[id(node)] = "ort"
         elif (node.op_type in nhwc.ELEMENTWISE and _rank(types, node.output[0]) == 4
               and npops.kernel(node, [consts.get(n) for n in node.input]) is not None):
+            kinds[id(node)] = "candidate"
+        elif pool.supported(node) and _rank(types, node.output[0]) == 4 and (
+                pool.matches_onnxruntime(_channels(types, node.input[0]) or 0)):
             kinds[id(node)] = "candidate"
         else:
             kinds[id(node)] = "ort"

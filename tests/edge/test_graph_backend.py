@@ -6,10 +6,14 @@ small hand-made graphs.
   float output equals the ORT function body's, and its integer part equals
   ``reference.binary_conv2d``;
 - consecutive binary convs stay packed; convs the kernel cannot take fall back to ORT;
-- the NHWC elementwise kernels equal the NCHW ones bit for bit.
+- the NHWC elementwise kernels equal the NCHW ones bit for bit;
+- the NHWC 2 x 2 average pool equals ORT's bit for bit where its probe says ORT rounds in its
+  order, and the planner pools in NumPy only there (the executor stays bit-exact either way).
 """
 
 from __future__ import annotations
+
+import platform
 
 import numpy as np
 import onnx
@@ -17,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import reference
-from edge_runtime import nhwc
+from edge_runtime import nhwc, pool
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.model import load_model
@@ -219,3 +223,75 @@ def test_fused_epilogues_and_their_fallback(refiner, monkeypatch):
     assert np.array_equal(executor.run(feeds), want)
     monkeypatch.setattr(fused, "channels_vector", lambda *a: None)
     assert np.array_equal(StepExecutor(proto, split).run(feeds), want)
+
+
+POOL_CHANNELS = (8, 16, 32, 64, 3)
+
+
+def _ort_pool(x: np.ndarray) -> np.ndarray:
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+        "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return make_session(model).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("channels", POOL_CHANNELS)
+def test_pool_equals_onnxruntime_where_the_probe_says_so(channels):
+    rng = np.random.default_rng(channels)
+    x = (rng.standard_normal((2, channels, 13, 10)) * 10.0 ** rng.integers(
+        -4, 5, (2, channels, 13, 10))).astype(np.float32)  # odd height: the last row is dropped
+    x[0, :, :2, :2] = -0.0
+    x[1, 0, :2, :2] = [[np.inf, 1.0], [2.0, 3.0]]
+    x[1, -1, 2:4, 2:4] = [[1e8, 1.0], [-1e8, 1.0]]
+    want = _ort_pool(x)
+    got = pool.average_pool_2x2(np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(
+        0, 3, 1, 2)
+    assert got.shape == want.shape == (2, channels, 6, 5)
+    same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    if pool.matches_onnxruntime(channels):
+        assert same
+    if channels % 16 == 0 and platform.machine() in ("x86_64", "AMD64"):
+        # MLAS's blocked (NCHWc) pool, block 8 (AVX2) or 16 (AVX-512), is the probe's target
+        assert pool.matches_onnxruntime(channels)
+
+
+def test_supported_attributes():
+    def node(**attrs):
+        return helper.make_node("AveragePool", ["x"], ["y"], **attrs)
+    assert pool.supported(node(kernel_shape=[2, 2], strides=[2, 2]))
+    assert pool.supported(node(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0]))
+    for bad in ({"kernel_shape": [3, 3], "strides": [2, 2]}, {"kernel_shape": [2, 2]},
+                {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]},
+                {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}):
+        assert not pool.supported(node(**bad))
+    assert not pool.supported(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2],
+                                               strides=[2, 2]))
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_executor_pools_in_numpy_only_where_onnxruntime_agrees(refiner, monkeypatch, probe):
+    exported, proto = refiner
+    if not probe:
+        monkeypatch.setattr(pool, "matches_onnxruntime", lambda channels: False)
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split)
+    pools = [n for n in split.dynamic.nodes if n.op_type == "AveragePool"]
+    assert pools, "the tiny refiner's down blocks pool their shortcut"
+    in_numpy = executor.labels.count("numpy:AveragePool")
+    if probe:
+        channels = _pool_channels(split, pools)
+        assert in_numpy == sum(pool.matches_onnxruntime(c) for c in channels)
+        if platform.machine() in ("x86_64", "AMD64"):
+            assert in_numpy >= sum(c % 16 == 0 for c in channels) > 0  # the path is exercised
+    else:
+        assert in_numpy == 0
+    dynamic = make_session(split.dynamic.model)
+    for seed, step in ((0, 10), (1, 3)):
+        feeds = _boundary(split, _inputs(exported, seed), step, 2)
+        assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
+
+
+def _pool_channels(split, pools) -> list[int]:
+    return [split.types[n.input[0]].tensor_type.shape.dim[1].dim_value for n in pools]
