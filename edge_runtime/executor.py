@@ -82,6 +82,12 @@ class StepExecutor:
         for node in nodes:
             for name in node.input:
                 self._consumers.setdefault(name, []).append(node)
+        #: inputs read only by NumPy elementwise nodes, which broadcast them over the batch: a
+        #: batch of 1 serves every chain (RefinerRunner.batch_shared)
+        self.broadcast_inputs = {
+            name for name in self.inputs if self._consumers.get(name) and all(
+                kinds[id(u)] == "numpy" and u.op_type in nhwc.ELEMENTWISE
+                and u.op_type != "PRelu" for u in self._consumers[name])}
         self._binary_out: set[str] = set()
         self._packed_nodes: list = []
         self._feed_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -69,6 +69,14 @@ class RefinerRunner:
                 names.append(n)
         return names
 
+    @property
+    def batch_shared(self) -> frozenset[str]:
+        """Per-image values the step broadcasts over the batch (packed backend: those read only
+        by its NumPy elementwise nodes): for one image, one copy serves all its chains."""
+        if self.executor is None:
+            return frozenset()
+        return frozenset(self.executor.broadcast_inputs)
+
     def prepare(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-image boundary values from the image, prior and features."""
         out = {n: values[n] for n in self.split.passthrough if n != STEP_INPUT}

@@ -308,6 +308,10 @@ static PyMethodDef methods[] = {
      "pack_nchw(x, out=None, path=None) -> int32 (N, H, W, ceil(C/32)) words from float32 NCHW x."},
     {"bconv2d", (PyCFunction)(void (*)(void))py_bconv2d, METH_VARARGS | METH_KEYWORDS,
      BCONV2D_DOC},
+    {"ew_chain", (PyCFunction)(void (*)(void))py_ew_chain, METH_VARARGS | METH_KEYWORDS,
+     "ew_chain(x, ops, operands, out=None) -> float32 like x: v = x, then per op (bytes: a add, "
+     "s v - o, r o - v, m mul, p PReLU) v = op(v, o) with o from operands (a full array like x, "
+     "(C,), (N, C) or one value), each one float32 operation; out may be x or a full operand."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},
