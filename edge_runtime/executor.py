@@ -12,7 +12,8 @@ kernel, NumPy or onnxruntime. This module turns the plan into a list of closures
   gamma) and optionally emits the next conv's packed input; the output may take the residual's
   buffer (in place); vectors of unexpected runtime shape fall back to the ops one by one;
 - a NumPy elementwise node (or 2 x 2 average pool) of the region: NHWC, bit-identical to ORT's
-  NCHW result;
+  NCHW result; runs of elementwise nodes each read only by the next go through one native pass
+  (:mod:`edge_runtime.chain`);
 - a run of ORT nodes: one sub-model, fed and producing NHWC where the region needs it.
 
 Values are dropped after their last reader. Values the step receives from the static part are
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 
 from . import nhwc, pool
+from .chain import chain_step, chains
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
 from .ortutil import make_session
@@ -108,6 +110,14 @@ class StepExecutor:
                 reads.append({n for node in group for n in node.input})
                 self.stats.ort += len(group)
                 self.stats.ort_sessions += 1
+                continue
+            if kind == "numpy":
+                for run in chains(group, self._consumers, {self.output}):
+                    self._steps.append(self._numpy_step(run[0]) if len(run) == 1
+                                       else self._chain_step(run))
+                    self.labels.append("numpy:" + "+".join(n.op_type for n in run))
+                    reads.append({n for node in run for n in node.input})
+                self.stats.numpy += len(group)
                 continue
             for node in group:
                 read = set(node.input)
@@ -215,6 +225,21 @@ class StepExecutor:
                     break
             env.nhwc[dst] = fn(*args, out=out)
         return run
+
+    def _chain_step(self, run: list) -> Callable[[StepValues], None]:
+        fixed = {name: nhwc.view(self.consts[name]) for node in run for name in node.input
+                 if name in self.consts}
+        ids = {id(node) for node in run}
+        inner = {node.output[0] for node in run[:-1]}
+        donors = [n for node in run for n in node.input
+                  if n and n not in fixed and n not in inner and self._last_reader.get(n) in ids
+                  and n not in self.inputs and n != self.output]
+
+        def operands(env: StepValues, node, skip: str | None) -> list:
+            return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
+                    for n in node.input]
+        return chain_step(run, operands, list(dict.fromkeys(donors)),
+                          [self._numpy_step(node) for node in run])
 
     def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}

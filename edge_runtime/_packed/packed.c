@@ -311,6 +311,7 @@ static PyMethodDef methods[] = {
     {"ew_chain", (PyCFunction)(void (*)(void))py_ew_chain, METH_VARARGS | METH_KEYWORDS,
      "ew_chain(x, ops, operands, out=None) -> float32 like x: v = x, then per op (bytes: a add, "
      "s v - o, r o - v, m mul, p PReLU) v = op(v, o) with o from operands (a full array like x, "
+     "one batch item of it, "
      "(C,), (N, C) or one value), each one float32 operation; out may be x or a full operand."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "

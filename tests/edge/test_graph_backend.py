@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from refiner_feeds import boundary_values, step_inputs
 
 import reference
 from edge_runtime import nhwc, pool
@@ -35,27 +36,6 @@ def refiner(tiny_export):
     return exported, exported.protos["refiner_step"]
 
 
-def _inputs(exported, seed: int = 0, batch: int = 2):
-    rng = np.random.default_rng(seed)
-    h, w = exported.facts.input_size
-    x = rng.standard_normal((batch, exported.facts.in_channels, h, w)).astype(np.float32)
-    seg = make_session(exported.files["segmentor"])
-    names = [o.name for o in seg.get_outputs()]
-    values = dict(zip(names, seg.run(None, {"image": x}), strict=True))
-    values["image"] = x
-    values["y_t"] = (rng.random(values["prior"].shape) < values["prior"]).astype(np.float32)
-    return values
-
-
-def _boundary(split, values, step: int, batch: int) -> dict[str, np.ndarray]:
-    values = dict(values, step=np.full(batch, step, np.int64))
-    for part in (split.static, split.step):
-        if part.model is not None:
-            out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
-            values.update(zip(part.outputs, out, strict=True))
-    return {n: values[n] for n in split.dynamic.inputs}
-
-
 def test_split_parts_reproduce_the_graph(refiner):
     exported, proto = refiner
     split = split_refiner(proto)
@@ -66,12 +46,13 @@ def test_split_parts_reproduce_the_graph(refiner):
     for node in split.dynamic.nodes:
         assert any(kinds.get(i) == "dynamic" for i in node.input) or {
             kinds.get(i) for i in node.input} >= {"static", "step"}
-    values = _inputs(exported)
+    values = step_inputs(exported)
     full = make_session(proto)
     for step in (10, 3, 1):
         feeds = dict(values, step=np.full(2, step, np.int64))
         want = full.run(None, {i.name: feeds[i.name] for i in full.get_inputs()})[0]
-        got = make_session(split.dynamic.model).run(None, _boundary(split, values, step, 2))[0]
+        feeds = boundary_values(split, values, step, 2)
+        got = make_session(split.dynamic.model).run(None, feeds)[0]
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -83,7 +64,7 @@ def test_packed_executor_is_bit_exact(refiner):
     assert executor.stats.packed == n_binary and not executor.stats.fallbacks
     dynamic = make_session(split.dynamic.model)
     for seed, step in ((0, 10), (1, 5), (2, 1)):
-        feeds = _boundary(split, _inputs(exported, seed), step, 2)
+        feeds = boundary_values(split, step_inputs(exported, seed), step, 2)
         assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
 
 
@@ -93,7 +74,7 @@ def test_binary_layers_equal_function_bodies(refiner):
     exported, proto = refiner
     split = split_refiner(proto)
     executor = StepExecutor(proto, split, keep_specs=True)
-    feeds = _boundary(split, _inputs(exported, 3), 7, 2)
+    feeds = boundary_values(split, step_inputs(exported, 3), 7, 2)
     mine = executor.binary_outputs(feeds)
     specs = {name: spec for name, _, spec in executor.binary_layers(feeds)}
     nodes = [n for n in split.dynamic.nodes if n.op_type == "BinaryConv"]
@@ -218,7 +199,7 @@ def test_fused_epilogues_and_their_fallback(refiner, monkeypatch):
     assert all("+Sub+Add+Add+PRelu+Add" in label for label in executor.labels
                if label.startswith("packed:"))
     dynamic = make_session(split.dynamic.model)
-    feeds = _boundary(split, _inputs(exported, 4), 6, 2)
+    feeds = boundary_values(split, step_inputs(exported, 4), 6, 2)
     want = dynamic.run(None, feeds)[0]
     assert np.array_equal(executor.run(feeds), want)
     monkeypatch.setattr(fused, "channels_vector", lambda *a: None)
@@ -289,7 +270,7 @@ def test_executor_pools_in_numpy_only_where_onnxruntime_agrees(refiner, monkeypa
         assert in_numpy == 0
     dynamic = make_session(split.dynamic.model)
     for seed, step in ((0, 10), (1, 3)):
-        feeds = _boundary(split, _inputs(exported, seed), step, 2)
+        feeds = boundary_values(split, step_inputs(exported, seed), step, 2)
         assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
 
 

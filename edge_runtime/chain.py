@@ -1,0 +1,103 @@
+"""Chains of NumPy elementwise nodes of the packed step, run as one native pass.
+
+Between the packed convs and the onnxruntime pieces, the step has runs of elementwise nodes
+where each result is read only by the next node, e.g. the time-embedding modulation
+``((x + other) * a + b) + skip``. NumPy makes one pass over the feature map per node (reading
+and writing every intermediate); :func:`chains` groups such runs and :func:`chain_step` runs a
+group with the native ``ew_chain`` (``edge_runtime._packed``): the running value stays in
+registers, each node still one float32 operation in the graph's order (bit-identical), one read
+of each full-size operand and one write of the result. Operands of unexpected runtime shape fall
+back to the nodes one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from . import _packed
+from .fused import StepValues
+
+__all__ = ["chain_step", "chains"]
+
+_OPS = {"Add": ("a", "a"), "Mul": ("m", "m"), "Sub": ("s", "r"), "PRelu": ("p", None)}
+_EXACT = ("Add", "Mul", "Sub", "PRelu")  # nhwc kernels the chain reproduces
+
+
+def chains(group: list, consumers: dict[str, list], keep: set[str]) -> list[list]:
+    """``group`` (NumPy nodes in schedule order) as runs whose every node but the last has one
+    consumer, the next node of the run, which reads it once."""
+    out: list[list] = []
+    for node in group:
+        prev = out[-1][-1] if out else None
+        if (prev is not None and node.op_type in _EXACT and prev.op_type in _EXACT
+                and prev.output[0] not in keep
+                and consumers.get(prev.output[0], []) == [node]
+                and list(node.input).count(prev.output[0]) == 1
+                and not (node.op_type == "PRelu" and node.input[0] != prev.output[0])):
+            out[-1].append(node)
+        else:
+            out.append([node])
+    return out
+
+
+def _operand(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``a`` as an ``ew_chain`` operand for a result of NHWC ``shape``, or None."""
+    if a.dtype != np.float32:
+        return None
+    if a.shape == shape or (a.ndim == 4 and a.shape == (1, *shape[1:])):
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    if a.size == 1:
+        return a.reshape(1)
+    if a.ndim == 4 and a.shape[1:3] == (1, 1) and a.shape[3] == shape[3] and (
+            a.shape[0] in (1, shape[0])):
+        return np.ascontiguousarray(a.reshape(a.shape[0], shape[3]))
+    return None
+
+
+def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
+               one_by_one: list[Callable[[StepValues], None]]) -> Callable[[StepValues], None]:
+    """The closure running chain ``nodes``: ``operands(env, node, skip)`` gives a node's NHWC
+    inputs (None for the input named ``skip``: the running value, never materialised),
+    ``donors`` the values whose buffer may take the result, ``one_by_one`` the nodes' own NumPy
+    steps (the fallback)."""
+    dst = nodes[-1].output[0]
+    inner = {n.output[0] for n in nodes[:-1]}
+
+    def fallback(env: StepValues) -> None:
+        for run in one_by_one:
+            run(env)
+        for name in inner:
+            env.nhwc.pop(name, None)
+
+    def run(env: StepValues) -> None:
+        first = operands(env, nodes[0], None)
+        shape = np.broadcast_shapes(*(a.shape for a in first))
+        if len(shape) != 4 or shape[3] == 0 or any(a.dtype != np.float32 for a in first):
+            return fallback(env)
+        start = 0 if first[0].shape == shape else 1
+        if first[start].shape != shape or (start == 1 and nodes[0].op_type == "PRelu"):
+            return fallback(env)
+        ops, args = [], []
+        running = nodes[0].input[start]
+        for k, node in enumerate(nodes):
+            values = first if k == 0 else operands(env, node, running)
+            at = list(node.input).index(running)
+            forward, backward = _OPS[node.op_type]
+            other = _operand(values[1 - at], shape)
+            if other is None:
+                return fallback(env)
+            ops.append(forward if at == 0 else backward)
+            args.append(other)
+            running = node.output[0]
+        x = np.ascontiguousarray(first[start])
+        out = None
+        for n in donors if env.donate else ():
+            buf = env.nhwc.get(n)
+            if buf is not None and buf.shape == shape and buf.dtype == np.float32 and \
+                    buf.flags.c_contiguous and buf.flags.writeable:
+                out = buf
+                break
+        env.nhwc[dst] = _packed.ew_chain(x, "".join(ops).encode(), tuple(args), out)
+    return run
