@@ -25,13 +25,16 @@ _OPS = {"Add": ("a", "a"), "Mul": ("m", "m"), "Sub": ("s", "r"), "PRelu": ("p", 
 _EXACT = ("Add", "Mul", "Sub", "PRelu")  # nhwc kernels the chain reproduces
 
 
-def chains(group: list, consumers: dict[str, list], keep: set[str]) -> list[list]:
+def chains(group: list, consumers: dict[str, list], keep: set[str],
+           starts: frozenset[int] = frozenset()) -> list[list]:
     """``group`` (NumPy nodes in schedule order) as runs whose every node but the last has one
-    consumer, the next node of the run, which reads it once."""
+    consumer, the next node of the run, which reads it once; nodes whose ``id`` is in
+    ``starts`` (table convolutions of ``y_t``, :mod:`edge_runtime.lut`) may begin a run."""
     out: list[list] = []
     for node in group:
         prev = out[-1][-1] if out else None
-        if (prev is not None and node.op_type in _EXACT and prev.op_type in _EXACT
+        if (prev is not None and node.op_type in _EXACT and (
+                prev.op_type in _EXACT or (id(prev) in starts and len(out[-1]) == 1))
                 and prev.output[0] not in keep
                 and consumers.get(prev.output[0], []) == [node]
                 and list(node.input).count(prev.output[0]) == 1
@@ -57,11 +60,13 @@ def _operand(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
-               one_by_one: list[Callable[[StepValues], None]]) -> Callable[[StepValues], None]:
+               one_by_one: list[Callable[[StepValues], None]], lut=None
+               ) -> Callable[[StepValues], None]:
     """The closure running chain ``nodes``: ``operands(env, node, skip)`` gives a node's NHWC
     inputs (None for the input named ``skip``: the running value, never materialised),
     ``donors`` the values whose buffer may take the result, ``one_by_one`` the nodes' own NumPy
-    steps (the fallback)."""
+    steps (the fallback); ``lut``: the :class:`edge_runtime.lut.LutConv` of ``nodes[0]`` when
+    the chain starts with that lookup."""
     dst = nodes[-1].output[0]
     inner = {n.output[0] for n in nodes[:-1]}
 
@@ -72,17 +77,24 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
             env.nhwc.pop(name, None)
 
     def run(env: StepValues) -> None:
-        first = operands(env, nodes[0], None)
-        shape = np.broadcast_shapes(*(a.shape for a in first))
-        if len(shape) != 4 or shape[3] == 0 or any(a.dtype != np.float32 for a in first):
-            return fallback(env)
-        start = 0 if first[0].shape == shape else 1
-        if first[start].shape != shape or (start == 1 and nodes[0].op_type == "PRelu"):
-            return fallback(env)
+        if lut is not None:
+            y = env.get(nodes[0].input[0])
+            if y.ndim != 4 or y.shape[1] != 1 or y.dtype != np.float32:
+                return fallback(env)
+            shape, start, body = lut.output_shape(y.shape), None, nodes[1:]
+            running = nodes[0].output[0]
+        else:
+            first = operands(env, nodes[0], None)
+            shape = np.broadcast_shapes(*(a.shape for a in first))
+            if len(shape) != 4 or shape[3] == 0 or any(a.dtype != np.float32 for a in first):
+                return fallback(env)
+            at = 0 if first[0].shape == shape else 1
+            if first[at].shape != shape or (at == 1 and nodes[0].op_type == "PRelu"):
+                return fallback(env)
+            start, body, running = np.ascontiguousarray(first[at]), nodes, nodes[0].input[at]
         ops, args = [], []
-        running = nodes[0].input[start]
-        for k, node in enumerate(nodes):
-            values = first if k == 0 else operands(env, node, running)
+        for k, node in enumerate(body):
+            values = first if (k == 0 and lut is None) else operands(env, node, running)
             at = list(node.input).index(running)
             forward, backward = _OPS[node.op_type]
             other = _operand(values[1 - at], shape)
@@ -91,7 +103,6 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
             ops.append(forward if at == 0 else backward)
             args.append(other)
             running = node.output[0]
-        x = np.ascontiguousarray(first[start])
         out = None
         for n in donors if env.donate else ():
             buf = env.nhwc.get(n)
@@ -99,5 +110,13 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
                     buf.flags.c_contiguous and buf.flags.writeable:
                 out = buf
                 break
-        env.nhwc[dst] = _packed.ew_chain(x, "".join(ops).encode(), tuple(args), out)
+        code = "".join(ops).encode()
+        if lut is None:
+            env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out)
+            return None
+        result = lut.chain(y, code, tuple(args), out)
+        if result is None:  # y_t is not exactly 0/1: the nodes one by one (ORT convolution)
+            return fallback(env)
+        env.nhwc[dst] = result
+        return None
     return run

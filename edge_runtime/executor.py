@@ -73,8 +73,9 @@ class StepExecutor:
         self.inputs = list(split.dynamic.inputs)
         self.output = split.output
         self.consts = const_values(model, split.kinds, nodes)
+        self._luts: dict[int, object] = {}
         kinds = assign(nodes, self.consts, split.types, use_packed=use_packed,
-                       fallbacks=self.stats.fallbacks)
+                       fallbacks=self.stats.fallbacks, luts=self._luts if use_packed else None)
         nodes, self._fusions = fuse(nodes, kinds, self.consts, split.types, {self.output})
         self.stats.fused = sum(len(f.nodes) for f in self._fusions.values())
         self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
@@ -112,7 +113,8 @@ class StepExecutor:
                 self.stats.ort_sessions += 1
                 continue
             if kind == "numpy":
-                for run in chains(group, self._consumers, {self.output}):
+                for run in chains(group, self._consumers, {self.output},
+                                  frozenset(self._luts)):
                     self._steps.append(self._numpy_step(run[0]) if len(run) == 1
                                        else self._chain_step(run))
                     self.labels.append("numpy:" + "+".join(n.op_type for n in run))
@@ -142,7 +144,7 @@ class StepExecutor:
         else:
             self._specs = None
         # drop what keeps the graph proto (and the float weights) alive
-        self.consts, self._consumers, self._packed_nodes = {}, {}, []
+        self.consts, self._consumers, self._packed_nodes, self._luts = {}, {}, [], {}
         self._fusions = {}
     # -- steps ------------------------------------------------------------------------------
     def _packed_step(self, node, kinds) -> Callable[[StepValues], None]:
@@ -197,6 +199,12 @@ class StepExecutor:
         return fused_conv_step(f, layer, explicit, donor, consts, self._packed)
 
     def _numpy_step(self, node) -> Callable[[StepValues], None]:
+        if node.op_type == "Conv":  # a convolution of y_t through its table (edge_runtime.lut)
+            lut, src, dst = self._luts[id(node)], node.input[0], node.output[0]
+
+            def run_lut(env: StepValues) -> None:
+                env.nhwc[dst] = lut(env.get(src))
+            return run_lut
         if node.op_type == "AveragePool":  # edge_runtime.pool (a smaller output: no donors)
             src, dst = node.input[0], node.output[0]
 
@@ -239,7 +247,7 @@ class StepExecutor:
             return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
                     for n in node.input]
         return chain_step(run, operands, list(dict.fromkeys(donors)),
-                          [self._numpy_step(node) for node in run])
+                          [self._numpy_step(node) for node in run], self._luts.get(id(run[0])))
 
     def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}

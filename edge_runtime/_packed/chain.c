@@ -1,19 +1,25 @@
-/* Fused elementwise chains of the packed backend: several float32 ONNX elementwise ops on one
- * NHWC feature map in one pass (ew_chain).
+/* Elementwise work of the packed backend's step in native passes (ew_chain).
  *
- *     v = x[i];  for each step k:  v = op_k(v, operand_k[i])
+ *     v = start[i];  for each step k:  v = op_k(v, operand_k[i])
  *
+ * start: a float32 NHWC feature map x, or the convolution of a 0/1 map y (the diffusion state
+ * y_t) through a table: out[n, h, w, :] = table[idx], bit dy * kw + dx of idx set where the tap
+ * (h + dy - pad_h, w + dx - pad_w) lies inside and holds 1 (stride 1, zero padding).  The table
+ * row of each pattern is the convolution's own output for it (edge_runtime.lut), so the lookup
+ * does no arithmetic.
  * op: 'a' v + o, 's' v - o, 'r' o - v, 'm' v * o, 'p' (v < 0 ? v * o : v) (PReLU, o the
- * slope); operand: a full array like x, one batch item of it (shared by the items: the chains
- * of one image), one value per channel (shared or per batch item) or a scalar.  Each step is one IEEE float32 operation in the graph's order (the build keeps
- * -ffp-contract=off: no FMA), so the result equals the ops one by one bit for bit.  The map is
- * processed in chunks of whole pixels kept in a stack buffer (L1): x, the full operands and out
- * are each read or written once, and out may be x or any full operand (each chunk is read
- * completely before it is written).  Compiled per target (AVX-512, AVX2, baseline) and picked
- * by CPU features.
+ * slope); operand: a full array like the result, one batch item of it (shared by the items: the
+ * chains of one image), one value per channel (shared or per batch item) or a scalar.  Each step
+ * is one IEEE float32 operation in the graph's order (the build keeps -ffp-contract=off: no
+ * FMA), so the result equals the ops one by one bit for bit.  With C a multiple of 16 the
+ * running value stays in registers; otherwise the map goes in chunks of whole pixels through a
+ * stack buffer.  Either way every input is read once and out written once, and out may be x or
+ * any full operand (each element or chunk is read completely before it is written).  Compiled
+ * per target (AVX-512, AVX2, baseline) and picked by CPU features.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "glue.h"
@@ -22,6 +28,12 @@
 #define CHUNK 2048 /* floats per chunk (8 KiB) */
 
 enum { FULL = 0, CHANNEL = 1, SCALAR = 2, ITEM = 3 };
+
+typedef struct {
+    const float *x;        /* the start map, or NULL with a table */
+    const uint32_t *idx;   /* [n * pixels] table rows (with a table) */
+    const float *table;    /* [rows][c] or NULL */
+} chain_start;
 
 typedef struct {
     char op;
@@ -56,7 +68,7 @@ typedef struct {
     } while (0)
 
 #define DEFINE_CHAIN(NAME, ATTR)                                                               \
-    ATTR static void NAME(const float *x, float *out, Py_ssize_t n, Py_ssize_t per_item,       \
+    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t n, Py_ssize_t per_item,\
                           Py_ssize_t c, const chain_step *steps, int nsteps)                   \
     {                                                                                          \
         float buf[CHUNK];                                                                      \
@@ -65,7 +77,12 @@ typedef struct {
             for (Py_ssize_t at = 0; at < per_item; at += span) {                               \
                 const Py_ssize_t len = per_item - at < span ? per_item - at : span;            \
                 const Py_ssize_t base = b * per_item + at;                                     \
-                memcpy(buf, x + base, sizeof(float) * (size_t)len);                            \
+                if (st->table)                                                                 \
+                    for (Py_ssize_t q = 0; q < len; q += c)                                    \
+                        memcpy(buf + q, st->table + (size_t)st->idx[(base + q) / c] * (size_t)c, \
+                               sizeof(float) * (size_t)c);                                     \
+                else                                                                           \
+                    memcpy(buf, st->x + base, sizeof(float) * (size_t)len);                    \
                 for (int k = 0; k < nsteps; k++) {                                             \
                     const chain_step *s = &steps[k];                                           \
                     switch (s->op) {                                                           \
@@ -92,13 +109,14 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
 
 #define VLOAD(p) ({ vecf v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define DEFINE_CHAIN_VEC(NAME, ATTR)                                                           \
-    ATTR static void NAME(const float *x, float *out, Py_ssize_t n, Py_ssize_t per_item,       \
+    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t n, Py_ssize_t per_item,\
                           Py_ssize_t c, const chain_step *steps, int nsteps)                   \
     {                                                                                          \
         for (Py_ssize_t b = 0; b < n; b++)                                                     \
             for (Py_ssize_t i = 0; i < per_item; i += VEC) {                                   \
                 const Py_ssize_t at = b * per_item + i, j = i % c;                             \
-                vecf v = VLOAD(x + at);                                                        \
+                vecf v = st->table ? VLOAD(st->table + (size_t)st->idx[at / c] * (size_t)c + j) \
+                                   : VLOAD(st->x + at);                                        \
                 for (int k = 0; k < nsteps; k++) {                                             \
                     const chain_step *s = &steps[k];                                           \
                     const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                     \
@@ -131,7 +149,7 @@ DEFINE_CHAIN_VEC(chain_vec_avx2, __attribute__((target("avx2"))))
 DEFINE_CHAIN(chain_base, )
 DEFINE_CHAIN_VEC(chain_vec_base, )
 
-typedef void (*chain_fn)(const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+typedef void (*chain_fn)(const chain_start *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                          const chain_step *, int);
 
 static chain_fn pick_chain(int vec)
@@ -146,34 +164,112 @@ static chain_fn pick_chain(int vec)
     return vec ? chain_vec_base : chain_base;
 }
 
+/* Table rows of every output pixel of the 0/1 map y (n, h, w); 0 when y holds anything but
+ * +0.0 and 1.0. */
+static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
+                    int ph, int pw, Py_ssize_t ho, Py_ssize_t wo, uint32_t *idx, uint32_t *col)
+{
+    for (Py_ssize_t i = 0; i < n * h * w; i++) {
+        uint32_t bits;
+        memcpy(&bits, y + i, 4);
+        if (bits != 0u && bits != 0x3F800000u)
+            return 0;
+    }
+    const Py_ssize_t wp = w + 2 * pw;
+    for (Py_ssize_t b = 0; b < n; b++)
+        for (Py_ssize_t r = 0; r < ho; r++) {
+            /* col[x]: bit dy * kw for each kernel row dy where padded column x holds 1 */
+            memset(col, 0, sizeof(uint32_t) * (size_t)wp);
+            for (int dy = 0; dy < kh; dy++) {
+                const Py_ssize_t yy = r + dy - ph;
+                if (yy < 0 || yy >= h)
+                    continue;
+                const float *row = y + (b * h + yy) * w;
+                for (Py_ssize_t x = 0; x < w; x++)
+                    col[x + pw] |= (uint32_t)(row[x] != 0.0f) << (dy * kw);
+            }
+            uint32_t *out = idx + (b * ho + r) * wo;
+            for (Py_ssize_t q = 0; q < wo; q++) {
+                uint32_t v = 0;
+                for (int dx = 0; dx < kw; dx++)
+                    v |= col[q + dx] << dx;
+                out[q] = v;
+            }
+        }
+    return 1;
+}
+
 PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "ops", "operands", "out", NULL};
-    PyObject *x_obj, *operands, *out_obj = Py_None;
+    static char *names[] = {"x", "ops", "operands", "out", "table", "kernel", NULL};
+    PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
     const char *ops;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|O", names, &x_obj, &ops, &operands, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOO", names, &x_obj, &ops, &operands,
+                                     &out_obj, &t_obj, &k_obj))
         return NULL;
-    const int nsteps = (int)strlen(ops);
+    const int nsteps = (int)strlen(ops), lut = t_obj != Py_None;
     if (!PyTuple_Check(operands) || PyTuple_GET_SIZE(operands) != nsteps) {
         PyErr_SetString(PyExc_ValueError, "operands must be a tuple with one array per op");
         return NULL;
     }
-    if (nsteps < 1 || nsteps > MAX_STEPS) {
-        PyErr_Format(PyExc_ValueError, "a chain has 1 to %d ops (got %d)", MAX_STEPS, nsteps);
+    if (nsteps < !lut || nsteps > MAX_STEPS) {
+        PyErr_Format(PyExc_ValueError, "a chain has %d to %d ops (got %d)", !lut, MAX_STEPS,
+                     nsteps);
         return NULL;
     }
-    Py_buffer xv, ov[MAX_STEPS], outv;
-    int held = 0;
+    int kh = 0, kwid = 0, ph = 0, pw = 0;
+    if (lut && (!PyTuple_Check(k_obj) ||
+                !PyArg_ParseTuple(k_obj, "iiii", &kh, &kwid, &ph, &pw))) {
+        PyErr_SetString(PyExc_ValueError, "kernel must be (kh, kw, pad_h, pad_w)");
+        return NULL;
+    }
+    if (lut && (kh < 1 || kwid < 1 || kh * kwid > 16 || ph < 0 || pw < 0 || ph >= kh ||
+                pw >= kwid)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a table takes 1 <= kh * kw <= 16 taps and 0 <= pad < kernel size");
+        return NULL;
+    }
+    Py_buffer xv, tv, ov[MAX_STEPS], outv;
+    int held = 0, table_held = 0;
     PyObject *result = NULL;
-    if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
+    uint32_t *idx = NULL, *col = NULL;
+    if (get_buffer(x_obj, &xv, lut ? "y" : "x", 'f', 0) < 0)
         return NULL;
     chain_step steps[MAX_STEPS];
-    const Py_ssize_t size = xv.len / 4;
-    const Py_ssize_t n = xv.ndim >= 2 ? xv.shape[0] : 1;
-    const Py_ssize_t c = xv.ndim >= 1 ? xv.shape[xv.ndim - 1] : 1;
+    chain_start st = {(const float *)xv.buf, NULL, NULL};
+    Py_ssize_t shape[4] = {0, 0, 0, 0};
+    int ndim = xv.ndim;
+    if (lut) {
+        if (get_buffer(t_obj, &tv, "table", 'f', 0) < 0)
+            goto done;
+        table_held = 1;
+        const Py_ssize_t rows = (Py_ssize_t)1 << (kh * kwid);
+        if (xv.ndim != 3 || tv.ndim != 2 || tv.shape[0] != rows || tv.shape[1] < 1) {
+            PyErr_Format(PyExc_ValueError, "y must be (N, H, W) and table (%zd, C)", rows);
+            goto done;
+        }
+        const Py_ssize_t ho = xv.shape[1] + 2 * ph - kh + 1, wo = xv.shape[2] + 2 * pw - kwid + 1;
+        if (ho < 1 || wo < 1) {
+            PyErr_SetString(PyExc_ValueError, "y is smaller than the kernel");
+            goto done;
+        }
+        shape[0] = xv.shape[0], shape[1] = ho, shape[2] = wo, shape[3] = tv.shape[1];
+        ndim = 4;
+    } else
+        for (int i = 0; i < ndim && i < 4; i++)
+            shape[i] = xv.shape[i];
+    if (ndim < 1 || ndim > 4) {
+        PyErr_SetString(PyExc_ValueError, "x must have 1 to 4 dimensions (N, ..., C)");
+        goto done;
+    }
+    Py_ssize_t size = 1;
+    for (int i = 0; i < ndim; i++)
+        size *= shape[i];
+    const Py_ssize_t n = ndim >= 2 ? shape[0] : 1, c = shape[ndim - 1];
     if (c < 1 || c > CHUNK || size % n) {
-        PyErr_Format(PyExc_ValueError, "x must be (N, ..., C) with 1 <= C <= %d", CHUNK);
+        PyErr_Format(PyExc_ValueError, "the result must be (N, ..., C) with 1 <= C <= %d",
+                     CHUNK);
         goto done;
     }
     for (; held < nsteps; held++) {
@@ -202,13 +298,31 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             s->bstride = c;
         } else {
             PyErr_Format(PyExc_ValueError,
-                         "operand %d has %zd values: x's size %zd, one item's, C = %zd, N * C or 1 allowed",
-                         held, len, size, c);
+                         "operand %d has %zd values: the result's size %zd, one item's, C = %zd, "
+                         "N * C or 1 allowed", held, len, size, c);
             PyBuffer_Release(&ov[held]);
             goto done;
         }
     }
-    result = output(out_obj, &outv, xv.ndim, xv.shape, 'f');
+    if (lut) {
+        idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
+        col = malloc(sizeof(uint32_t) * (size_t)(xv.shape[2] + 2 * pw));
+        if (!idx || !col) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        int binary;
+        Py_BEGIN_ALLOW_THREADS
+        binary = lut_rows((const float *)xv.buf, xv.shape[0], xv.shape[1], xv.shape[2], kh, kwid,
+                          ph, pw, shape[1], shape[2], idx, col);
+        Py_END_ALLOW_THREADS
+        if (!binary) { /* not a 0/1 map: the caller convolves it otherwise */
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        st.x = NULL, st.idx = idx, st.table = (const float *)tv.buf;
+    }
+    result = output(out_obj, &outv, ndim, shape, 'f');
     if (!result)
         goto done;
     {
@@ -218,13 +332,17 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             fns[vec] = pick_chain(vec);
         const chain_fn fn = fns[vec];
         Py_BEGIN_ALLOW_THREADS
-        fn((const float *)xv.buf, (float *)outv.buf, n, size / n, c, steps, nsteps);
+        fn(&st, (float *)outv.buf, n, size / n, c, steps, nsteps);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&outv);
 done:
+    free(idx);
+    free(col);
     for (int k = 0; k < held; k++)
         PyBuffer_Release(&ov[k]);
+    if (table_held)
+        PyBuffer_Release(&tv);
     PyBuffer_Release(&xv);
     return result;
 }

@@ -309,10 +309,13 @@ static PyMethodDef methods[] = {
     {"bconv2d", (PyCFunction)(void (*)(void))py_bconv2d, METH_VARARGS | METH_KEYWORDS,
      BCONV2D_DOC},
     {"ew_chain", (PyCFunction)(void (*)(void))py_ew_chain, METH_VARARGS | METH_KEYWORDS,
-     "ew_chain(x, ops, operands, out=None) -> float32 like x: v = x, then per op (bytes: a add, "
-     "s v - o, r o - v, m mul, p PReLU) v = op(v, o) with o from operands (a full array like x, "
-     "one batch item of it, "
-     "(C,), (N, C) or one value), each one float32 operation; out may be x or a full operand."},
+     "ew_chain(x, ops, operands, out=None, table=None, kernel=None) -> float32: v = x, then per "
+     "op (bytes: a add, s v - o, r o - v, m mul, p PReLU) v = op(v, o) with o from operands (a "
+     "full array like the result, one batch item of it, (C,), (N, C) or one value), each one "
+     "float32 operation; out may be x or a full operand.  With table (2^(kh*kw), C) and kernel "
+     "(kh, kw, pad_h, pad_w), x is a 0/1 map (N, H, W) and v starts as its stride-1 zero-padded "
+     "convolution through the table (row = the pattern of taps, bit dy * kw + dx); None when x "
+     "holds anything but +0.0 and 1.0."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},

@@ -1,0 +1,202 @@
+"""Convolutions of the 0/1 state ``y_t`` through a table (``edge_runtime.lut``) against ORT.
+
+The table rows are the node's own onnxruntime output per tap pattern, so on exact 0/1 maps the
+lookup equals ORT's convolution bit for bit (checked on maps of several sizes, kernels and pads,
+with and without a bias, alone and followed by a chain of elementwise ops in the same pass); a
+map that is not 0/1 goes through ORT; nodes the table cannot express are refused. A hand-made step
+shaped like the cpu presets' stem (conv of y_t, + a static image conv, * a step row, - tb,
+BinaryConv, + skip) runs its convolution as a lookup in one pass with the elementwise ops after
+it, bit-exact against onnxruntime's dynamic part for 0/1 and other states, and when the probe
+refuses the table; the exported tiny refiner's step stays bit-exact for any ``y_t``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from refiner_feeds import boundary_values, step_inputs
+
+from edge_runtime import _packed, lut
+from edge_runtime.executor import StepExecutor
+from edge_runtime.graph import DYNAMIC_INPUT, split_refiner
+from edge_runtime.model import load_model
+from edge_runtime.ortutil import make_session
+from edge_runtime.rewrite import rewrite_refiner
+from export.ops import binary_conv_function
+
+
+def _conv(rng, cout=16, kernel=(3, 3), pads=(1, 1), bias=True, **attrs):
+    w = rng.standard_normal((cout, 1, *kernel)).astype(np.float32)
+    consts = {"w": w}
+    inputs = [DYNAMIC_INPUT, "w"]
+    if bias:
+        consts["b"] = rng.standard_normal(cout).astype(np.float32)
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], kernel_shape=list(kernel),
+                            pads=[*pads, *pads], **attrs)
+    return node, consts
+
+
+def _ort(node, consts, y):
+    inits = [helper.make_tensor(k, TensorProto.FLOAT, v.shape, v.ravel().tolist())
+             for k, v in consts.items()]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        DYNAMIC_INPUT, TensorProto.FLOAT, [None, 1, None, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return make_session(model).run(None, {DYNAMIC_INPUT: y})[0].transpose(0, 2, 3, 1)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+@pytest.mark.parametrize(("kernel", "pads", "bias", "cout"), [
+    ((3, 3), (1, 1), True, 32), ((3, 3), (1, 1), False, 16), ((3, 3), (0, 0), True, 8),
+    ((1, 1), (0, 0), True, 5), ((3, 1), (1, 0), True, 16), ((2, 2), (1, 1), True, 32)])
+def test_lookup_equals_onnxruntime_on_0_1_maps(kernel, pads, bias, cout):
+    rng = np.random.default_rng(cout + kernel[0])
+    node, consts = _conv(rng, cout, kernel, pads, bias)
+    table = lut.LutConv.build(node, consts)
+    assert table is not None
+    for shape in ((1, 1, 64, 64), (3, 1, 7, 130), (2, 1, 3, 3), (1, 1, 1, 5)):
+        if shape[2] + 2 * pads[0] < kernel[0] or shape[3] + 2 * pads[1] < kernel[1]:
+            continue
+        for y in ((rng.random(shape) < 0.5).astype(np.float32), np.zeros(shape, np.float32),
+                  np.ones(shape, np.float32)):
+            want = _ort(node, consts, y)
+            got = table(y)
+            assert got.shape == want.shape == table.output_shape(y.shape)
+            assert np.array_equal(_bits(got), _bits(want))
+    # not 0/1 (a half, a negative zero): ORT convolves it
+    y = (rng.random((2, 1, 9, 11)) < 0.5).astype(np.float32)
+    for odd in (0.5, -0.0):
+        y[1, 0, 4, 4] = odd
+        assert table.chain(y) is None
+        assert np.array_equal(_bits(table(y)), _bits(_ort(node, consts, y)))
+
+
+def test_lookup_with_a_chain_in_the_same_pass():
+    rng = np.random.default_rng(7)
+    node, consts = _conv(rng, 32)
+    table = lut.LutConv.build(node, consts)
+    y = (rng.random((3, 1, 20, 24)) < 0.4).astype(np.float32)
+    item = rng.standard_normal((1, 20, 24, 32)).astype(np.float32)
+    scale = rng.standard_normal((3, 32)).astype(np.float32)
+    full = rng.standard_normal((3, 20, 24, 32)).astype(np.float32)
+    want = ((_ort(node, consts, y) + item) * scale[:, None, None, :]) - full
+    got = table.chain(y, b"ams", (item, scale, full), full)  # into a full operand's buffer
+    assert got is full and np.array_equal(_bits(got), _bits(want))
+
+
+def test_nodes_the_table_cannot_express_are_refused():
+    rng = np.random.default_rng(1)
+    node, consts = _conv(rng)
+    for bad in (_conv(rng, strides=[2, 2])[0], _conv(rng, dilations=[2, 2], pads=(2, 2))[0],
+                _conv(rng, kernel=(4, 4), pads=(1, 1))[0],
+                helper.make_node("Conv", ["other", "w", "b"], ["y"], kernel_shape=[3, 3])):
+        assert lut.LutConv.build(bad, consts if bad.input[0] == "other" else
+                                 {**consts, "w": rng.standard_normal(
+                                     (16, 1, *[a.ints for a in bad.attribute
+                                               if a.name == "kernel_shape"][0])).astype(
+                                     np.float32)}) is None
+    two = {"w": rng.standard_normal((16, 2, 3, 3)).astype(np.float32), "b": consts["b"]}
+    assert lut.LutConv.build(node, two) is None  # two input channels
+    assert lut.LutConv.build(node, {"b": consts["b"]}) is None  # weights not constant
+
+
+def test_table_arguments_are_checked():
+    y = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"table \(512, C\)"):
+        _packed.ew_chain(y, b"", (), None, np.zeros((511, 4), np.float32), (3, 3, 1, 1))
+    with pytest.raises(ValueError, match="0 <= pad < kernel size"):
+        _packed.ew_chain(y, b"", (), None, np.zeros((512, 4), np.float32), (3, 3, 3, 1))
+    with pytest.raises(ValueError, match=r"kernel must be \(kh, kw, pad_h, pad_w\)"):
+        _packed.ew_chain(y, b"", (), None, np.zeros((512, 4), np.float32), None)
+    with pytest.raises(ValueError, match="1 to 16 ops"):
+        _packed.ew_chain(y, b"", ())
+
+
+def _stem_model() -> onnx.ModelProto:
+    """A refiner-like step: y_t (N, 1, 12, 12) -> Conv -> + image conv (static) -> * step row ->
+    - tb -> BinaryConv -> + skip -> output (the stem of the cpu presets in miniature)."""
+    rng = np.random.default_rng(11)
+    c = 32
+
+    def const(name, a):
+        return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel())
+
+    w = np.where(rng.random((c, c, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
+    inits = [const("wy", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             const("by", rng.standard_normal(c).astype(np.float32)),
+             const("wi", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
+             const("table", rng.standard_normal((11, c, 1, 1)).astype(np.float32)),
+             const("tb", rng.standard_normal((c, 1, 1)).astype(np.float32)),
+             const("wb", w), const("sb", rng.random(c).astype(np.float32) + 0.1),
+             const("bb", rng.standard_normal(c).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["y_t", "wy", "by"], ["cy"], kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["image", "wi"], ["ci"], kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["cy", "ci"], ["a"]),
+             helper.make_node("Gather", ["table", "step"], ["row"]),
+             helper.make_node("Mul", ["a", "row"], ["m"]),
+             helper.make_node("Sub", ["m", "tb"], ["s"]),
+             helper.make_node("BinaryConv", ["s", "wb", "sb", "bb"], ["h"], domain="ai.hidiff",
+                              kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
+                              pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
+             helper.make_node("Add", ["h", "m"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "stem",
+        [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
+         helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
+         helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.hidiff", 1)],
+                              ir_version=10)
+    model.functions.append(binary_conv_function(17))
+    return model
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_executor_stem_lookup_is_bit_exact(monkeypatch, probe):
+    if not probe:
+        monkeypatch.setattr(lut.LutConv, "_agrees_with_onnxruntime", lambda self: False)
+    model = _stem_model()
+    split = split_refiner(model)
+    executor = StepExecutor(model, split)
+    lookups = [label for label in executor.labels if label.startswith("numpy:Conv")]
+    assert lookups == (["numpy:Conv+Add+Mul"] if probe else [])
+    rng = np.random.default_rng(2)
+    dynamic = make_session(split.dynamic.model)  # what the onnxruntime backend runs per step
+    for y_t in ((rng.random((3, 1, 12, 12)) < 0.5).astype(np.float32),
+                np.full((3, 1, 12, 12), 0.5, np.float32)):  # not 0/1: ORT's convolution
+        values = {"y_t": y_t, "image": rng.standard_normal((3, 3, 12, 12)).astype(np.float32),
+                  "step": np.array([1, 4, 9], np.int64)}
+        for part in (split.static, split.step):
+            out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
+            values.update(zip(part.outputs, out, strict=True))
+        feeds = {n: values[n] for n in split.dynamic.inputs}
+        assert np.array_equal(_bits(executor.run(feeds)), _bits(dynamic.run(None, feeds)[0]))
+
+
+@pytest.fixture(scope="module")
+def refiner(tiny_export):
+    exported = load_model(tiny_export[1])
+    return exported, exported.protos["refiner_step"]
+
+
+def test_tiny_refiner_step_stays_bit_exact_for_any_y_t(refiner):
+    exported, proto = refiner
+    proto, _ = rewrite_refiner(proto)  # as the runtime runs it: the stem split per input
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split)
+    dynamic = make_session(split.dynamic.model)
+    for seed, step, y_t in ((0, 10, None), (5, 4, None), (6, 2, 0.5)):
+        feeds = boundary_values(split, step_inputs(exported, seed), step, 2)
+        if y_t is not None:  # not a 0/1 state: the lookups fall back to ORT
+            feeds[DYNAMIC_INPUT] = np.full_like(feeds[DYNAMIC_INPUT], y_t)
+        assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
