@@ -316,6 +316,9 @@ static PyMethodDef methods[] = {
      "(kh, kw, pad_h, pad_w), x is a 0/1 map (N, H, W) and v starts as its stride-1 zero-padded "
      "convolution through the table (row = the pattern of taps, bit dy * kw + dx); None when x "
      "holds anything but +0.0 and 1.0."},
+    {"avg_pool2", (PyCFunction)(void (*)(void))py_avg_pool2, METH_VARARGS | METH_KEYWORDS,
+     "avg_pool2(x, out=None) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool of NHWC x "
+     "(stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in row-major order."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},
