@@ -33,6 +33,7 @@ from . import nhwc, pool
 from .chain import chain_step, chains
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
+from .lut import LutConv
 from .ortutil import make_session
 from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, schedule
 from .plan import words_key as plan_words_key
@@ -73,9 +74,10 @@ class StepExecutor:
         self.inputs = list(split.dynamic.inputs)
         self.output = split.output
         self.consts = const_values(model, split.kinds, nodes)
-        self._luts: dict[int, object] = {}
+        self._natives: dict[int, object] = {}  # native convolutions (lut / pointwise)
         kinds = assign(nodes, self.consts, split.types, use_packed=use_packed,
-                       fallbacks=self.stats.fallbacks, luts=self._luts if use_packed else None)
+                       fallbacks=self.stats.fallbacks,
+                       natives=self._natives if use_packed else None)
         nodes, self._fusions = fuse(nodes, kinds, self.consts, split.types, {self.output})
         self.stats.fused = sum(len(f.nodes) for f in self._fusions.values())
         self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
@@ -113,8 +115,8 @@ class StepExecutor:
                 self.stats.ort_sessions += 1
                 continue
             if kind == "numpy":
-                for run in chains(group, self._consumers, {self.output},
-                                  frozenset(self._luts)):
+                luts = frozenset(k for k, v in self._natives.items() if isinstance(v, LutConv))
+                for run in chains(group, self._consumers, {self.output}, luts):
                     self._steps.append(self._numpy_step(run[0]) if len(run) == 1
                                        else self._chain_step(run))
                     self.labels.append("numpy:" + "+".join(n.op_type for n in run))
@@ -144,7 +146,7 @@ class StepExecutor:
         else:
             self._specs = None
         # drop what keeps the graph proto (and the float weights) alive
-        self.consts, self._consumers, self._packed_nodes, self._luts = {}, {}, [], {}
+        self.consts, self._consumers, self._packed_nodes, self._natives = {}, {}, [], {}
         self._fusions = {}
     # -- steps ------------------------------------------------------------------------------
     def _packed_step(self, node, kinds) -> Callable[[StepValues], None]:
@@ -199,12 +201,16 @@ class StepExecutor:
         return fused_conv_step(f, layer, explicit, donor, consts, self._packed)
 
     def _numpy_step(self, node) -> Callable[[StepValues], None]:
-        if node.op_type == "Conv":  # a convolution of y_t through its table (edge_runtime.lut)
-            lut, src, dst = self._luts[id(node)], node.input[0], node.output[0]
+        if node.op_type == "Conv":  # edge_runtime.lut / edge_runtime.pointwise
+            native, src, dst = self._natives[id(node)], node.input[0], node.output[0]
+            if isinstance(native, LutConv):
+                def run_lut(env: StepValues) -> None:
+                    env.nhwc[dst] = native(env.get(src))
+                return run_lut
 
-            def run_lut(env: StepValues) -> None:
-                env.nhwc[dst] = lut(env.get(src))
-            return run_lut
+            def run_pointwise(env: StepValues) -> None:
+                env.nhwc[dst] = native(env.get_nhwc(src))
+            return run_pointwise
         if node.op_type == "AveragePool":  # edge_runtime.pool (a smaller output: no donors)
             src, dst = node.input[0], node.output[0]
 
@@ -247,7 +253,8 @@ class StepExecutor:
             return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
                     for n in node.input]
         return chain_step(run, operands, list(dict.fromkeys(donors)),
-                          [self._numpy_step(node) for node in run], self._luts.get(id(run[0])))
+                          [self._numpy_step(node) for node in run],
+                          self._natives.get(id(run[0])))
 
     def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}

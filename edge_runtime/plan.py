@@ -2,15 +2,16 @@
 
 :func:`assign` gives every node of the dynamic part one of ``packed`` (a ``BinaryConv`` the
 native kernel can run), ``numpy`` or ``ort``. Elementwise nodes, 2 x 2 average pools where
-onnxruntime's rounding order is the one :mod:`edge_runtime.pool` reproduces and the
-convolutions of the 0/1 state ``y_t`` that :mod:`edge_runtime.lut` computes as table lookups
-go to NumPy (``numpy``: run outside ORT, natively or in NumPy) only when they are connected to
-packed convs (the *region*: they read a packed / NumPy result, or feed only packed / NumPy
-nodes) and their output is a 4-D feature map; everything else stays in onnxruntime, so ORT
-keeps its own fusions (e.g. GELU in the X-Former) and the results stay bit-identical to
-the ``onnxruntime`` backend. Region values are NHWC (what the packed kernel reads and writes);
-onnxruntime pieces receive and produce NHWC through ``Transpose`` nodes that ORT folds into the
-layout reorders of its convolutions (measured free).
+onnxruntime's rounding order is the one :mod:`edge_runtime.pool` reproduces, the convolutions of
+the 0/1 state ``y_t`` that :mod:`edge_runtime.lut` computes as table lookups and the 1 x 1
+convolutions :mod:`edge_runtime.pointwise` reproduces go to NumPy (``numpy``: run outside ORT,
+natively or in NumPy) only when they are connected to packed convs (the *region*: they read a
+packed / NumPy result, or feed only packed / NumPy nodes) and their output is a 4-D feature
+map; everything else stays in onnxruntime, so ORT keeps its own fusions (e.g. GELU in the
+X-Former) and the results stay bit-identical to the ``onnxruntime`` backend. Region values are
+NHWC (what the packed kernel reads and writes); onnxruntime pieces receive and produce NHWC
+through ``Transpose`` nodes that ORT folds into the layout reorders of its convolutions
+(measured free).
 
 :func:`fuse` then folds the NumPy nodes around a packed conv into the kernel's call (the TB
 ``Sub`` into the packing, residual ``Add`` / RPReLU's ``Add``, ``PRelu``, ``Add`` into its float
@@ -33,6 +34,7 @@ from onnx import helper, numpy_helper
 from . import nhwc, npops, pool
 from .export_format import BINARY_CONV, DOMAIN
 from .lut import LutConv
+from .pointwise import PointwiseConv
 
 __all__ = [
     "BINARY_CONV", "DOMAIN", "FUSED", "Fusion", "assign", "const_values", "fuse", "last_reads",
@@ -122,16 +124,18 @@ def _channels(types: dict, name: str) -> int | None:
 
 
 def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: bool,
-           fallbacks: list[str], luts: dict | None = None) -> dict[int, str]:
+           fallbacks: list[str], natives: dict | None = None) -> dict[int, str]:
     """Executor of every node: ``packed``, ``numpy`` or ``ort`` (module docstring). With
-    ``luts`` (a dict, filled by ``id(node)``), convolutions of ``y_t`` that
-    :class:`edge_runtime.lut.LutConv` reproduces run as table lookups (kind ``numpy``)."""
+    ``natives`` (a dict, filled by ``id(node)``), convolutions that run natively and
+    bit-identically (:class:`edge_runtime.lut.LutConv` for those of ``y_t``,
+    :class:`edge_runtime.pointwise.PointwiseConv` for 1 x 1 ones) are candidates of the region
+    (kind ``numpy`` when they join it)."""
     kinds: dict[int, str] = {}
     for node in nodes:
-        if luts is not None and node.op_type == "Conv":
-            table = LutConv.build(node, consts)
-            if table is not None:
-                luts[id(node)] = table
+        if natives is not None and node.op_type == "Conv":
+            native = LutConv.build(node, consts) or PointwiseConv.build(node, consts)
+            if native is not None:
+                natives[id(node)] = native
                 kinds[id(node)] = "candidate"
                 continue
         if node.domain == DOMAIN and node.op_type == BINARY_CONV:

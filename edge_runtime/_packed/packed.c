@@ -319,6 +319,10 @@ static PyMethodDef methods[] = {
     {"avg_pool2", (PyCFunction)(void (*)(void))py_avg_pool2, METH_VARARGS | METH_KEYWORDS,
      "avg_pool2(x, out=None) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool of NHWC x "
      "(stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in row-major order."},
+    {"pointwise", (PyCFunction)(void (*)(void))py_pointwise, METH_VARARGS | METH_KEYWORDS,
+     "pointwise(x, w, bias=None, out=None) -> float32 (N, H, W, Cout): 1 x 1 convolution of NHWC "
+     "x with w (Cin, Cout): per output, fma over the input channels in order from 0, then + "
+     "bias."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},

@@ -1,0 +1,163 @@
+/* 1 x 1 convolutions (pointwise) of NHWC float32 maps, in MLAS's order of float32 operations:
+ *
+ *     acc = 0;  for ic in 0 .. Cin-1:  acc = fma(x[p, ic], w[ic, oc], acc);  y = acc + bias[oc]
+ *
+ * (one rounding per fused multiply-add, input channels in order, the bias added last), which is
+ * what onnxruntime's blocked (NCHWc) pointwise kernel computes; edge_runtime.pointwise checks
+ * that per node against onnxruntime before using it.  Blocked over 4 pixels x up to 4 vectors
+ * of output channels so that the multiply-adds of a block are independent.  Compiled per target
+ * (AVX-512F + FMA, AVX2 + FMA, and plain C with fmaf) and picked by CPU features.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+
+#include "glue.h"
+
+#if HIDIFF_X86 && defined(__GNUC__)
+#include <immintrin.h>
+
+#define PW_PIX 4
+#define PW_VEC 4
+#define INL static inline __attribute__((always_inline))
+
+/* One block: P pixels x G vectors of L output channels from oc0 (P, G compile-time). */
+#define DEFINE_PW_BLOCK(NAME, ATTR, VT, L, LOAD, STORE, SET1, FMA, ADD, ZERO)                  \
+    INL ATTR void NAME(const float *x, const float *w, const float *bias, float *out,         \
+                       Py_ssize_t p, Py_ssize_t oc0, Py_ssize_t cin, Py_ssize_t cout,         \
+                       const int P, const int G)                                              \
+    {                                                                                          \
+        VT acc[PW_PIX][PW_VEC];                                                                \
+        for (int i = 0; i < P; i++)                                                            \
+            for (int v = 0; v < G; v++)                                                        \
+                acc[i][v] = ZERO;                                                              \
+        for (Py_ssize_t ic = 0; ic < cin; ic++) {                                              \
+            VT wv[PW_VEC];                                                                     \
+            for (int v = 0; v < G; v++)                                                        \
+                wv[v] = LOAD(w + ic * cout + oc0 + v * L);                                     \
+            for (int i = 0; i < P; i++) {                                                      \
+                const VT xv = SET1(x[(p + i) * cin + ic]);                                     \
+                for (int v = 0; v < G; v++)                                                    \
+                    acc[i][v] = FMA(xv, wv[v], acc[i][v]);                                     \
+            }                                                                                  \
+        }                                                                                      \
+        for (int i = 0; i < P; i++)                                                            \
+            for (int v = 0; v < G; v++) {                                                      \
+                VT y = acc[i][v];                                                              \
+                if (bias)                                                                      \
+                    y = ADD(y, LOAD(bias + oc0 + v * L));                                      \
+                STORE(out + (p + i) * cout + oc0 + v * L, y);                                  \
+            }                                                                                  \
+    }
+
+#define DEFINE_PW(NAME, BLOCK, ATTR, L)                                                        \
+    ATTR static void NAME(const float *x, const float *w, const float *bias, float *out,      \
+                          Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)                 \
+    {                                                                                          \
+        for (Py_ssize_t oc0 = 0; oc0 < cout; oc0 += PW_VEC * L) {                              \
+            const int g = (int)((cout - oc0) / L < PW_VEC ? (cout - oc0) / L : PW_VEC);        \
+            Py_ssize_t p = 0;                                                                  \
+            for (; p + PW_PIX <= pixels; p += PW_PIX)                                          \
+                switch (g) {                                                                   \
+                case 1: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 1); break;           \
+                case 2: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 2); break;           \
+                case 3: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 3); break;           \
+                default: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 4); break;          \
+                }                                                                              \
+            for (; p < pixels; p++)                                                            \
+                switch (g) {                                                                   \
+                case 1: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 1); break;                \
+                case 2: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 2); break;                \
+                case 3: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 3); break;                \
+                default: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 4); break;               \
+                }                                                                              \
+        }                                                                                      \
+    }
+
+DEFINE_PW_BLOCK(blk_avx512, __attribute__((target("avx512f,fma"))), __m512, 16,
+                _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+                _mm512_add_ps, _mm512_setzero_ps())
+DEFINE_PW_BLOCK(blk_avx2, __attribute__((target("avx2,fma"))), __m256, 8, _mm256_loadu_ps,
+                _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                _mm256_setzero_ps())
+DEFINE_PW(pw_avx512, blk_avx512, __attribute__((target("avx512f,fma"))), 16)
+DEFINE_PW(pw_avx2, blk_avx2, __attribute__((target("avx2,fma"))), 8)
+#endif
+
+static void pw_plain(const float *x, const float *w, const float *bias, float *out,
+                     Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)
+{
+    for (Py_ssize_t p = 0; p < pixels; p++)
+        for (Py_ssize_t oc = 0; oc < cout; oc++) {
+            float acc = 0.0f;
+            for (Py_ssize_t ic = 0; ic < cin; ic++)
+                acc = fmaf(x[p * cin + ic], w[ic * cout + oc], acc);
+            out[p * cout + oc] = bias ? acc + bias[oc] : acc;
+        }
+}
+
+typedef void (*pw_fn)(const float *, const float *, const float *, float *, Py_ssize_t,
+                      Py_ssize_t, Py_ssize_t);
+
+/* The kernel for cout on this CPU: the vector paths need cout a multiple of their lanes. */
+static pw_fn pick_pw(Py_ssize_t cout)
+{
+#if HIDIFF_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (cout % 16 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        return pw_avx512;
+    if (cout % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return pw_avx2;
+#endif
+    return pw_plain;
+}
+
+PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    static char *names[] = {"x", "w", "bias", "out", NULL};
+    PyObject *x_obj, *w_obj, *b_obj = Py_None, *out_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", names, &x_obj, &w_obj, &b_obj,
+                                     &out_obj))
+        return NULL;
+    Py_buffer xv, wv, bv, ov;
+    int has_bias = b_obj != Py_None;
+    PyObject *result = NULL;
+    if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
+        return NULL;
+    if (get_buffer(w_obj, &wv, "w", 'f', 0) < 0) {
+        PyBuffer_Release(&xv);
+        return NULL;
+    }
+    if (has_bias && get_buffer(b_obj, &bv, "bias", 'f', 0) < 0) {
+        has_bias = 0;
+        goto done;
+    }
+    if (xv.ndim != 4 || wv.ndim != 2 || wv.shape[0] != xv.shape[3] ||
+        (has_bias && bv.len / 4 != wv.shape[1])) {
+        PyErr_SetString(PyExc_ValueError,
+                        "x must be NHWC (N, H, W, Cin), w (Cin, Cout) and bias (Cout,)");
+        goto done;
+    }
+    const Py_ssize_t shape[4] = {xv.shape[0], xv.shape[1], xv.shape[2], wv.shape[1]};
+    result = output(out_obj, &ov, 4, shape, 'f');
+    if (!result)
+        goto done;
+    {
+        const pw_fn fn = pick_pw(shape[3]);
+        const Py_ssize_t pixels = shape[0] * shape[1] * shape[2];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const float *)xv.buf, (const float *)wv.buf,
+           has_bias ? (const float *)bv.buf : NULL, (float *)ov.buf, pixels, xv.shape[3],
+           shape[3]);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&ov);
+done:
+    if (has_bias)
+        PyBuffer_Release(&bv);
+    PyBuffer_Release(&wv);
+    PyBuffer_Release(&xv);
+    return result;
+}
