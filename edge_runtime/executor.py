@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import nhwc, pool
+from . import nhwc, pool, resize
 from .chain import chain_step, chains
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
@@ -211,6 +211,12 @@ class StepExecutor:
             def run_pointwise(env: StepValues) -> None:
                 env.nhwc[dst] = native(env.get_nhwc(src))
             return run_pointwise
+        if node.op_type == "Resize":  # edge_runtime.resize: a copy
+            src, dst = node.input[0], node.output[0]
+
+            def run_resize(env: StepValues) -> None:
+                env.nhwc[dst] = resize.upsample_2x(env.get_nhwc(src))
+            return run_resize
         if node.op_type == "AveragePool":  # edge_runtime.pool (a smaller output: no donors)
             src, dst = node.input[0], node.output[0]
 

@@ -3,8 +3,9 @@
 :func:`assign` gives every node of the dynamic part one of ``packed`` (a ``BinaryConv`` the
 native kernel can run), ``numpy`` or ``ort``. Elementwise nodes, 2 x 2 average pools where
 onnxruntime's rounding order is the one :mod:`edge_runtime.pool` reproduces, the convolutions of
-the 0/1 state ``y_t`` that :mod:`edge_runtime.lut` computes as table lookups and the 1 x 1
-convolutions :mod:`edge_runtime.pointwise` reproduces go to NumPy (``numpy``: run outside ORT,
+the 0/1 state ``y_t`` that :mod:`edge_runtime.lut` computes as table lookups, the 1 x 1
+convolutions :mod:`edge_runtime.pointwise` reproduces and the decoders' 2x nearest upsampling
+(:mod:`edge_runtime.resize`) go to NumPy (``numpy``: run outside ORT,
 natively or in NumPy) only when they are connected to packed convs (the *region*: they read a
 packed / NumPy result, or feed only packed / NumPy nodes) and their output is a 4-D feature
 map; everything else stays in onnxruntime, so ORT keeps its own fusions (e.g. GELU in the
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import nhwc, npops, pool
+from . import nhwc, npops, pool, resize
 from .export_format import BINARY_CONV, DOMAIN
 from .lut import LutConv
 from .pointwise import PointwiseConv
@@ -147,6 +148,8 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
             kinds[id(node)] = "ort"
         elif (node.op_type in nhwc.ELEMENTWISE and _rank(types, node.output[0]) == 4
               and npops.kernel(node, [consts.get(n) for n in node.input]) is not None):
+            kinds[id(node)] = "candidate"
+        elif resize.supported(node, consts) and _rank(types, node.output[0]) == 4:
             kinds[id(node)] = "candidate"
         elif pool.supported(node) and _rank(types, node.output[0]) == 4 and (
                 pool.matches_onnxruntime(_channels(types, node.input[0]) or 0)):

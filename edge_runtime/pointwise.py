@@ -10,8 +10,7 @@ the reorders, 1.2 ms natively).
 0, then ``+ bias``: the float32 operations of MLAS's blocked (NCHWc) pointwise kernel.
 :meth:`PointwiseConv.build` checks that once per node (random values of mixed magnitudes
 through the node in onnxruntime and natively, bit for bit) and only where the native kernel
-has a vector path for the node's output channels (a multiple of 8 on x86 with AVX2 / AVX-512);
-elsewhere the node stays in onnxruntime.
+has a vector path (x86 with AVX2 or AVX-512); elsewhere the node stays in onnxruntime.
 """
 
 from __future__ import annotations
@@ -28,18 +27,27 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _vector_path(cout: int) -> bool:
+def _lanes() -> int | None:
+    """Output channels per vector of the native kernel on this CPU, None without one."""
     paths = set(_packed.available_paths())
-    return (cout % 16 == 0 and "avx512" in paths) or (cout % 8 == 0 and "avx2" in paths)
+    return 16 if "avx512" in paths else 8 if "avx2" in paths else None
 
 
 class PointwiseConv:
-    """A 1 x 1 ``Conv`` run natively on NHWC float32 (module docstring)."""
+    """A 1 x 1 ``Conv`` run natively on NHWC float32 (module docstring). Output channels are
+    padded with zero weights to whole vectors (each channel is computed on its own, so the
+    padding changes nothing) and the padding is cut off the result."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, lanes: int = 1) -> None:
         cout, cin = weight.shape[:2]
-        self.weight = np.ascontiguousarray(weight.reshape(cout, cin).T)  # (Cin, Cout)
-        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.out_channels = cout
+        padded = -(-cout // lanes) * lanes
+        self.weight = np.zeros((cin, padded), np.float32)  # (Cin, Cout padded)
+        self.weight[:, :cout] = weight.reshape(cout, cin).T
+        self.bias = None
+        if bias is not None:
+            self.bias = np.zeros(padded, np.float32)
+            self.bias[:cout] = bias
 
     @classmethod
     def build(cls, node, consts: dict[str, np.ndarray]) -> PointwiseConv | None:
@@ -59,15 +67,15 @@ class PointwiseConv:
                 or list(attrs.get("dilations", [1, 1])) != [1, 1]
                 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
                 or (b is not None and (b.dtype != np.float32 or b.shape != (w.shape[0],)))
-                or not _vector_path(w.shape[0])):
+                or _lanes() is None):
             return None
-        conv = cls(w, b)
+        conv = cls(w, b, _lanes())
         return conv if conv._agrees_with_onnxruntime(node, consts) else None
 
     def _agrees_with_onnxruntime(self, node, consts: dict[str, np.ndarray]) -> bool:
         from .ortutil import make_session
 
-        cin, cout = self.weight.shape
+        cin, cout = self.weight.shape[0], self.out_channels
         inits = [helper.make_tensor(n, TensorProto.FLOAT, consts[n].shape,
                                     consts[n].ravel().tolist()) for n in node.input[1:] if n]
         graph = helper.make_graph(
@@ -86,8 +94,10 @@ class PointwiseConv:
         got = self(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
         return np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         """The convolution of NHWC float32 ``x`` (N, H, W, Cin), NHWC (N, H, W, Cout)."""
-        return _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.weight,
-                                 self.bias, out)
+        y = _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.weight, self.bias)
+        if y.shape[3] != self.out_channels:
+            y = np.ascontiguousarray(y[..., :self.out_channels])
+        return y
 
