@@ -6,7 +6,9 @@ where each result is read only by the next node, e.g. the time-embedding modulat
 and writing every intermediate); :func:`chains` groups such runs and :func:`chain_step` runs a
 group with the native ``ew_chain`` (``edge_runtime._packed``): the running value stays in
 registers, each node still one float32 operation in the graph's order (bit-identical), one read
-of each full-size operand and one write of the result. Operands of unexpected runtime shape fall
+of each full-size operand and one write of the result. A chain may start with a table lookup of
+``y_t`` (:mod:`edge_runtime.lut`) or a 2x nearest upsampling (:mod:`edge_runtime.resize`),
+done in the same pass. Operands of unexpected runtime shape fall
 back to the nodes one by one.
 """
 
@@ -29,7 +31,8 @@ def chains(group: list, consumers: dict[str, list], keep: set[str],
            starts: frozenset[int] = frozenset()) -> list[list]:
     """``group`` (NumPy nodes in schedule order) as runs whose every node but the last has one
     consumer, the next node of the run, which reads it once; nodes whose ``id`` is in
-    ``starts`` (table convolutions of ``y_t``, :mod:`edge_runtime.lut`) may begin a run."""
+    ``starts`` (table convolutions of ``y_t``, :mod:`edge_runtime.lut`, and 2x upsamplings,
+    :mod:`edge_runtime.resize`) may begin a run."""
     out: list[list] = []
     for node in group:
         prev = out[-1][-1] if out else None
@@ -66,9 +69,10 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
     inputs (None for the input named ``skip``: the running value, never materialised),
     ``donors`` the values whose buffer may take the result, ``one_by_one`` the nodes' own NumPy
     steps (the fallback); ``lut``: the :class:`edge_runtime.lut.LutConv` of ``nodes[0]`` when
-    the chain starts with that lookup."""
+    the chain starts with that lookup; a chain may also start with a 2x ``Resize``."""
     dst = nodes[-1].output[0]
     inner = {n.output[0] for n in nodes[:-1]}
+    upsample = nodes[0].op_type == "Resize"  # edge_runtime.resize: the 2x copy as the start
 
     def fallback(env: StepValues) -> None:
         for run in one_by_one:
@@ -83,6 +87,13 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
                 return fallback(env)
             shape, start, body = lut.output_shape(y.shape), None, nodes[1:]
             running = nodes[0].output[0]
+        elif upsample:
+            start = env.get_nhwc(nodes[0].input[0])
+            if start.ndim != 4 or start.dtype != np.float32:
+                return fallback(env)
+            start = np.ascontiguousarray(start)
+            n, h, w, c = start.shape
+            shape, body, running = (n, 2 * h, 2 * w, c), nodes[1:], nodes[0].output[0]
         else:
             first = operands(env, nodes[0], None)
             shape = np.broadcast_shapes(*(a.shape for a in first))
@@ -94,7 +105,8 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
             start, body, running = np.ascontiguousarray(first[at]), nodes, nodes[0].input[at]
         ops, args = [], []
         for k, node in enumerate(body):
-            values = first if (k == 0 and lut is None) else operands(env, node, running)
+            values = first if (k == 0 and lut is None and not upsample) else operands(
+                env, node, running)
             at = list(node.input).index(running)
             forward, backward = _OPS[node.op_type]
             other = _operand(values[1 - at], shape)
@@ -112,7 +124,7 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
                 break
         code = "".join(ops).encode()
         if lut is None:
-            env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out)
+            env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out, upsample=upsample)
             return None
         result = lut.chain(y, code, tuple(args), out)
         if result is None:  # y_t is not exactly 0/1: the nodes one by one (ORT convolution)

@@ -115,8 +115,9 @@ class StepExecutor:
                 self.stats.ort_sessions += 1
                 continue
             if kind == "numpy":
-                luts = frozenset(k for k, v in self._natives.items() if isinstance(v, LutConv))
-                for run in chains(group, self._consumers, {self.output}, luts):
+                starts = frozenset([k for k, v in self._natives.items() if isinstance(v, LutConv)]
+                                   + [id(n) for n in group if n.op_type == "Resize"])
+                for run in chains(group, self._consumers, {self.output}, starts):
                     self._steps.append(self._numpy_step(run[0]) if len(run) == 1
                                        else self._chain_step(run))
                     self.labels.append("numpy:" + "+".join(n.op_type for n in run))

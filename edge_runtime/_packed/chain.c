@@ -2,8 +2,9 @@
  *
  *     v = start[i];  for each step k:  v = op_k(v, operand_k[i])
  *
- * start: a float32 NHWC feature map x, or the convolution of a 0/1 map y (the diffusion state
- * y_t) through a table: out[n, h, w, :] = table[idx], bit dy * kw + dx of idx set where the tap
+ * start: a float32 NHWC feature map x, x upsampled 2x by nearest neighbour (each pixel
+ * repeated 2 x 2), or the convolution of a 0/1 map y (the diffusion state y_t) through a
+ * table: out[n, h, w, :] = table[idx], bit dy * kw + dx of idx set where the tap
  * (h + dy - pad_h, w + dx - pad_w) lies inside and holds 1 (stride 1, zero padding).  The table
  * row of each pattern is the convolution's own output for it (edge_runtime.lut), so the lookup
  * does no arithmetic.
@@ -202,13 +203,18 @@ static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, in
 PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "ops", "operands", "out", "table", "kernel", NULL};
+    static char *names[] = {"x", "ops", "operands", "out", "table", "kernel", "upsample", NULL};
     PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
     const char *ops;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOO", names, &x_obj, &ops, &operands,
-                                     &out_obj, &t_obj, &k_obj))
+    int upsample = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOp", names, &x_obj, &ops, &operands,
+                                     &out_obj, &t_obj, &k_obj, &upsample))
         return NULL;
     const int nsteps = (int)strlen(ops), lut = t_obj != Py_None;
+    if (lut && upsample) {
+        PyErr_SetString(PyExc_ValueError, "table and upsample are exclusive starts");
+        return NULL;
+    }
     if (!PyTuple_Check(operands) || PyTuple_GET_SIZE(operands) != nsteps) {
         PyErr_SetString(PyExc_ValueError, "operands must be a tuple with one array per op");
         return NULL;
@@ -256,6 +262,13 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         }
         shape[0] = xv.shape[0], shape[1] = ho, shape[2] = wo, shape[3] = tv.shape[1];
         ndim = 4;
+    } else if (upsample) {
+        if (xv.ndim != 4) {
+            PyErr_SetString(PyExc_ValueError, "upsample takes NHWC x (N, H, W, C)");
+            goto done;
+        }
+        shape[0] = xv.shape[0], shape[1] = 2 * xv.shape[1], shape[2] = 2 * xv.shape[2];
+        shape[3] = xv.shape[3];
     } else
         for (int i = 0; i < ndim && i < 4; i++)
             shape[i] = xv.shape[i];
@@ -321,6 +334,18 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
         st.x = NULL, st.idx = idx, st.table = (const float *)tv.buf;
+    } else if (upsample) { /* rows of x: output pixel (b, r, q) reads (b, r / 2, q / 2) */
+        idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
+        if (!idx) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        const Py_ssize_t h = xv.shape[1], w = xv.shape[2];
+        for (Py_ssize_t b = 0; b < shape[0]; b++)
+            for (Py_ssize_t r = 0; r < 2 * h; r++)
+                for (Py_ssize_t q = 0; q < 2 * w; q++)
+                    idx[(b * 2 * h + r) * 2 * w + q] = (uint32_t)((b * h + r / 2) * w + q / 2);
+        st.x = NULL, st.idx = idx, st.table = (const float *)xv.buf;
     }
     result = output(out_obj, &outv, ndim, shape, 'f');
     if (!result)

@@ -6,7 +6,8 @@ shared batch item, per-channel shared / per item, scalar), channel counts on bot
 (C a multiple of 16: in registers; otherwise in chunks) and values with exact zeros (both
 signs), infinities, NaN and subnormals; ``out`` may be ``x`` or a full operand. In the packed
 executor, chains appear on the exported tiny model and their fallback (operands of unexpected
-shape) is bit-exact too.
+shape) is bit-exact too. The 2x nearest upsampling (alone, or as a chain's start) equals
+onnxruntime's ``Resize`` exactly; other resizes stay in onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 from refiner_feeds import boundary_values, step_inputs
 
-from edge_runtime import _packed, chain
+from edge_runtime import _packed, chain, resize
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.model import load_model
@@ -111,3 +113,51 @@ def test_executor_chains_are_bit_exact(refiner, monkeypatch, native):
     for seed, step in ((0, 10), (4, 2)):
         feeds = boundary_values(split, step_inputs(exported, seed), step, 2)
         assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
+
+
+def _ort_resize(x_nchw, **attrs):
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(x_nchw.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return node, {"scales": np.array([1, 1, 2, 2], np.float32)}, make_session(model).run(
+        None, {"x": x_nchw})[0]
+
+
+NEAREST = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+           "nearest_mode": "floor"}
+
+
+@pytest.mark.parametrize("channels", [32, 24, 3])
+def test_upsampling_equals_onnxruntime_alone_and_as_a_chain_start(channels):
+    rng = np.random.default_rng(channels)
+    x = _values(rng, (2, channels, 5, 7))
+    node, consts, want = _ort_resize(x, **NEAREST)
+    assert resize.supported(node, consts)
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    want = np.ascontiguousarray(want.transpose(0, 2, 3, 1))
+    got = resize.upsample_2x(x_nhwc)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    other = _values(rng, want.shape)
+    scale = _values(rng, (channels,))
+    chained = _packed.ew_chain(x_nhwc, b"am", (other, scale), upsample=True)
+    with np.errstate(all="ignore"):
+        expect = (want + other) * scale
+    nan = np.isnan(expect)
+    assert np.array_equal(np.isnan(chained), nan)
+    assert np.array_equal(chained[~nan].view(np.uint32), expect[~nan].view(np.uint32))
+
+
+def test_other_resizes_are_left_to_onnxruntime():
+    x = np.zeros((1, 4, 3, 3), np.float32)
+    for attrs in ({**NEAREST, "mode": "linear"}, {**NEAREST, "nearest_mode": "round_prefer_floor"},
+                  {**NEAREST, "coordinate_transformation_mode": "half_pixel"}):
+        node, consts, _ = _ort_resize(x, **attrs)
+        assert not resize.supported(node, consts)
+    node, _, _ = _ort_resize(x, **NEAREST)
+    assert not resize.supported(node, {"scales": np.array([1, 1, 3, 3], np.float32)})
+    with pytest.raises(ValueError, match="exclusive"):
+        _packed.ew_chain(np.zeros((1, 2, 2, 4), np.float32), b"", (), None,
+                         np.zeros((512, 4), np.float32), (3, 3, 1, 1), True)
