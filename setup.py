@@ -19,7 +19,7 @@ setup(
         Extension(
             "edge_runtime._packed",
             sources=[SRC + f for f in (
-                "packed.c", "bconv.c", "chain.c", "pool.c", "pointwise.c", "driver.c", "kernel_portable.c", "kernel_avx2.c",
+                "packed.c", "bconv.c", "chain.c", "pool.c", "pointwise.c", "parallel.c", "driver.c", "kernel_portable.c", "kernel_avx2.c",
                 "kernel_avx512.c",
             )],
             depends=[SRC + "kernels.h", SRC + "glue.h"],

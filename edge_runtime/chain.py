@@ -124,9 +124,10 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
                 break
         code = "".join(ops).encode()
         if lut is None:
-            env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out, upsample=upsample)
+            env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out, upsample=upsample,
+                                             threads=env.threads)
             return None
-        result = lut.chain(y, code, tuple(args), out)
+        result = lut.chain(y, code, tuple(args), out, threads=env.threads)
         if result is None:  # y_t is not exactly 0/1: the nodes one by one (ORT convolution)
             return fallback(env)
         env.nhwc[dst] = result

@@ -206,11 +206,11 @@ class StepExecutor:
             native, src, dst = self._natives[id(node)], node.input[0], node.output[0]
             if isinstance(native, LutConv):
                 def run_lut(env: StepValues) -> None:
-                    env.nhwc[dst] = native(env.get(src))
+                    env.nhwc[dst] = native(env.get(src), threads=env.threads)
                 return run_lut
 
             def run_pointwise(env: StepValues) -> None:
-                env.nhwc[dst] = native(env.get_nhwc(src))
+                env.nhwc[dst] = native(env.get_nhwc(src), threads=env.threads)
             return run_pointwise
         if node.op_type == "Resize":  # edge_runtime.resize: a copy
             src, dst = node.input[0], node.output[0]

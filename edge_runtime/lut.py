@@ -91,20 +91,21 @@ class LutConv:
         return n, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1, self.table.shape[1]
 
     def chain(self, y: np.ndarray, ops: bytes = b"", operands: tuple = (),
-              out: np.ndarray | None = None) -> np.ndarray | None:
+              out: np.ndarray | None = None, *, threads: int = 1) -> np.ndarray | None:
         """The lookup followed by ``_packed.ew_chain`` ops in the same pass; None unless ``y``
         (N, 1, H, W) is exactly 0/1."""
         (kh, kw), (ph, pw) = self.kernel, self.pads
         y = np.ascontiguousarray(y.reshape(y.shape[0], *y.shape[2:]))
-        return _packed.ew_chain(y, ops, operands, out, self.table, (kh, kw, ph, pw))
+        return _packed.ew_chain(y, ops, operands, out, self.table, (kh, kw, ph, pw),
+                                threads=threads)
 
-    def _lookup(self, y: np.ndarray) -> np.ndarray | None:
-        return self.chain(y)
+    def _lookup(self, y: np.ndarray, threads: int = 1) -> np.ndarray | None:
+        return self.chain(y, threads=threads)
 
-    def __call__(self, y: np.ndarray) -> np.ndarray:
+    def __call__(self, y: np.ndarray, *, threads: int = 1) -> np.ndarray:
         y = np.asarray(y)
         if y.dtype == np.float32 and y.ndim == 4 and y.shape[1] == 1:
-            out = self._lookup(y)  # None unless y is exactly 0/1
+            out = self._lookup(y, threads)  # None unless y is exactly 0/1
             if out is not None:
                 return out
         out = self._session.run(None, {DYNAMIC_INPUT: np.asarray(y, np.float32)})[0]

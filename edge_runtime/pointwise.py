@@ -94,9 +94,10 @@ class PointwiseConv:
         got = self(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
         return np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
         """The convolution of NHWC float32 ``x`` (N, H, W, Cin), NHWC (N, H, W, Cout)."""
-        y = _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.weight, self.bias)
+        y = _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.weight, self.bias,
+                              threads=threads)
         if y.shape[3] != self.out_channels:
             y = np.ascontiguousarray(y[..., :self.out_channels])
         return y

@@ -68,38 +68,48 @@ typedef struct {
         }                                                                                      \
     } while (0)
 
+/* Elements [e0, e1) (whole pixels) item by item: the body sees b (batch item), i0, i1 (the range
+ * inside the item) and base0 = b * per_item. */
+#define FOR_ITEMS(...)                                                                         \
+    for (Py_ssize_t e = e0; e < e1;) {                                                         \
+        const Py_ssize_t b = e / per_item, base0 = b * per_item;                               \
+        const Py_ssize_t i0 = e - base0,                                                       \
+                         i1 = (e1 < base0 + per_item ? e1 : base0 + per_item) - base0;         \
+        __VA_ARGS__;                                                                           \
+        e = base0 + i1;                                                                        \
+    }
+
 #define DEFINE_CHAIN(NAME, ATTR)                                                               \
-    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t n, Py_ssize_t per_item,\
-                          Py_ssize_t c, const chain_step *steps, int nsteps)                   \
+    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
+                          const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
     {                                                                                          \
         float buf[CHUNK];                                                                      \
         const Py_ssize_t span = c <= CHUNK ? (CHUNK / c) * c : c;                              \
-        for (Py_ssize_t b = 0; b < n; b++)                                                     \
-            for (Py_ssize_t at = 0; at < per_item; at += span) {                               \
-                const Py_ssize_t len = per_item - at < span ? per_item - at : span;            \
-                const Py_ssize_t base = b * per_item + at;                                     \
-                if (st->table)                                                                 \
-                    for (Py_ssize_t q = 0; q < len; q += c)                                    \
-                        memcpy(buf + q, st->table + (size_t)st->idx[(base + q) / c] * (size_t)c, \
-                               sizeof(float) * (size_t)c);                                     \
-                else                                                                           \
-                    memcpy(buf, st->x + base, sizeof(float) * (size_t)len);                    \
-                for (int k = 0; k < nsteps; k++) {                                             \
-                    const chain_step *s = &steps[k];                                           \
-                    switch (s->op) {                                                           \
-                    case 'a': CHAIN_OP(v + w); break;                                          \
-                    case 's': CHAIN_OP(v - w); break;                                          \
-                    case 'r': CHAIN_OP(w - v); break;                                          \
-                    case 'm': CHAIN_OP(v * w); break;                                          \
-                    default: {                                                                 \
-                        /* 'p': the product computed always, a branch-free select */           \
-                        CHAIN_OP(v < 0.0f ? v * w : v);                                        \
-                        break;                                                                 \
-                    }                                                                          \
-                    }                                                                          \
+        FOR_ITEMS(for (Py_ssize_t at = i0; at < i1; at += span) {                              \
+            const Py_ssize_t len = i1 - at < span ? i1 - at : span;                            \
+            const Py_ssize_t base = base0 + at;                                                \
+            if (st->table)                                                                     \
+                for (Py_ssize_t q = 0; q < len; q += c)                                        \
+                    memcpy(buf + q, st->table + (size_t)st->idx[(base + q) / c] * (size_t)c,   \
+                           sizeof(float) * (size_t)c);                                         \
+            else                                                                               \
+                memcpy(buf, st->x + base, sizeof(float) * (size_t)len);                        \
+            for (int k = 0; k < nsteps; k++) {                                                 \
+                const chain_step *s = &steps[k];                                               \
+                switch (s->op) {                                                               \
+                case 'a': CHAIN_OP(v + w); break;                                              \
+                case 's': CHAIN_OP(v - w); break;                                              \
+                case 'r': CHAIN_OP(w - v); break;                                              \
+                case 'm': CHAIN_OP(v * w); break;                                              \
+                default: {                                                                     \
+                    /* 'p': the product computed always, a branch-free select */               \
+                    CHAIN_OP(v < 0.0f ? v * w : v);                                            \
+                    break;                                                                     \
                 }                                                                              \
-                memcpy(out + base, buf, sizeof(float) * (size_t)len);                          \
+                }                                                                              \
             }                                                                                  \
+            memcpy(out + base, buf, sizeof(float) * (size_t)len);                              \
+        })                                                                                     \
     }
 
 /* The same with the running value in registers: VEC floats at a time, each step applied while
@@ -110,35 +120,34 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
 
 #define VLOAD(p) ({ vecf v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define DEFINE_CHAIN_VEC(NAME, ATTR)                                                           \
-    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t n, Py_ssize_t per_item,\
-                          Py_ssize_t c, const chain_step *steps, int nsteps)                   \
+    ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
+                          const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
     {                                                                                          \
-        for (Py_ssize_t b = 0; b < n; b++)                                                     \
-            for (Py_ssize_t i = 0; i < per_item; i += VEC) {                                   \
-                const Py_ssize_t at = b * per_item + i, j = i % c;                             \
-                vecf v = st->table ? VLOAD(st->table + (size_t)st->idx[at / c] * (size_t)c + j) \
-                                   : VLOAD(st->x + at);                                        \
-                for (int k = 0; k < nsteps; k++) {                                             \
-                    const chain_step *s = &steps[k];                                           \
-                    const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                     \
-                                   : s->kind == ITEM    ? VLOAD(s->p + i)                      \
-                                   : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)     \
-                                                        : (vecf){0} + s->p[0];                 \
-                    switch (s->op) {                                                           \
-                    case 'a': v = v + w; break;                                                \
-                    case 's': v = v - w; break;                                                \
-                    case 'r': v = w - v; break;                                                \
-                    case 'm': v = v * w; break;                                                \
-                    default: {                                                                 \
-                        const vecf neg = v * w;                                                \
-                        const veci m = v < (vecf){0};                                          \
-                        v = (vecf)(((veci)neg & m) | ((veci)v & ~m));                          \
-                        break;                                                                 \
-                    }                                                                          \
-                    }                                                                          \
+        FOR_ITEMS(for (Py_ssize_t i = i0; i < i1; i += VEC) {                                  \
+            const Py_ssize_t at = base0 + i, j = i % c;                                        \
+            vecf v = st->table ? VLOAD(st->table + (size_t)st->idx[at / c] * (size_t)c + j)    \
+                               : VLOAD(st->x + at);                                            \
+            for (int k = 0; k < nsteps; k++) {                                                 \
+                const chain_step *s = &steps[k];                                               \
+                const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                         \
+                               : s->kind == ITEM    ? VLOAD(s->p + i)                          \
+                               : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)         \
+                                                    : (vecf){0} + s->p[0];                     \
+                switch (s->op) {                                                               \
+                case 'a': v = v + w; break;                                                    \
+                case 's': v = v - w; break;                                                    \
+                case 'r': v = w - v; break;                                                    \
+                case 'm': v = v * w; break;                                                    \
+                default: {                                                                     \
+                    const vecf neg = v * w;                                                    \
+                    const veci m = v < (vecf){0};                                              \
+                    v = (vecf)(((veci)neg & m) | ((veci)v & ~m));                              \
+                    break;                                                                     \
                 }                                                                              \
-                memcpy(out + at, &v, sizeof v);                                                \
+                }                                                                              \
             }                                                                                  \
+            memcpy(out + at, &v, sizeof v);                                                    \
+        })                                                                                     \
     }
 
 #if HIDIFF_X86 && defined(__GNUC__)
@@ -150,8 +159,23 @@ DEFINE_CHAIN_VEC(chain_vec_avx2, __attribute__((target("avx2"))))
 DEFINE_CHAIN(chain_base, )
 DEFINE_CHAIN_VEC(chain_vec_base, )
 
-typedef void (*chain_fn)(const chain_start *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                         const chain_step *, int);
+typedef void (*chain_fn)(const chain_start *, float *, Py_ssize_t, Py_ssize_t,
+                         const chain_step *, int, Py_ssize_t, Py_ssize_t);
+
+typedef struct {
+    chain_fn fn;
+    const chain_start *st;
+    float *out;
+    Py_ssize_t per_item, c;
+    const chain_step *steps;
+    int nsteps;
+} chain_job;
+
+static void chain_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const chain_job *j = ctx;
+    j->fn(j->st, j->out, j->per_item, j->c, j->steps, j->nsteps, lo, hi);
+}
 
 static chain_fn pick_chain(int vec)
 {
@@ -203,12 +227,13 @@ static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, in
 PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "ops", "operands", "out", "table", "kernel", "upsample", NULL};
+    static char *names[] = {"x",     "ops",    "operands", "out", "table",
+                            "kernel", "upsample", "threads", NULL};
     PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
     const char *ops;
-    int upsample = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOp", names, &x_obj, &ops, &operands,
-                                     &out_obj, &t_obj, &k_obj, &upsample))
+    int upsample = 0, threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpi", names, &x_obj, &ops, &operands,
+                                     &out_obj, &t_obj, &k_obj, &upsample, &threads))
         return NULL;
     const int nsteps = (int)strlen(ops), lut = t_obj != Py_None;
     if (lut && upsample) {
@@ -355,9 +380,9 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         const int vec = c % VEC == 0;
         if (!fns[vec])
             fns[vec] = pick_chain(vec);
-        const chain_fn fn = fns[vec];
+        const chain_job job = {fns[vec], &st, (float *)outv.buf, size / n, c, steps, nsteps};
         Py_BEGIN_ALLOW_THREADS
-        fn(&st, (float *)outv.buf, n, size / n, c, steps, nsteps);
+        run_parallel(threads, size, c, 1 << 16, chain_range, (void *)&job);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&outv);

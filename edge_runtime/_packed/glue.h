@@ -1,5 +1,5 @@
 /* Declarations shared by the Python glue files of edge_runtime._packed (packed.c, bconv.c,
- * chain.c, pool.c, pointwise.c). */
+ * chain.c, pool.c, pointwise.c, parallel.c). */
 #ifndef HIDIFF_PACKED_GLUE_H
 #define HIDIFF_PACKED_GLUE_H
 
@@ -19,6 +19,12 @@ PyObject *output(PyObject *out, Py_buffer *view, int ndim, const Py_ssize_t *sha
  * (*bstride c); v->obj NULL when obj is None/NULL.  -1 with ValueError on a bad shape. */
 int opt_channels(PyObject *obj, Py_buffer *v, const char *what, Py_ssize_t n, Py_ssize_t c,
                  int *bstride);
+
+/* fn(ctx, lo, hi) over [0, n) split into `threads` chunks of multiples of `align` (parallel.c);
+ * one thread when a chunk would be shorter than `grain`.  Call without the GIL. */
+typedef void (*range_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi);
+void run_parallel(int threads, Py_ssize_t n, Py_ssize_t align, Py_ssize_t grain, range_fn fn,
+                  void *ctx);
 
 PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *py_prepared_info(PyObject *self, PyObject *cap);

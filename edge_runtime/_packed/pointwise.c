@@ -15,10 +15,11 @@
 
 #include "glue.h"
 
+#define PW_PIX 4 /* pixels per block (and per thread chunk) */
+
 #if HIDIFF_X86 && defined(__GNUC__)
 #include <immintrin.h>
 
-#define PW_PIX 4
 #define PW_VEC 4
 #define INL static inline __attribute__((always_inline))
 
@@ -53,11 +54,11 @@
 
 #define DEFINE_PW(NAME, BLOCK, ATTR, L)                                                        \
     ATTR static void NAME(const float *x, const float *w, const float *bias, float *out,      \
-                          Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)                 \
+                          Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)  \
     {                                                                                          \
         for (Py_ssize_t oc0 = 0; oc0 < cout; oc0 += PW_VEC * L) {                              \
             const int g = (int)((cout - oc0) / L < PW_VEC ? (cout - oc0) / L : PW_VEC);        \
-            Py_ssize_t p = 0;                                                                  \
+            Py_ssize_t p = p0;                                                                 \
             for (; p + PW_PIX <= pixels; p += PW_PIX)                                          \
                 switch (g) {                                                                   \
                 case 1: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 1); break;           \
@@ -86,9 +87,9 @@ DEFINE_PW(pw_avx2, blk_avx2, __attribute__((target("avx2,fma"))), 8)
 #endif
 
 static void pw_plain(const float *x, const float *w, const float *bias, float *out,
-                     Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)
+                     Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)
 {
-    for (Py_ssize_t p = 0; p < pixels; p++)
+    for (Py_ssize_t p = p0; p < pixels; p++)
         for (Py_ssize_t oc = 0; oc < cout; oc++) {
             float acc = 0.0f;
             for (Py_ssize_t ic = 0; ic < cin; ic++)
@@ -97,8 +98,22 @@ static void pw_plain(const float *x, const float *w, const float *bias, float *o
         }
 }
 
+/* pixels [p0, p1) */
 typedef void (*pw_fn)(const float *, const float *, const float *, float *, Py_ssize_t,
-                      Py_ssize_t, Py_ssize_t);
+                      Py_ssize_t, Py_ssize_t, Py_ssize_t);
+
+typedef struct {
+    pw_fn fn;
+    const float *x, *w, *bias;
+    float *out;
+    Py_ssize_t cin, cout;
+} pw_job;
+
+static void pw_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const pw_job *j = ctx;
+    j->fn(j->x, j->w, j->bias, j->out, lo, hi, j->cin, j->cout);
+}
 
 /* The kernel for cout on this CPU: the vector paths need cout a multiple of their lanes. */
 static pw_fn pick_pw(Py_ssize_t cout)
@@ -116,10 +131,11 @@ static pw_fn pick_pw(Py_ssize_t cout)
 PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "w", "bias", "out", NULL};
+    static char *names[] = {"x", "w", "bias", "out", "threads", NULL};
     PyObject *x_obj, *w_obj, *b_obj = Py_None, *out_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", names, &x_obj, &w_obj, &b_obj,
-                                     &out_obj))
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOi", names, &x_obj, &w_obj, &b_obj,
+                                     &out_obj, &threads))
         return NULL;
     Py_buffer xv, wv, bv, ov;
     int has_bias = b_obj != Py_None;
@@ -145,12 +161,12 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
     if (!result)
         goto done;
     {
-        const pw_fn fn = pick_pw(shape[3]);
+        const pw_job job = {pick_pw(shape[3]), (const float *)xv.buf, (const float *)wv.buf,
+                            has_bias ? (const float *)bv.buf : NULL, (float *)ov.buf,
+                            xv.shape[3], shape[3]};
         const Py_ssize_t pixels = shape[0] * shape[1] * shape[2];
         Py_BEGIN_ALLOW_THREADS
-        fn((const float *)xv.buf, (const float *)wv.buf,
-           has_bias ? (const float *)bv.buf : NULL, (float *)ov.buf, pixels, xv.shape[3],
-           shape[3]);
+        run_parallel(threads, pixels, PW_PIX, 2048, pw_range, (void *)&job);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&ov);
