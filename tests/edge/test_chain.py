@@ -161,3 +161,25 @@ def test_other_resizes_are_left_to_onnxruntime():
     with pytest.raises(ValueError, match="exclusive"):
         _packed.ew_chain(np.zeros((1, 2, 2, 4), np.float32), b"", (), None,
                          np.zeros((512, 4), np.float32), (3, 3, 1, 1), True)
+
+
+def test_threads_split_rows_without_changing_a_bit():
+    """Large enough to split (the native passes keep one thread below a minimum chunk)."""
+    rng = np.random.default_rng(9)
+    x = _values(rng, (3, 40, 64, 32))
+    full, item = _values(rng, x.shape), _values(rng, (1, *x.shape[1:]))
+    ch = _values(rng, (3, 32))
+    one = _packed.ew_chain(x, b"amsp", (full, ch, item, np.abs(ch[0])))
+    two = _packed.ew_chain(x, b"amsp", (full, ch, item, np.abs(ch[0])), threads=2)
+    assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+    up = _packed.ew_chain(x[:, :20, :32], b"a", (full,), upsample=True, threads=2)
+    assert np.array_equal(up, np.repeat(np.repeat(x[:, :20, :32], 2, 1), 2, 2) + full)
+    y = (rng.random((3, 1, 40, 64)) < 0.5).astype(np.float32)
+    table = _values(rng, (512, 32))
+    lut_one = _packed.ew_chain(y[:, 0], b"", (), None, table, (3, 3, 1, 1))
+    lut_two = _packed.ew_chain(y[:, 0], b"", (), None, table, (3, 3, 1, 1), threads=2)
+    assert np.array_equal(lut_one.view(np.uint32), lut_two.view(np.uint32))
+    w, b = _values(rng, (32, 48)), _values(rng, (48,))
+    one = _packed.pointwise(x, w, b)
+    assert np.array_equal(one.view(np.uint32), _packed.pointwise(x, w, b, threads=2).view(
+        np.uint32))
