@@ -44,8 +44,9 @@ def torch_sensitivity(model_dir: Path, x: np.ndarray, seed: int) -> dict:
 
 
 def step_breakdown(engine, repeats: int = 5) -> tuple[dict[str, float], list[dict]]:
-    """Milliseconds of the packed step by executor, and every onnxruntime piece's milliseconds
-    with its ops, largest first (minimum per scheduled piece over ``repeats`` runs)."""
+    """Milliseconds of the packed step by executor, and every onnxruntime and native/NumPy
+    piece's milliseconds with its ops (``kind`` ort / numpy), largest first (minimum per
+    scheduled piece over ``repeats`` runs)."""
     executor = engine.session.refiner.executor
     best: dict[int, float] = {}
     for _ in range(repeats):
@@ -56,11 +57,11 @@ def step_breakdown(engine, repeats: int = 5) -> tuple[dict[str, float], list[dic
     for i, label in enumerate(executor.labels):
         kind = label.split(":")[0]
         out[kind] = out.get(kind, 0.0) + best[i] * 1e3
-        if kind == "ort":
+        if kind in ("ort", "numpy"):
             ops: dict[str, int] = {}
             for op in label.split(":", 1)[1].split("+"):
                 ops[op] = ops.get(op, 0) + 1
-            pieces.append({"ms": best[i] * 1e3, "ops": ops})
+            pieces.append({"kind": kind, "ms": best[i] * 1e3, "ops": ops})
     return out, sorted(pieces, key=lambda p: -p["ms"])
 
 
@@ -147,6 +148,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for key, value in result["ratios"].items():
         lines.append(f"- {key}: **{value:.2f}x**")
     dice = result.get("int8_dice")
+    if not dice:
+        lines += ["", "int8 segmentor, Dice change: not measured in this run (`--dice-model "
+                  "EXPORT`, a trained Kvasir-SEG export)."]
     if dice:
         lines += ["", "## int8 segmentor: Dice change", "",
                   f"`--dice-model {dice['export']}`: {dice['cases']} Kvasir-SEG {dice['subset']} "
@@ -165,10 +169,14 @@ def write_markdown(result: dict, path: Path) -> None:
     b = result["packed_step_breakdown_ms"]
     lines += ["", "## Where the packed step's time goes", "",
               "| executor | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in b.items()]
-    lines += ["", "onnxruntime pieces of the packed step, largest first:", "",
-              "| ms | ops |", "|---|---|"] + [
-        f"| {p['ms']:.2f} | {', '.join(f'{op} x{n}' for op, n in p['ops'].items())} |"
-        for p in result["packed_step_pieces"]]
+    for kind, title in (("ort", "onnxruntime pieces"),
+                        ("numpy", "native / NumPy pieces (more than 0.1 ms)")):
+        rows = [p for p in result["packed_step_pieces"] if p.get("kind", "ort") == kind
+                and (kind == "ort" or p["ms"] > 0.1)]
+        lines += ["", f"{title} of the packed step, largest first:", "",
+                  "| ms | ops |", "|---|---|"] + [
+            f"| {p['ms']:.2f} | {', '.join(f'{op} x{n}' for op, n in p['ops'].items())} |"
+            for p in rows]
     lines += ["", result["notes"], "", "## Mask agreement (model space, per seed)", "",
               "| seed | pixels | packed vs onnxruntime | max prob diff | packed vs torch "
               "| rewritten vs as exported (max prob diff) |",
@@ -206,10 +214,15 @@ NOTES = (
     "{rewrites}; `graph as exported` skips them). The packed step runs the binary "
     "convs on the native kernel with their neighbours fused into its epilogue (the TB threshold "
     "subtraction before packing, the residual add, RPReLU's add / PReLU / add, and the next "
-    "layer's packing: one pass over each feature map), the few remaining elementwise ops next "
-    "to them in NumPy (NHWC) and every other op in onnxruntime pieces, bit-identical to the "
-    "edge onnxruntime backend. ORT pieces per step: {ort_sessions} (a call costs ~5 us: their "
-    "time is the real-valued layers). The binary conv weights "
+    "layer's packing: one pass over each feature map). Natively in NHWC too, each checked bit "
+    "for bit against onnxruntime: the stem's convolutions of the 0/1 state y_t as table lookups "
+    "(`edge_runtime/lut.py`), the 1 x 1 convolutions in MLAS's order of operations "
+    "(`edge_runtime/pointwise.py`), the shortcut's 2 x 2 average pools (`edge_runtime/pool.py`), "
+    "the decoders' 2x upsampling (`edge_runtime/resize.py`) and runs of elementwise ops in one "
+    "pass each (`edge_runtime/chain.py`); the rest (the X-Former, the head's shifted sum and "
+    "sigmoid) in onnxruntime pieces. The result is bit-identical to the edge onnxruntime "
+    "backend. ORT pieces per step: {ort_sessions}. The binary conv weights "
     "are {float_mb:.1f} MiB of float32 +-1 in the ONNX file and {packed_kb:.0f} KiB packed in "
-    "memory."
+    "memory. For one image, the per-image values the step broadcasts over its S chains are "
+    "kept once, not S times (`RefinerRunner.batch_shared`)."
 )
