@@ -168,7 +168,7 @@ class HiDiffSession:
         seg = self.segment(np.ascontiguousarray(x, dtype=np.float32))
         prepared = self.refiner.prepare({"image": x, **seg})
         if samples > 1:  # one image: values the step broadcasts stay one copy (measured: the
-            # copies cost 57 of 239 ms per cpu-base image at 4 chains)
+            # copies cost 20 of 239 ms per cpu-base image at 4 chains)
             shared = self.refiner.batch_shared if len(x) == 1 else frozenset()
             prepared = {k: v if k in shared else np.concatenate([v] * samples)
                         for k, v in prepared.items()}
