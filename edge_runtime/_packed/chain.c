@@ -88,10 +88,12 @@ typedef struct {
         FOR_ITEMS(for (Py_ssize_t at = i0; at < i1; at += span) {                              \
             const Py_ssize_t len = i1 - at < span ? i1 - at : span;                            \
             const Py_ssize_t base = base0 + at;                                                \
-            if (st->table)                                                                     \
-                for (Py_ssize_t q = 0; q < len; q += c)                                        \
-                    memcpy(buf + q, st->table + (size_t)st->idx[(base + q) / c] * (size_t)c,   \
+            if (st->table) {                                                                   \
+                const uint32_t *ix = st->idx + base / c;                                       \
+                for (Py_ssize_t q = 0; q < len; q += c, ix++)                                  \
+                    memcpy(buf + q, st->table + (size_t)*ix * (size_t)c,                       \
                            sizeof(float) * (size_t)c);                                         \
+            }                                                                                  \
             else                                                                               \
                 memcpy(buf, st->x + base, sizeof(float) * (size_t)len);                        \
             for (int k = 0; k < nsteps; k++) {                                                 \
@@ -123,30 +125,34 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
     ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
                           const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
     {                                                                                          \
-        FOR_ITEMS(for (Py_ssize_t i = i0; i < i1; i += VEC) {                                  \
-            const Py_ssize_t at = base0 + i, j = i % c;                                        \
-            vecf v = st->table ? VLOAD(st->table + (size_t)st->idx[at / c] * (size_t)c + j)    \
-                               : VLOAD(st->x + at);                                            \
-            for (int k = 0; k < nsteps; k++) {                                                 \
-                const chain_step *s = &steps[k];                                               \
-                const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                         \
-                               : s->kind == ITEM    ? VLOAD(s->p + i)                          \
-                               : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)         \
-                                                    : (vecf){0} + s->p[0];                     \
-                switch (s->op) {                                                               \
-                case 'a': v = v + w; break;                                                    \
-                case 's': v = v - w; break;                                                    \
-                case 'r': v = w - v; break;                                                    \
-                case 'm': v = v * w; break;                                                    \
-                default: {                                                                     \
-                    const vecf neg = v * w;                                                    \
-                    const veci m = v < (vecf){0};                                              \
-                    v = (vecf)(((veci)neg & m) | ((veci)v & ~m));                              \
-                    break;                                                                     \
+        FOR_ITEMS(Py_ssize_t pix = (base0 + i0) / c; /* pixel counter: no division below */    \
+                  for (Py_ssize_t p = i0; p < i1; p += c, pix++) {                             \
+            const float *row = st->table ? st->table + (size_t)st->idx[pix] * (size_t)c        \
+                                         : st->x + base0 + p;                                  \
+            for (Py_ssize_t j = 0; j < c; j += VEC) {                                          \
+                const Py_ssize_t i = p + j, at = base0 + i;                                    \
+                vecf v = VLOAD(row + j);                                                       \
+                for (int k = 0; k < nsteps; k++) {                                             \
+                    const chain_step *s = &steps[k];                                           \
+                    const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                     \
+                                   : s->kind == ITEM    ? VLOAD(s->p + i)                      \
+                                   : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)     \
+                                                        : (vecf){0} + s->p[0];                 \
+                    switch (s->op) {                                                           \
+                    case 'a': v = v + w; break;                                                \
+                    case 's': v = v - w; break;                                                \
+                    case 'r': v = w - v; break;                                                \
+                    case 'm': v = v * w; break;                                                \
+                    default: {                                                                 \
+                        const vecf neg = v * w;                                                \
+                        const veci m = v < (vecf){0};                                          \
+                        v = (vecf)(((veci)neg & m) | ((veci)v & ~m));                          \
+                        break;                                                                 \
+                    }                                                                          \
+                    }                                                                          \
                 }                                                                              \
-                }                                                                              \
+                memcpy(out + at, &v, sizeof v);                                                \
             }                                                                                  \
-            memcpy(out + at, &v, sizeof v);                                                    \
         })                                                                                     \
     }
 
