@@ -388,7 +388,7 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             fns[vec] = pick_chain(vec);
         const chain_job job = {fns[vec], &st, (float *)outv.buf, size / n, c, steps, nsteps};
         Py_BEGIN_ALLOW_THREADS
-        run_parallel(threads, size, c, 1 << 16, chain_range, (void *)&job);
+        run_parallel(threads, size, c, 1 << 18, chain_range, (void *)&job);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&outv);
