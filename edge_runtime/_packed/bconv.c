@@ -250,6 +250,7 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw)
         .slope = slv.buf, .gamma = gv.buf, .pthr = psv.buf, .zeta_bstride = zb,
         .gamma_bstride = gb, .pthr_bstride = pb, .pout = pov.obj ? pov.buf : NULL,
         .pack = PATHS[prep->path].pack, .epilogue = PATHS[prep->path].epilogue,
+        .fuses_epilogue = PATHS[prep->path].fuses_epilogue,
     };
     int status = 0;
     if (n > 0) {

@@ -115,7 +115,8 @@ typedef struct {
     }
 
 /* The same with the running value in registers: VEC floats at a time, each step applied while
- * they are loaded; for C a multiple of VEC (every per-channel operand then lines up). */
+ * they are loaded; for C a multiple of VEC (every per-channel operand then lines up).  A scalar
+ * operand is broadcast as s - (+0), which is s for every s (0 + s would turn -0 into +0). */
 #define VEC 16
 typedef float vecf __attribute__((vector_size(VEC * 4)));
 typedef int32_t veci __attribute__((vector_size(VEC * 4)));
@@ -137,7 +138,7 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
                     const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                     \
                                    : s->kind == ITEM    ? VLOAD(s->p + i)                      \
                                    : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)     \
-                                                        : (vecf){0} + s->p[0];                 \
+                                                        : s->p[0] - (vecf){0};                 \
                     switch (s->op) {                                                           \
                     case 'a': v = v + w; break;                                                \
                     case 's': v = v - w; break;                                                \

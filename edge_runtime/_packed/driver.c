@@ -81,8 +81,10 @@ static int run_rows(const job_t *j, int r0, int r1)
     int32_t *kval = malloc(sizeof(int32_t) * (size_t)wo);
     int32_t *corr = a->pad_zero ? malloc(sizeof(int32_t) * (size_t)wo * (size_t)cpad) : NULL;
     int32_t *scratch = malloc(sizeof(int32_t) * (size_t)wo * (size_t)cpad);
-    /* the output takes the residual's buffer: rows go through a scratch row first */
-    const int inplace = j->epilogue && a->res != NULL && (const void *)a->res == a->out;
+    /* the path applies the epilogue and the packing as it stores (one pass over each row) */
+    const int fused = a->fuses_epilogue && !a->thr && (j->epilogue || a->pout);
+    /* otherwise, when the output takes the residual's buffer, rows go through a scratch row */
+    const int inplace = !fused && j->epilogue && a->res != NULL && (const void *)a->res == a->out;
     float *yrow = inplace ? malloc(sizeof(float) * (size_t)wo * (size_t)a->cout) : NULL;
     if (!kval || !scratch || (a->pad_zero && !corr) || (inplace && !yrow)) {
         free(kval);
@@ -95,9 +97,13 @@ static int run_rows(const job_t *j, int r0, int r1)
         kval[ow] = kh * kw * a->cin;
     int cached_lo = -1, cached_hi = -1;
     conv_row row;
+    memset(&row, 0, sizeof row);
     row.kval = kval;
     row.corr = corr;
     row.scratch = scratch;
+    row.fused = fused;
+    row.slope = a->slope;
+    const int out_words = (a->cout + 31) / 32;
     const int lanes = j->a->prep->lanes, nvec = cpad / lanes;
     for (int v0 = 0; v0 < nvec; v0 += j->vblock) {
         row.v0 = v0;
@@ -116,6 +122,18 @@ static int run_rows(const job_t *j, int r0, int r1)
             row.x = j->xpad + (size_t)(n * j->hp + oh * a->sh) * (size_t)j->wp * (size_t)j->wd;
             row.out = inplace ? (void *)yrow
                               : (char *)a->out + (size_t)r * (size_t)wo * j->out_pixel_bytes;
+            if (fused) {
+                const size_t off = (size_t)r * (size_t)wo * (size_t)a->cout;
+                row.res = a->res ? a->res + off : NULL;
+                row.zeta = a->zeta ? a->zeta + (size_t)n * a->zeta_bstride : NULL;
+                row.gamma = a->gamma ? a->gamma + (size_t)n * a->gamma_bstride : NULL;
+                row.pthr = a->pthr ? a->pthr + (size_t)n * a->pthr_bstride : NULL;
+                row.pout = a->pout ? a->pout + (size_t)r * (size_t)wo * (size_t)out_words : NULL;
+                if (row.pout && row.v0 == 0) /* bits are or-ed in per vector of channels */
+                    memset(row.pout, 0, sizeof(uint32_t) * (size_t)wo * (size_t)out_words);
+                a->row(d, &row);
+                continue;
+            }
             a->row(d, &row);
             if (j->epilogue) {
                 const size_t off = (size_t)r * (size_t)wo * (size_t)a->cout;

@@ -66,10 +66,35 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
                 memcpy((char *)o + c0 / 8, &bits, sizeof bits);
             } else {
                 float *o = (float *)r->out + (size_t)(ow + p) * d->cout + c0;
+                __m512 v = y;
+                if (r->fused) { /* the epilogue of kernels.h, one float32 op per stage */
+                    if (r->res)
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(
+                                                 valid, r->res + (size_t)(ow + p) * d->cout + c0));
+                    if (r->zeta)
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, r->zeta + c0));
+                    if (r->slope) {
+                        const __m512 neg =
+                            _mm512_mul_ps(v, _mm512_maskz_loadu_ps(valid, r->slope + c0));
+                        v = _mm512_mask_blend_ps(
+                            _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, neg);
+                    }
+                    if (r->gamma)
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, r->gamma + c0));
+                    if (r->pout) { /* the next layer's sign bits of v - pthr */
+                        const __m512 dv =
+                            r->pthr ? _mm512_sub_ps(v, _mm512_maskz_loadu_ps(valid, r->pthr + c0))
+                                    : v;
+                        const uint16_t bits = (uint16_t)(
+                            _mm512_cmp_ps_mask(dv, _mm512_setzero_ps(), _CMP_LT_OQ) & valid);
+                        uint32_t *w = r->pout + (size_t)(ow + p) * d->out_words + c0 / 32;
+                        *w |= (uint32_t)bits << (c0 % 32);
+                    }
+                }
                 if (left >= L)
-                    _mm512_storeu_ps(o, y);
+                    _mm512_storeu_ps(o, v);
                 else
-                    _mm512_mask_storeu_ps(o, valid, y);
+                    _mm512_mask_storeu_ps(o, valid, v);
             }
         }
     }

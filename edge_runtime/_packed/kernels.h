@@ -54,6 +54,15 @@ typedef struct {
     void *out;            /* float [wo][cout] or uint32 [wo][out_words] (zeroed beforehand) */
     int32_t *scratch;     /* [wo][cpad] int32 the path may use */
     int v0, v1;           /* compute the channel vectors [v0, v1) (channels v * lanes ...) */
+    /* With `fused` (paths whose path_desc has fuses_epilogue; float output only) the path also
+     * applies the fused epilogue of bconv_args to each vector before storing it, in the same
+     * float32 order: y = (((y + res) + zeta) < 0 ? . * slope : .) + gamma (absent stages
+     * skipped), and writes the sign bits of y - pthr into pout; res may alias out (each vector
+     * is read before it is written). */
+    int fused;
+    const float *res;     /* [wo][cout], the row's residual, or NULL */
+    const float *zeta, *slope, *gamma, *pthr; /* [cout] (the batch item's), or NULL */
+    uint32_t *pout;       /* [wo][ceil(cout / 32)] the row's sign words, or NULL */
 } conv_row;
 
 typedef void (*row_fn)(const conv_desc *d, const conv_row *r);
@@ -86,6 +95,7 @@ typedef struct {
     int lanes;
     int layout;
     int supported;
+    int fuses_epilogue; /* the row function applies conv_row's fused epilogue itself */
 } path_desc;
 
 void row_portable(const conv_desc *d, const conv_row *r);
@@ -147,6 +157,7 @@ typedef struct {
     uint32_t *pout;
     pack_fn pack;
     epilogue_fn epilogue;
+    int fuses_epilogue; /* the row function can apply the epilogue and packing (conv_row) */
 } bconv_args;
 
 int bconv_run(const bconv_args *a);

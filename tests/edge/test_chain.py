@@ -186,3 +186,11 @@ def test_threads_split_rows_without_changing_a_bit():
     one = _packed.pointwise(x, w, b)
     assert np.array_equal(one.view(np.uint32), _packed.pointwise(x, w, b, threads=2).view(
         np.uint32))
+
+
+@pytest.mark.parametrize("channels", [32, 24])  # the in-register and the chunked path
+def test_a_negative_zero_scalar_stays_negative(channels):
+    """-0 + -0 is -0: a scalar operand must reach the op as itself (found by hypothesis)."""
+    x = np.full((1, 2, 3, channels), -0.0, np.float32)
+    got = _packed.ew_chain(x, b"a", (np.array([-0.0], np.float32),))
+    assert np.signbit(got).all()
