@@ -51,6 +51,7 @@ import reference
 from hidiff.data import get_reader, load_case
 from hidiff.evaluation import evaluate, pipeline_from_model_dir
 from hidiff.model_dir import read_config
+from hidiff.model_files import ModelDirError
 from hidiff.training import train
 from hidiff.training.lr_schedule import SEGMENTOR_SCHEDULES
 
@@ -320,13 +321,20 @@ def main(argv: list[str] | None = None) -> int:
         args.out = str(Path(args.results).parent / "accuracy-quick-runs")
     start = time.time()
     results = []
-    for dataset in args.datasets.split(","):
-        kvasir = dataset == "kvasir-seg"
-        minutes = args.kvasir_minutes if kvasir else args.chase_minutes
-        seeds = [int(s) for s in (args.kvasir_seeds if kvasir else args.chase_seeds).split(",")]
-        if args.quick:
-            minutes, seeds = 5.0, seeds[:1]
-        results.append(run_dataset(args, dataset, minutes, seeds))
+    try:
+        for dataset in args.datasets.split(","):
+            kvasir = dataset == "kvasir-seg"
+            minutes = args.kvasir_minutes if kvasir else args.chase_minutes
+            seeds = [int(s) for s in (args.kvasir_seeds if kvasir else args.chase_seeds)
+                     .split(",")]
+            if args.quick:
+                minutes, seeds = 5.0, seeds[:1]
+            results.append(run_dataset(args, dataset, minutes, seeds))
+    except ModelDirError as err:  # e.g. a model folder left by an earlier run, without --reuse
+        print(f"accuracy.py: a model folder is in the way: {err}\n  for this script: --reuse "
+              "takes the finished folders of an earlier run, or give another --out",
+              file=sys.stderr)
+        return 2
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results + ".json").write_text(json.dumps(
         {"machine": machine(), "argv": sys.argv[1:], "results": results}, indent=1))
