@@ -9,8 +9,8 @@ the reorders, 1.2 ms natively).
 ``_packed.pointwise`` computes every output as ``fma`` over the input channels in order from
 0, then ``+ bias``: the float32 operations of MLAS's blocked (NCHWc) pointwise kernel.
 :meth:`PointwiseConv.build` checks that once per node (random values of mixed magnitudes
-through the node in onnxruntime and natively, bit for bit) and only where the native kernel
-has a vector path (x86 with AVX2 or AVX-512); elsewhere the node stays in onnxruntime.
+through the node in onnxruntime and natively, bit for bit) and only where the default kernel
+path has a vector kernel (``avx512`` or ``avx2``); elsewhere the node stays in onnxruntime.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _attrs(node) -> dict:
 
 
 def _lanes() -> int | None:
-    """Output channels per vector of the native kernel on this CPU, None without one."""
-    paths = set(_packed.available_paths())
-    return 16 if "avx512" in paths else 8 if "avx2" in paths else None
+    """Output channels per vector of the native kernel on the default kernel path
+    (:func:`edge_runtime.packed.set_path`), None without a vector kernel (``portable``)."""
+    return {"avx512": 16, "avx2": 8}.get(_packed.current_path())
 
 
 class PointwiseConv:

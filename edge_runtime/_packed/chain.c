@@ -16,7 +16,7 @@
  * running value stays in registers; otherwise the map goes in chunks of whole pixels through a
  * stack buffer.  Either way every input is read once and out written once, and out may be x or
  * any full operand (each element or chunk is read completely before it is written).  Compiled
- * per target (AVX-512, AVX2, baseline) and picked by CPU features.
+ * per target (AVX-512, AVX2, baseline); the one of the default kernel path (set_path) runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -184,13 +184,14 @@ static void chain_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     j->fn(j->st, j->out, j->per_item, j->c, j->steps, j->nsteps, lo, hi);
 }
 
+/* The variant of the default kernel path (set_path), for C a multiple of VEC or not. */
 static chain_fn pick_chain(int vec)
 {
 #if HIDIFF_X86 && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
+    const char *path = default_path_name();
+    if (strcmp(path, "avx512") == 0)
         return vec ? chain_vec_avx512 : chain_avx512;
-    if (__builtin_cpu_supports("avx2"))
+    if (strcmp(path, "avx2") == 0)
         return vec ? chain_vec_avx2 : chain_avx2;
 #endif
     return vec ? chain_vec_base : chain_base;
@@ -383,11 +384,8 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
     if (!result)
         goto done;
     {
-        static chain_fn fns[2] = {NULL, NULL};
-        const int vec = c % VEC == 0;
-        if (!fns[vec])
-            fns[vec] = pick_chain(vec);
-        const chain_job job = {fns[vec], &st, (float *)outv.buf, size / n, c, steps, nsteps};
+        const chain_job job = {pick_chain(c % VEC == 0), &st, (float *)outv.buf, size / n, c,
+                               steps, nsteps};
         Py_BEGIN_ALLOW_THREADS
         run_parallel(threads, size, c, 1 << 18, chain_range, (void *)&job);
         Py_END_ALLOW_THREADS

@@ -11,6 +11,8 @@ extern path_desc PATHS[];
 
 /* Path index for `name` (None: the current path); -1 with ValueError when unknown/unsupported. */
 int resolve_path(PyObject *name);
+/* Name of the default path (set_path); the native elementwise passes follow it. */
+const char *default_path_name(void);
 /* C-contiguous buffer of 4-byte items: kind 'f' float32, 'i' int32/uint32 words. */
 int get_buffer(PyObject *obj, Py_buffer *v, const char *what, char kind, int writable);
 /* `out` checked against shape, or a new numpy array; fills `view` (writable). New reference. */

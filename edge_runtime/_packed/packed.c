@@ -56,6 +56,13 @@ static PyObject *available_list(void)
     return t;
 }
 
+/* Name of the default path ("avx512", "avx2" or "portable"): the native elementwise passes
+ * (chain.c, pointwise.c) take the same instruction set as the binary kernels. */
+const char *default_path_name(void)
+{
+    return PATHS[current_path].name;
+}
+
 /* Path index for `name` (None: the current path); -1 with ValueError when unknown/unsupported. */
 int resolve_path(PyObject *name)
 {

@@ -6,7 +6,7 @@
  * what onnxruntime's blocked (NCHWc) pointwise kernel computes; edge_runtime.pointwise checks
  * that per node against onnxruntime before using it.  Blocked over 4 pixels x up to 4 vectors
  * of output channels so that the multiply-adds of a block are independent.  Compiled per target
- * (AVX-512F + FMA, AVX2 + FMA, and plain C with fmaf) and picked by CPU features.
+ * (AVX-512F + FMA, AVX2 + FMA, and plain C with fmaf); the default kernel path (set_path) picks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -115,14 +115,17 @@ static void pw_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     j->fn(j->x, j->w, j->bias, j->out, lo, hi, j->cin, j->cout);
 }
 
-/* The kernel for cout on this CPU: the vector paths need cout a multiple of their lanes. */
+/* The kernel of the default kernel path (set_path) for cout: the vector kernels need cout a
+ * multiple of their lanes and FMA (every AVX-512 / AVX2 CPU we know has it; checked). */
 static pw_fn pick_pw(Py_ssize_t cout)
 {
 #if HIDIFF_X86 && defined(__GNUC__)
     __builtin_cpu_init();
-    if (cout % 16 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+    const char *path = default_path_name();
+    const int fma = __builtin_cpu_supports("fma");
+    if (fma && strcmp(path, "avx512") == 0 && cout % 16 == 0)
         return pw_avx512;
-    if (cout % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (fma && (strcmp(path, "avx512") == 0 || strcmp(path, "avx2") == 0) && cout % 8 == 0)
         return pw_avx2;
 #endif
     return pw_plain;

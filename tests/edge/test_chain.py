@@ -3,8 +3,9 @@
 Every op of a chain is one float32 operation in the graph's order, so a chain equals the NumPy
 ops one by one bit for bit: checked with hypothesis over op sequences, operand kinds (full, one
 shared batch item, per-channel shared / per item, scalar), channel counts on both code paths
-(C a multiple of 16: in registers; otherwise in chunks) and values with exact zeros (both
-signs), infinities, NaN and subnormals; ``out`` may be ``x`` or a full operand. In the packed
+(C a multiple of 16: in registers; otherwise in chunks), every instruction set's variant
+(``set_path``) and values with exact zeros (both signs), infinities, NaN and subnormals;
+``out`` may be ``x`` or a full operand. In the packed
 executor, chains appear on the exported tiny model and their fallback (operands of unexpected
 shape) is bit-exact too. The 2x nearest upsampling (alone, or as a chain's start) equals
 onnxruntime's ``Resize`` exactly; other resizes stay in onnxruntime.
@@ -72,13 +73,20 @@ def test_chain_equals_numpy_ops_one_by_one(ops, channels, batch, kinds, seed, in
         with np.errstate(all="ignore"):
             want = NUMPY[op](want, view).astype(np.float32)
     full = [o for o, k in zip(operands, kinds, strict=False) if o.shape == shape]
-    out = {"new": None, "x": x, "operand": full[0] if full else None}[into]
-    got = _packed.ew_chain(x, ops.encode(), tuple(operands), out)
-    assert got.shape == shape
-    assert out is None or got is out
     nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    for path in _packed.available_paths():  # each instruction set's variant
+        _packed.set_path(path)
+        try:
+            out = {"new": None, "x": x.copy(), "operand": full[0].copy() if full else None}[into]
+            args = tuple(out if (into == "operand" and full and o is full[0]) else o
+                         for o in operands)
+            got = _packed.ew_chain(out if into == "x" else x, ops.encode(), args, out)
+        finally:
+            _packed.set_path(None)
+        assert got.shape == shape
+        assert out is None or got is out
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
 def test_chain_bad_arguments():

@@ -45,13 +45,22 @@ def _ort(node, consts, x_nchw):
 
 
 def _vector_path():
-    return bool({"avx512", "avx2"} & set(_packed.available_paths()))
+    return _packed.current_path() in ("avx512", "avx2")
+
+
+@pytest.fixture(params=[p for p in ("avx512", "avx2", "portable")
+                        if p in _packed.available_paths()])
+def kernel_path(request):
+    """Each kernel path this CPU runs as the default (the native passes follow it)."""
+    _packed.set_path(request.param)
+    yield request.param
+    _packed.set_path(None)
 
 
 @pytest.mark.parametrize(("cin", "cout", "bias"), [
     (32, 32, True), (32, 32, False), (32, 64, True), (64, 128, True), (128, 64, False),
     (16, 16, True), (24, 48, True), (16, 9, True), (32, 9, False), (8, 3, True)])
-def test_pointwise_equals_onnxruntime(cin, cout, bias):
+def test_pointwise_equals_onnxruntime(cin, cout, bias, kernel_path):
     rng = np.random.default_rng(cin * cout)
     node, consts = _conv(rng, cin, cout, bias)
     conv = pointwise.PointwiseConv.build(node, consts)
@@ -98,7 +107,8 @@ def refiner(tiny_export):
 
 
 @pytest.mark.parametrize("probe", [True, False])
-def test_executor_runs_pointwise_convs_natively_and_exactly(refiner, monkeypatch, probe):
+def test_executor_runs_pointwise_convs_natively_and_exactly(refiner, monkeypatch, probe,
+                                                           kernel_path):
     exported, proto = refiner
     if not probe:
         monkeypatch.setattr(pointwise.PointwiseConv, "_agrees_with_onnxruntime",
