@@ -14,17 +14,24 @@ and :mod:`export.convert` (the export-ready refiner copy), :mod:`export.graphs` 
 ``export`` imports ``hidiff``; ``hidiff`` never imports ``export``.
 """
 
-from export.api import (
-    MANIFEST,
-    ROLES,
-    SUPPORTED_IR_VERSIONS,
-    SUPPORTED_OPSETS,
-    ExportError,
-    ExportResult,
-    VerificationFailed,
-    export_model_dir,
-)
-from export.verify import VerifyReport, verify_export
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from export.lazy import lazy_names
+
+if TYPE_CHECKING:  # the names below load on first use: `hidiff --help` need not import onnx
+    from export.api import (
+        MANIFEST,
+        ROLES,
+        SUPPORTED_IR_VERSIONS,
+        SUPPORTED_OPSETS,
+        ExportError,
+        ExportResult,
+        VerificationFailed,
+        export_model_dir,
+    )
+    from export.verify import VerifyReport, verify_export
 
 __all__ = [
     "MANIFEST",
@@ -38,3 +45,7 @@ __all__ = [
     "export_model_dir",
     "verify_export",
 ]
+
+__getattr__ = lazy_names(__name__, globals(), {
+    name: "export.verify" if name in ("VerifyReport", "verify_export") else "export.api"
+    for name in __all__})

@@ -47,6 +47,7 @@ from export.metadata import (
     model_facts,
 )
 from export.verify import verify_export
+from export.versions import MIN_IR, SUPPORTED_IR_VERSIONS, SUPPORTED_OPSETS
 
 __all__ = [
     "MANIFEST",
@@ -60,9 +61,7 @@ __all__ = [
     "load_model",
 ]
 
-SUPPORTED_OPSETS: tuple[int, ...] = (17, 18, 19, 20)
-SUPPORTED_IR_VERSIONS: tuple[int, ...] = (8, 9, 10)
-_MIN_IR = {17: 8, 18: 8, 19: 9, 20: 9}  # onnx.helper.find_min_ir_version_for
+_MIN_IR = MIN_IR
 ROLES = FILES  # role -> file name (edge_runtime.export_format)
 #: the export-ready refiner copy may differ from the original by float rounding (BN folding,
 #: table rows evaluated in one batch); a wrong replacement changes most outputs. Fail when more

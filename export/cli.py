@@ -18,7 +18,7 @@ __all__ = ["add_export_commands", "build_parser", "main"]
 
 def add_export_commands(subparsers) -> None:
     """Define ``export`` and ``verify-export`` on ``subparsers`` (from ``add_subparsers``)."""
-    from export.api import SUPPORTED_IR_VERSIONS, SUPPORTED_OPSETS
+    from export.versions import SUPPORTED_IR_VERSIONS, SUPPORTED_OPSETS
 
     text = "export a trained model folder to ONNX (segmentor + one refiner step + manifest)"
     p = subparsers.add_parser("export", help=text, description=text)

@@ -102,10 +102,21 @@ def test_the_edge_extra_installs_no_torch():
     assert "torch" in names(project["optional-dependencies"]["train"])
 
 
+def test_the_command_line_loads_no_onnx_until_a_command_needs_it():
+    """``hidiff --help`` lists the ``export`` plugin's commands with onnx and onnxruntime
+    unimportable: their definitions load neither (``export`` imports its names on first use)."""
+    code = (BLOCK.format(mods=["onnx", "onnxruntime"]) + "from hidiff.cli import main\n"
+            "raise SystemExit(main(['--help']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "verify-export" in proc.stdout and "warning" not in proc.stderr
+
+
 def test_a_plugin_that_cannot_load_leaves_hidiffs_own_commands_working():
-    """With onnxruntime unimportable the ``export`` plugin cannot load: ``hidiff`` says so on
+    """With the ``export`` package unimportable its plugin cannot load: ``hidiff`` says so on
     stderr and its own commands still parse (``train --help`` exits 0)."""
-    code = (BLOCK.format(mods=["onnxruntime"]) + "from hidiff.cli import main\n"
+    code = (BLOCK.format(mods=["export", "export.cli"]) + "from hidiff.cli import main\n"
             "raise SystemExit(main(['train', '--help']))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -119,6 +119,7 @@ static void pw_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
  * multiple of their lanes and FMA (every AVX-512 / AVX2 CPU we know has it; checked). */
 static pw_fn pick_pw(Py_ssize_t cout)
 {
+    (void)cout; /* (portable builds) */
 #if HIDIFF_X86 && defined(__GNUC__)
     __builtin_cpu_init();
     const char *path = default_path_name();

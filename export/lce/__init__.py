@@ -15,9 +15,14 @@ flatbuffer writer), :mod:`~export.lce.cli` (``--target lce``, ``python -m export
 ``binary_ops`` and ``tflite_writer`` need only numpy and flatbuffers.
 """
 
-from .analyze import TranslationError
-from .api import FORMAT, FORMAT_VERSION, export_lce, signature_path, translate_onnx
-from .translate import OP_MAPPING
+from typing import TYPE_CHECKING
+
+from export.lazy import lazy_names
+
+if TYPE_CHECKING:  # loaded on first use (the command line's definitions need none of them)
+    from .analyze import TranslationError
+    from .api import FORMAT, FORMAT_VERSION, export_lce, signature_path, translate_onnx
+    from .translate import OP_MAPPING
 
 __all__ = [
     "FORMAT",
@@ -28,3 +33,8 @@ __all__ = [
     "signature_path",
     "translate_onnx",
 ]
+
+__getattr__ = lazy_names(__name__, globals(), {
+    "TranslationError": f"{__name__}.analyze", "OP_MAPPING": f"{__name__}.translate",
+    **{name: f"{__name__}.api" for name in
+       ("FORMAT", "FORMAT_VERSION", "export_lce", "signature_path", "translate_onnx")}})
