@@ -8,7 +8,8 @@ group with the native ``ew_chain`` (``edge_runtime._packed``): the running value
 registers, each node still one float32 operation in the graph's order (bit-identical), one read
 of each full-size operand and one write of the result. A chain may start with a table lookup of
 ``y_t`` (:mod:`edge_runtime.lut`) or a 2x nearest upsampling (:mod:`edge_runtime.resize`),
-done in the same pass. Operands of unexpected runtime shape fall
+done in the same pass; when a fused binary conv packs the chain's result after its TB ``Sub``,
+the pass writes those packed words too. Operands of unexpected runtime shape fall
 back to the nodes one by one.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import _packed
-from .fused import StepValues
+from .fused import StepValues, channels_vector
 
 __all__ = ["chain_step", "chains"]
 
@@ -63,13 +64,15 @@ def _operand(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
-               one_by_one: list[Callable[[StepValues], None]], lut=None
-               ) -> Callable[[StepValues], None]:
+               one_by_one: list[Callable[[StepValues], None]], lut=None,
+               emit: tuple[str, Callable] | None = None) -> Callable[[StepValues], None]:
     """The closure running chain ``nodes``: ``operands(env, node, skip)`` gives a node's NHWC
     inputs (None for the input named ``skip``: the running value, never materialised),
     ``donors`` the values whose buffer may take the result, ``one_by_one`` the nodes' own NumPy
     steps (the fallback); ``lut``: the :class:`edge_runtime.lut.LutConv` of ``nodes[0]`` when
-    the chain starts with that lookup; a chain may also start with a 2x ``Resize``."""
+    the chain starts with that lookup; a chain may also start with a 2x ``Resize``. ``emit``:
+    ``(key, sub(env))``: also write the packed sign words of ``result - sub`` (the next fused
+    binary conv's input) into ``env.words[key]`` in the same pass."""
     dst = nodes[-1].output[0]
     inner = {n.output[0] for n in nodes[:-1]}
     upsample = nodes[0].op_type == "Resize"  # edge_runtime.resize: the 2x copy as the start
@@ -123,13 +126,21 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
                 out = buf
                 break
         code = "".join(ops).encode()
+        pack = {}
+        if emit is not None:
+            sub = channels_vector(emit[1](env), shape[0], shape[3])
+            if sub is not None:
+                pack = {"pack_sub": sub, "words": np.empty(
+                    (*shape[:3], (shape[3] + 31) // 32), np.int32)}
         if lut is None:
             env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out, upsample=upsample,
-                                             threads=env.threads)
-            return None
-        result = lut.chain(y, code, tuple(args), out, threads=env.threads)
-        if result is None:  # y_t is not exactly 0/1: the nodes one by one (ORT convolution)
-            return fallback(env)
-        env.nhwc[dst] = result
+                                             threads=env.threads, **pack)
+        else:
+            result = lut.chain(y, code, tuple(args), out, threads=env.threads, **pack)
+            if result is None:  # y_t is not exactly 0/1: the nodes one by one (ORT convolution)
+                return fallback(env)
+            env.nhwc[dst] = result
+        if pack:
+            env.words[emit[0]] = pack["words"]
         return None
     return run

@@ -83,6 +83,15 @@ class StepExecutor:
         self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
         words_reader = {f.words_for[0]: None for f in self._fusions.values() if f.words_for}
         self._kind_of = {o: kinds[id(node)] for node in nodes for o in node.output}
+        # a NumPy-produced value a fused conv packs after its TB Sub (a feed or constant): the
+        # elementwise chain ending in it writes those words in the same pass (chain_step)
+        self._chain_words: dict[str, tuple[str, str]] = {}
+        for f in self._fusions.values():
+            if f.sub and self._kind_of.get(f.x) == "numpy" and f.sub not in self._kind_of \
+                    and f.x not in self._chain_words:
+                key = plan_words_key(f.x, f.sub)
+                self._chain_words[f.x] = (key, f.sub)
+                words_reader[key] = None
         self._consumers: dict[str, list] = {}
         for node in nodes:
             for name in node.input:
@@ -148,6 +157,7 @@ class StepExecutor:
             self._specs = None
         # drop what keeps the graph proto (and the float weights) alive
         self.consts, self._consumers, self._packed_nodes, self._natives = {}, {}, [], {}
+        self._chain_words = {}
         self._fusions = {}
     # -- steps ------------------------------------------------------------------------------
     def _packed_step(self, node, kinds) -> Callable[[StepValues], None]:
@@ -259,9 +269,14 @@ class StepExecutor:
         def operands(env: StepValues, node, skip: str | None) -> list:
             return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
                     for n in node.input]
+        emit = self._chain_words.get(run[-1].output[0])
+        if emit is not None:  # (words key, the conv's TB vector: a constant or a feed)
+            sub = self.consts.get(emit[1])
+            emit = (emit[0], (lambda env, name=emit[1], value=sub:
+                              env.get(name) if value is None else value))
         return chain_step(run, operands, list(dict.fromkeys(donors)),
                           [self._numpy_step(node) for node in run],
-                          self._natives.get(id(run[0])))
+                          self._natives.get(id(run[0])), emit)
 
     def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}

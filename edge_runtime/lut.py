@@ -91,13 +91,14 @@ class LutConv:
         return n, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1, self.table.shape[1]
 
     def chain(self, y: np.ndarray, ops: bytes = b"", operands: tuple = (),
-              out: np.ndarray | None = None, *, threads: int = 1) -> np.ndarray | None:
-        """The lookup followed by ``_packed.ew_chain`` ops in the same pass; None unless ``y``
-        (N, 1, H, W) is exactly 0/1."""
+              out: np.ndarray | None = None, *, threads: int = 1,
+              **pack) -> np.ndarray | None:
+        """The lookup followed by ``_packed.ew_chain`` ops (and its ``pack_sub`` / ``words``)
+        in the same pass; None unless ``y`` (N, 1, H, W) is exactly 0/1."""
         (kh, kw), (ph, pw) = self.kernel, self.pads
         y = np.ascontiguousarray(y.reshape(y.shape[0], *y.shape[2:]))
         return _packed.ew_chain(y, ops, operands, out, self.table, (kh, kw, ph, pw),
-                                threads=threads)
+                                threads=threads, **pack)
 
     def _lookup(self, y: np.ndarray, threads: int = 1) -> np.ndarray | None:
         return self.chain(y, threads=threads)

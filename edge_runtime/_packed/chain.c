@@ -2,6 +2,8 @@
  *
  *     v = start[i];  for each step k:  v = op_k(v, operand_k[i])
  *
+ * With pack_sub and words the pass also writes the next binary layer's packed input: the sign
+ * bits of result - pack_sub (edge_runtime.packed's word format).
  * start: a float32 NHWC feature map x, x upsampled 2x by nearest neighbour (each pixel
  * repeated 2 x 2), or the convolution of a 0/1 map y (the diffusion state y_t) through a
  * table: out[n, h, w, :] = table[idx], bit dy * kw + dx of idx set where the tap
@@ -25,6 +27,10 @@
 
 #include "glue.h"
 
+#if HIDIFF_X86 && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #define MAX_STEPS 16
 #define CHUNK 2048 /* floats per chunk (8 KiB) */
 
@@ -34,6 +40,11 @@ typedef struct {
     const float *x;        /* the start map, or NULL with a table */
     const uint32_t *idx;   /* [n * pixels] table rows (with a table) */
     const float *table;    /* [rows][c] or NULL */
+    /* optional: the next binary layer's input, bit c of word c / 32 of each pixel set where
+     * result - psub[c] < 0 (the float32 difference, as ONNX Sub then the sign) */
+    uint32_t *words;       /* [n * pixels][wd], zeroed, or NULL */
+    const float *psub;     /* [n or 1][c] */
+    Py_ssize_t psub_bstride, wd;
 } chain_start;
 
 typedef struct {
@@ -110,6 +121,13 @@ typedef struct {
                 }                                                                              \
                 }                                                                              \
             }                                                                                  \
+            if (st->words) {                                                                   \
+                const float *ps = st->psub + b * st->psub_bstride;                             \
+                uint32_t *wp = st->words + (size_t)(base / c) * (size_t)st->wd;                \
+                for (Py_ssize_t q = 0; q < len; q += c, wp += st->wd)                          \
+                    for (Py_ssize_t jj = 0; jj < c; jj++)                                      \
+                        wp[jj / 32] |= (uint32_t)(buf[q + jj] - ps[jj] < 0.0f) << (jj % 32);   \
+            }                                                                                  \
             memcpy(out + base, buf, sizeof(float) * (size_t)len);                              \
         })                                                                                     \
     }
@@ -122,7 +140,30 @@ typedef float vecf __attribute__((vector_size(VEC * 4)));
 typedef int32_t veci __attribute__((vector_size(VEC * 4)));
 
 #define VLOAD(p) ({ vecf v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define DEFINE_CHAIN_VEC(NAME, ATTR)                                                           \
+/* Bit k set where lane k of d is < 0 (false for NaN), per instruction set. */
+#define BITS_512(d)                                                                            \
+    ({                                                                                         \
+        __m512 x_;                                                                             \
+        memcpy(&x_, &(d), sizeof x_);                                                          \
+        (uint32_t)_mm512_cmp_ps_mask(x_, _mm512_setzero_ps(), _CMP_LT_OQ);                     \
+    })
+#define BITS_256(d)                                                                            \
+    ({                                                                                         \
+        __m256 lo_, hi_;                                                                       \
+        memcpy(&lo_, &(d), sizeof lo_);                                                        \
+        memcpy(&hi_, (const char *)&(d) + sizeof lo_, sizeof hi_);                             \
+        const __m256 z_ = _mm256_setzero_ps();                                                 \
+        (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(lo_, z_, _CMP_LT_OQ)) |                     \
+            (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(hi_, z_, _CMP_LT_OQ)) << 8;             \
+    })
+#define BITS_PLAIN(d)                                                                          \
+    ({                                                                                         \
+        uint32_t b_ = 0;                                                                       \
+        for (int k_ = 0; k_ < VEC; k_++)                                                       \
+            b_ |= (uint32_t)((d)[k_] < 0.0f) << k_;                                            \
+        b_;                                                                                    \
+    })
+#define DEFINE_CHAIN_VEC(NAME, ATTR, BITS)                                                      \
     ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
                           const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
     {                                                                                          \
@@ -152,6 +193,11 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
                     }                                                                          \
                     }                                                                          \
                 }                                                                              \
+                if (st->words) { /* 16 sign bits: half a word */                               \
+                    const vecf dv = v - VLOAD(st->psub + b * st->psub_bstride + j);            \
+                    st->words[(size_t)pix * (size_t)st->wd + (size_t)(j / 32)] |=              \
+                        BITS(dv) << (j % 32);                                                  \
+                }                                                                              \
                 memcpy(out + at, &v, sizeof v);                                                \
             }                                                                                  \
         })                                                                                     \
@@ -160,11 +206,11 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
 #if HIDIFF_X86 && defined(__GNUC__)
 DEFINE_CHAIN(chain_avx512, __attribute__((target("avx512f"))))
 DEFINE_CHAIN(chain_avx2, __attribute__((target("avx2"))))
-DEFINE_CHAIN_VEC(chain_vec_avx512, __attribute__((target("avx512f"))))
-DEFINE_CHAIN_VEC(chain_vec_avx2, __attribute__((target("avx2"))))
+DEFINE_CHAIN_VEC(chain_vec_avx512, __attribute__((target("avx512f"))), BITS_512)
+DEFINE_CHAIN_VEC(chain_vec_avx2, __attribute__((target("avx2"))), BITS_256)
 #endif
 DEFINE_CHAIN(chain_base, )
-DEFINE_CHAIN_VEC(chain_vec_base, )
+DEFINE_CHAIN_VEC(chain_vec_base, , BITS_PLAIN)
 
 typedef void (*chain_fn)(const chain_start *, float *, Py_ssize_t, Py_ssize_t,
                          const chain_step *, int, Py_ssize_t, Py_ssize_t);
@@ -235,14 +281,20 @@ static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, in
 PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x",     "ops",    "operands", "out", "table",
-                            "kernel", "upsample", "threads", NULL};
+    static char *names[] = {"x",       "ops",     "operands", "out",   "table", "kernel",
+                            "upsample", "threads", "pack_sub", "words", NULL};
     PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
+    PyObject *ps_obj = Py_None, *w_obj = Py_None;
     const char *ops;
     int upsample = 0, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpi", names, &x_obj, &ops, &operands,
-                                     &out_obj, &t_obj, &k_obj, &upsample, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpiOO", names, &x_obj, &ops, &operands,
+                                     &out_obj, &t_obj, &k_obj, &upsample, &threads, &ps_obj,
+                                     &w_obj))
         return NULL;
+    if ((ps_obj == Py_None) != (w_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "pack_sub and words go together");
+        return NULL;
+    }
     const int nsteps = (int)strlen(ops), lut = t_obj != Py_None;
     if (lut && upsample) {
         PyErr_SetString(PyExc_ValueError, "table and upsample are exclusive starts");
@@ -269,14 +321,14 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
                         "a table takes 1 <= kh * kw <= 16 taps and 0 <= pad < kernel size");
         return NULL;
     }
-    Py_buffer xv, tv, ov[MAX_STEPS], outv;
-    int held = 0, table_held = 0;
+    Py_buffer xv, tv, ov[MAX_STEPS], outv, psv, wv;
+    int held = 0, table_held = 0, pack_held = 0;
     PyObject *result = NULL;
     uint32_t *idx = NULL, *col = NULL;
     if (get_buffer(x_obj, &xv, lut ? "y" : "x", 'f', 0) < 0)
         return NULL;
     chain_step steps[MAX_STEPS];
-    chain_start st = {(const float *)xv.buf, NULL, NULL};
+    chain_start st = {(const float *)xv.buf, NULL, NULL, NULL, NULL, 0, 0};
     Py_ssize_t shape[4] = {0, 0, 0, 0};
     int ndim = xv.ndim;
     if (lut) {
@@ -350,6 +402,25 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
+    if (w_obj != Py_None) {
+        if (get_buffer(ps_obj, &psv, "pack_sub", 'f', 0) < 0)
+            goto done;
+        if (get_buffer(w_obj, &wv, "words", 'i', 1) < 0) {
+            PyBuffer_Release(&psv);
+            goto done;
+        }
+        pack_held = 1;
+        const Py_ssize_t wd = (c + 31) / 32, plen = psv.len / 4;
+        if (wv.len / 4 != size / c * wd || (plen != c && plen != n * c)) {
+            PyErr_Format(PyExc_ValueError,
+                         "words must hold %zd words (a pixel's %zd) and pack_sub C or N * C "
+                         "values", size / c * wd, wd);
+            goto done;
+        }
+        memset(wv.buf, 0, (size_t)wv.len);
+        st.words = (uint32_t *)wv.buf, st.psub = (const float *)psv.buf, st.wd = wd;
+        st.psub_bstride = plen == c ? 0 : c;
+    }
     if (lut) {
         idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
         col = malloc(sizeof(uint32_t) * (size_t)(xv.shape[2] + 2 * pw));
@@ -398,6 +469,10 @@ done:
         PyBuffer_Release(&ov[k]);
     if (table_held)
         PyBuffer_Release(&tv);
+    if (pack_held) {
+        PyBuffer_Release(&psv);
+        PyBuffer_Release(&wv);
+    }
     PyBuffer_Release(&xv);
     return result;
 }

@@ -7,7 +7,8 @@ shared batch item, per-channel shared / per item, scalar), channel counts on bot
 (``set_path``) and values with exact zeros (both signs), infinities, NaN and subnormals;
 ``out`` may be ``x`` or a full operand. In the packed
 executor, chains appear on the exported tiny model and their fallback (operands of unexpected
-shape) is bit-exact too. The 2x nearest upsampling (alone, or as a chain's start) equals
+shape) is bit-exact too. A chain can also write the next binary layer's packed input. The 2x
+nearest upsampling (alone, or as a chain's start) equals
 onnxruntime's ``Resize`` exactly; other resizes stay in onnxruntime.
 """
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from refiner_feeds import boundary_values, step_inputs
 
-from edge_runtime import _packed, chain, resize
+from edge_runtime import _packed, chain, packed, resize
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.model import load_model
@@ -202,3 +203,29 @@ def test_a_negative_zero_scalar_stays_negative(channels):
     x = np.full((1, 2, 3, channels), -0.0, np.float32)
     got = _packed.ew_chain(x, b"a", (np.array([-0.0], np.float32),))
     assert np.signbit(got).all()
+
+
+@pytest.mark.parametrize("channels", [32, 64, 24, 40])
+def test_chain_writes_the_next_layers_packed_input(channels):
+    """pack_sub / words: the sign words of result - sub equal packed.pack_nhwc's of the result
+    (signed zeros, NaN, infinities), on every instruction set's variant, shared or per item."""
+    rng = np.random.default_rng(channels)
+    x = _values(rng, (2, 5, 7, channels))
+    full = _values(rng, x.shape)
+    with np.errstate(all="ignore"):
+        result = x * full
+    for sub in (_values(rng, (2, channels)), _values(rng, (channels,))):
+        want = packed.pack_nhwc(result, sub=sub)
+        for path in _packed.available_paths():
+            _packed.set_path(path)
+            try:
+                words = np.full(want.shape, -1, np.int32)  # the pass zeroes them first
+                got = _packed.ew_chain(x, b"m", (full,), pack_sub=sub, words=words)
+            finally:
+                _packed.set_path(None)
+            assert np.array_equal(words, want), path
+            assert np.array_equal(got, result, equal_nan=True)
+    with pytest.raises(ValueError, match="go together"):
+        _packed.ew_chain(x, b"m", (full,), pack_sub=sub)
+    with pytest.raises(ValueError, match="words must hold"):
+        _packed.ew_chain(x, b"m", (full,), pack_sub=sub, words=np.zeros(3, np.int32))
