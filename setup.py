@@ -19,8 +19,8 @@ setup(
         Extension(
             "edge_runtime._packed",
             sources=[SRC + f for f in (
-                "packed.c", "bconv.c", "chain.c", "pool.c", "pointwise.c", "parallel.c", "driver.c", "kernel_portable.c", "kernel_avx2.c",
-                "kernel_avx512.c",
+                "packed.c", "bconv.c", "chain.c", "pool.c", "pointwise.c", "parallel.c",
+                "driver.c", "kernel_portable.c", "kernel_avx2.c", "kernel_avx512.c",
             )],
             depends=[SRC + "kernels.h", SRC + "glue.h"],
             extra_compile_args=args,

@@ -1,9 +1,11 @@
-"""Inputs of the exported refiner step for the edge tests: one batch of random images through
-the segmentor, and the boundary values of the step's dynamic part."""
+"""Helpers of the refiner-step tests (tests/edge): inputs of the exported step (random images
+through the segmentor, the boundary values of its dynamic part) and hand-made step graphs."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 
 from edge_runtime.ortutil import make_session
 
@@ -29,3 +31,18 @@ def boundary_values(split, values, step: int, batch: int) -> dict[str, np.ndarra
             out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
             values.update(zip(part.outputs, out, strict=True))
     return {n: values[n] for n in split.dynamic.inputs}
+
+
+def binary_step_model(nodes: list, name: str, inputs: list, inits: list) -> onnx.ModelProto:
+    """A graph of ``nodes`` with output ``out``, its ``ai.hidiff::BinaryConv`` function body
+    attached (opset 17, IR 10): a refiner step in miniature."""
+    from export.ops import binary_conv_function
+
+    graph = helper.make_graph(
+        nodes, name, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.hidiff", 1)],
+                              ir_version=10)
+    model.functions.append(binary_conv_function(17))
+    return model

@@ -60,6 +60,15 @@ def tiny_export(tmp_path_factory, torch_one_thread) -> tuple[Path, Path]:
     return _export(tmp_path_factory, "resize")
 
 
+@pytest.fixture(scope="module")
+def refiner(tiny_export):
+    """The exported tiny model (``edge_runtime.model.load_model``) and its refiner step."""
+    from edge_runtime.model import load_model
+
+    exported = load_model(tiny_export[1])
+    return exported, exported.protos["refiner_step"]
+
+
 @pytest.fixture(scope="session")
 def tiny_tile_export(tmp_path_factory, torch_one_thread) -> tuple[Path, Path]:
     """``(model folder, exported folder)`` of a tiny tile-policy model (64 px tiles)."""

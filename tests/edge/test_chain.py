@@ -24,7 +24,6 @@ from refiner_feeds import boundary_values, step_inputs
 from edge_runtime import _packed, chain, packed, resize
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
-from edge_runtime.model import load_model
 from edge_runtime.ortutil import make_session
 
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38], np.float32)
@@ -102,12 +101,6 @@ def test_chain_bad_arguments():
         _packed.ew_chain(x.astype(np.float64), b"a", (np.zeros(4, np.float32),))
     with pytest.raises(ValueError, match="wrong shape"):
         _packed.ew_chain(x, b"a", (np.zeros(4, np.float32),), np.zeros((1, 2, 2, 5), np.float32))
-
-
-@pytest.fixture(scope="module")
-def refiner(tiny_export):
-    exported = load_model(tiny_export[1])
-    return exported, exported.protos["refiner_step"]
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -19,21 +19,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from refiner_feeds import boundary_values, step_inputs
+from refiner_feeds import binary_step_model, boundary_values, step_inputs
 
 import reference
 from edge_runtime import nhwc, pool
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
-from edge_runtime.model import load_model
 from edge_runtime.ortutil import make_session
-from export.ops import binary_conv_function
-
-
-@pytest.fixture(scope="module")
-def refiner(tiny_export):
-    exported = load_model(tiny_export[1])
-    return exported, exported.protos["refiner_step"]
 
 
 def test_split_parts_reproduce_the_graph(refiner):
@@ -126,16 +118,9 @@ def _binary_chain_model(pads2=(1, 1, 1, 1), pad_value2: float = 1.0) -> onnx.Mod
     inits.append(helper.make_tensor("table", TensorProto.FLOAT, table.shape, table.ravel()))
     nodes += [helper.make_node("Gather", ["table", "step"], ["row"]),
               helper.make_node("Add", ["h1", "row"], ["out"])]
-    graph = helper.make_graph(
-        nodes, "chain",
-        [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 40, 9, 9]),
-         helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.hidiff", 1)],
-                              ir_version=10)
-    model.functions.append(binary_conv_function(17))
-    return model
+    inputs = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 40, 9, 9]),
+              helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
+    return binary_step_model(nodes, "chain", inputs, inits)
 
 
 @pytest.mark.parametrize("pads2, pad_value2, chained, fallback", [

@@ -16,15 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from refiner_feeds import boundary_values, step_inputs
+from refiner_feeds import binary_step_model, boundary_values, step_inputs
 
 from edge_runtime import _packed, lut
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import DYNAMIC_INPUT, split_refiner
-from edge_runtime.model import load_model
 from edge_runtime.ortutil import make_session
 from edge_runtime.rewrite import rewrite_refiner
-from export.ops import binary_conv_function
 
 
 def _conv(rng, cout=16, kernel=(3, 3), pads=(1, 1), bias=True, **attrs):
@@ -154,17 +152,10 @@ def _stem_model() -> onnx.ModelProto:
                               kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
                               pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
              helper.make_node("Add", ["h", "m"], ["out"])]
-    graph = helper.make_graph(
-        nodes, "stem",
-        [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
-         helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
-         helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.hidiff", 1)],
-                              ir_version=10)
-    model.functions.append(binary_conv_function(17))
-    return model
+    inputs = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
+              helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
+              helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
+    return binary_step_model(nodes, "stem", inputs, inits)
 
 
 @pytest.mark.parametrize("probe", [True, False])
@@ -187,12 +178,6 @@ def test_executor_stem_lookup_is_bit_exact(monkeypatch, probe):
             values.update(zip(part.outputs, out, strict=True))
         feeds = {n: values[n] for n in split.dynamic.inputs}
         assert np.array_equal(_bits(executor.run(feeds)), _bits(dynamic.run(None, feeds)[0]))
-
-
-@pytest.fixture(scope="module")
-def refiner(tiny_export):
-    exported = load_model(tiny_export[1])
-    return exported, exported.protos["refiner_step"]
 
 
 def test_tiny_refiner_step_stays_bit_exact_for_any_y_t(refiner):

@@ -18,7 +18,6 @@ from refiner_feeds import boundary_values, step_inputs
 from edge_runtime import _packed, pointwise
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
-from edge_runtime.model import load_model
 from edge_runtime.ortutil import make_session
 from edge_runtime.rewrite import rewrite_refiner
 
@@ -98,12 +97,6 @@ def test_pointwise_bad_arguments():
         _packed.pointwise(x, np.zeros((4, 8), np.float32), np.zeros(7, np.float32))
     with pytest.raises(ValueError, match="float32"):
         _packed.pointwise(x.astype(np.float64), np.zeros((4, 8), np.float32))
-
-
-@pytest.fixture(scope="module")
-def refiner(tiny_export):
-    exported = load_model(tiny_export[1])
-    return exported, exported.protos["refiner_step"]
 
 
 @pytest.mark.parametrize("probe", [True, False])
