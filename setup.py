@@ -19,10 +19,10 @@ setup(
         Extension(
             "edge_runtime._packed",
             sources=[SRC + f for f in (
-                "packed.c", "bconv.c", "chain.c", "pool.c", "pointwise.c", "parallel.c",
-                "driver.c", "kernel_portable.c", "kernel_avx2.c", "kernel_avx512.c",
+                "packed.c", "bconv.c", "chain.c", "chain_py.c", "pool.c", "pointwise.c",
+                "parallel.c", "driver.c", "kernel_portable.c", "kernel_avx2.c", "kernel_avx512.c",
             )],
-            depends=[SRC + "kernels.h", SRC + "glue.h"],
+            depends=[SRC + "kernels.h", SRC + "glue.h", SRC + "chain.h"],
             extra_compile_args=args,
         )
     ]

@@ -1,5 +1,5 @@
 /* Declarations shared by the Python glue files of edge_runtime._packed (packed.c, bconv.c,
- * chain.c, pool.c, pointwise.c, parallel.c). */
+ * chain.c, chain_py.c, pool.c, pointwise.c, parallel.c). */
 #ifndef HIDIFF_PACKED_GLUE_H
 #define HIDIFF_PACKED_GLUE_H
 

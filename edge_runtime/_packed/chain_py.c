@@ -1,0 +1,241 @@
+/* ew_chain: the Python glue of the elementwise chains (chain.c): arguments, the start's row
+ * indices (a table lookup of the 0/1 state y_t, or a 2x nearest upsampling) and the optional
+ * packed output. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "chain.h"
+
+/* Table rows of every output pixel of the 0/1 map y (n, h, w); 0 when y holds anything but
+ * +0.0 and 1.0. */
+static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
+                    int ph, int pw, Py_ssize_t ho, Py_ssize_t wo, uint32_t *idx, uint32_t *col)
+{
+    for (Py_ssize_t i = 0; i < n * h * w; i++) {
+        uint32_t bits;
+        memcpy(&bits, y + i, 4);
+        if (bits != 0u && bits != 0x3F800000u)
+            return 0;
+    }
+    const Py_ssize_t wp = w + 2 * pw;
+    for (Py_ssize_t b = 0; b < n; b++)
+        for (Py_ssize_t r = 0; r < ho; r++) {
+            /* col[x]: bit dy * kw for each kernel row dy where padded column x holds 1 */
+            memset(col, 0, sizeof(uint32_t) * (size_t)wp);
+            for (int dy = 0; dy < kh; dy++) {
+                const Py_ssize_t yy = r + dy - ph;
+                if (yy < 0 || yy >= h)
+                    continue;
+                const float *row = y + (b * h + yy) * w;
+                for (Py_ssize_t x = 0; x < w; x++)
+                    col[x + pw] |= (uint32_t)(row[x] != 0.0f) << (dy * kw);
+            }
+            uint32_t *out = idx + (b * ho + r) * wo;
+            for (Py_ssize_t q = 0; q < wo; q++) {
+                uint32_t v = 0;
+                for (int dx = 0; dx < kw; dx++)
+                    v |= col[q + dx] << dx;
+                out[q] = v;
+            }
+        }
+    return 1;
+}
+
+PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    static char *names[] = {"x",       "ops",     "operands", "out",   "table", "kernel",
+                            "upsample", "threads", "pack_sub", "words", NULL};
+    PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
+    PyObject *ps_obj = Py_None, *w_obj = Py_None;
+    const char *ops;
+    int upsample = 0, threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpiOO", names, &x_obj, &ops, &operands,
+                                     &out_obj, &t_obj, &k_obj, &upsample, &threads, &ps_obj,
+                                     &w_obj))
+        return NULL;
+    if ((ps_obj == Py_None) != (w_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "pack_sub and words go together");
+        return NULL;
+    }
+    const int nsteps = (int)strlen(ops), lut = t_obj != Py_None;
+    if (lut && upsample) {
+        PyErr_SetString(PyExc_ValueError, "table and upsample are exclusive starts");
+        return NULL;
+    }
+    if (!PyTuple_Check(operands) || PyTuple_GET_SIZE(operands) != nsteps) {
+        PyErr_SetString(PyExc_ValueError, "operands must be a tuple with one array per op");
+        return NULL;
+    }
+    if (nsteps < !lut || nsteps > MAX_STEPS) {
+        PyErr_Format(PyExc_ValueError, "a chain has %d to %d ops (got %d)", !lut, MAX_STEPS,
+                     nsteps);
+        return NULL;
+    }
+    int kh = 0, kwid = 0, ph = 0, pw = 0;
+    if (lut && (!PyTuple_Check(k_obj) ||
+                !PyArg_ParseTuple(k_obj, "iiii", &kh, &kwid, &ph, &pw))) {
+        PyErr_SetString(PyExc_ValueError, "kernel must be (kh, kw, pad_h, pad_w)");
+        return NULL;
+    }
+    if (lut && (kh < 1 || kwid < 1 || kh * kwid > 16 || ph < 0 || pw < 0 || ph >= kh ||
+                pw >= kwid)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a table takes 1 <= kh * kw <= 16 taps and 0 <= pad < kernel size");
+        return NULL;
+    }
+    Py_buffer xv, tv, ov[MAX_STEPS], outv, psv, wv;
+    int held = 0, table_held = 0, pack_held = 0;
+    PyObject *result = NULL;
+    uint32_t *idx = NULL, *col = NULL;
+    if (get_buffer(x_obj, &xv, lut ? "y" : "x", 'f', 0) < 0)
+        return NULL;
+    chain_step steps[MAX_STEPS];
+    chain_start st = {(const float *)xv.buf, NULL, NULL, NULL, NULL, 0, 0};
+    Py_ssize_t shape[4] = {0, 0, 0, 0};
+    int ndim = xv.ndim;
+    if (lut) {
+        if (get_buffer(t_obj, &tv, "table", 'f', 0) < 0)
+            goto done;
+        table_held = 1;
+        const Py_ssize_t rows = (Py_ssize_t)1 << (kh * kwid);
+        if (xv.ndim != 3 || tv.ndim != 2 || tv.shape[0] != rows || tv.shape[1] < 1) {
+            PyErr_Format(PyExc_ValueError, "y must be (N, H, W) and table (%zd, C)", rows);
+            goto done;
+        }
+        const Py_ssize_t ho = xv.shape[1] + 2 * ph - kh + 1, wo = xv.shape[2] + 2 * pw - kwid + 1;
+        if (ho < 1 || wo < 1) {
+            PyErr_SetString(PyExc_ValueError, "y is smaller than the kernel");
+            goto done;
+        }
+        shape[0] = xv.shape[0], shape[1] = ho, shape[2] = wo, shape[3] = tv.shape[1];
+        ndim = 4;
+    } else if (upsample) {
+        if (xv.ndim != 4) {
+            PyErr_SetString(PyExc_ValueError, "upsample takes NHWC x (N, H, W, C)");
+            goto done;
+        }
+        shape[0] = xv.shape[0], shape[1] = 2 * xv.shape[1], shape[2] = 2 * xv.shape[2];
+        shape[3] = xv.shape[3];
+    } else
+        for (int i = 0; i < ndim && i < 4; i++)
+            shape[i] = xv.shape[i];
+    if (ndim < 1 || ndim > 4) {
+        PyErr_SetString(PyExc_ValueError, "x must have 1 to 4 dimensions (N, ..., C)");
+        goto done;
+    }
+    Py_ssize_t size = 1;
+    for (int i = 0; i < ndim; i++)
+        size *= shape[i];
+    const Py_ssize_t n = ndim >= 2 ? shape[0] : 1, c = shape[ndim - 1];
+    if (c < 1 || c > CHUNK || size % n) {
+        PyErr_Format(PyExc_ValueError, "the result must be (N, ..., C) with 1 <= C <= %d",
+                     CHUNK);
+        goto done;
+    }
+    for (; held < nsteps; held++) {
+        const char op = ops[held];
+        if (!strchr("asrmp", op)) {
+            PyErr_Format(PyExc_ValueError, "unknown op %c; allowed values: a, s, r, m, p", op);
+            goto done;
+        }
+        if (get_buffer(PyTuple_GET_ITEM(operands, held), &ov[held], "operand", 'f', 0) < 0)
+            goto done;
+        const Py_ssize_t len = ov[held].len / 4;
+        chain_step *s = &steps[held];
+        s->op = op;
+        s->p = (const float *)ov[held].buf;
+        s->bstride = 0;
+        if (len == size && size != c && size != 1)
+            s->kind = FULL;
+        else if (n > 1 && len == size / n && len != c)
+            s->kind = ITEM;
+        else if (len == 1)
+            s->kind = SCALAR;
+        else if (len == c)
+            s->kind = CHANNEL;
+        else if (len == n * c) {
+            s->kind = CHANNEL;
+            s->bstride = c;
+        } else {
+            PyErr_Format(PyExc_ValueError,
+                         "operand %d has %zd values: the result's size %zd, one item's, C = %zd, "
+                         "N * C or 1 allowed", held, len, size, c);
+            PyBuffer_Release(&ov[held]);
+            goto done;
+        }
+    }
+    if (w_obj != Py_None) {
+        if (get_buffer(ps_obj, &psv, "pack_sub", 'f', 0) < 0)
+            goto done;
+        if (get_buffer(w_obj, &wv, "words", 'i', 1) < 0) {
+            PyBuffer_Release(&psv);
+            goto done;
+        }
+        pack_held = 1;
+        const Py_ssize_t wd = (c + 31) / 32, plen = psv.len / 4;
+        if (wv.len / 4 != size / c * wd || (plen != c && plen != n * c)) {
+            PyErr_Format(PyExc_ValueError,
+                         "words must hold %zd words (a pixel's %zd) and pack_sub C or N * C "
+                         "values", size / c * wd, wd);
+            goto done;
+        }
+        memset(wv.buf, 0, (size_t)wv.len);
+        st.words = (uint32_t *)wv.buf, st.psub = (const float *)psv.buf, st.wd = wd;
+        st.psub_bstride = plen == c ? 0 : c;
+    }
+    if (lut) {
+        idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
+        col = malloc(sizeof(uint32_t) * (size_t)(xv.shape[2] + 2 * pw));
+        if (!idx || !col) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        int binary;
+        Py_BEGIN_ALLOW_THREADS
+        binary = lut_rows((const float *)xv.buf, xv.shape[0], xv.shape[1], xv.shape[2], kh, kwid,
+                          ph, pw, shape[1], shape[2], idx, col);
+        Py_END_ALLOW_THREADS
+        if (!binary) { /* not a 0/1 map: the caller convolves it otherwise */
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        st.x = NULL, st.idx = idx, st.table = (const float *)tv.buf;
+    } else if (upsample) { /* rows of x: output pixel (b, r, q) reads (b, r / 2, q / 2) */
+        idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
+        if (!idx) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        const Py_ssize_t h = xv.shape[1], w = xv.shape[2];
+        for (Py_ssize_t b = 0; b < shape[0]; b++)
+            for (Py_ssize_t r = 0; r < 2 * h; r++)
+                for (Py_ssize_t q = 0; q < 2 * w; q++)
+                    idx[(b * 2 * h + r) * 2 * w + q] = (uint32_t)((b * h + r / 2) * w + q / 2);
+        st.x = NULL, st.idx = idx, st.table = (const float *)xv.buf;
+    }
+    result = output(out_obj, &outv, ndim, shape, 'f');
+    if (!result)
+        goto done;
+    {
+        Py_BEGIN_ALLOW_THREADS
+        chain_run(&st, (float *)outv.buf, size, n, c, steps, nsteps, threads);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&outv);
+done:
+    free(idx);
+    free(col);
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&ov[k]);
+    if (table_held)
+        PyBuffer_Release(&tv);
+    if (pack_held) {
+        PyBuffer_Release(&psv);
+        PyBuffer_Release(&wv);
+    }
+    PyBuffer_Release(&xv);
+    return result;
+}
