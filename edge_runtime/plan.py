@@ -152,7 +152,8 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
         elif resize.supported(node, consts) and _rank(types, node.output[0]) == 4:
             kinds[id(node)] = "candidate"
         elif pool.supported(node) and _rank(types, node.output[0]) == 4 and (
-                pool.matches_onnxruntime(_channels(types, node.input[0]) or 0)):
+                (channels := _channels(types, node.input[0])) and  # unknown: ORT's
+                pool.matches_onnxruntime(channels)):
             kinds[id(node)] = "candidate"
         else:
             kinds[id(node)] = "ort"

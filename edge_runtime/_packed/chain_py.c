@@ -130,9 +130,15 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
     for (int i = 0; i < ndim; i++)
         size *= shape[i];
     const Py_ssize_t n = ndim >= 2 ? shape[0] : 1, c = shape[ndim - 1];
-    if (c < 1 || c > CHUNK || size % n) {
+    if (c < 1 || c > CHUNK) {
         PyErr_Format(PyExc_ValueError, "the result must be (N, ..., C) with 1 <= C <= %d",
                      CHUNK);
+        goto done;
+    }
+    if (size == 0) { /* an empty batch: nothing to compute */
+        result = output(out_obj, &outv, ndim, shape, 'f');
+        if (result)
+            PyBuffer_Release(&outv);
         goto done;
     }
     for (; held < nsteps; held++) {
@@ -143,26 +149,34 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         }
         if (get_buffer(PyTuple_GET_ITEM(operands, held), &ov[held], "operand", 'f', 0) < 0)
             goto done;
-        const Py_ssize_t len = ov[held].len / 4;
+        /* the operand's kind from its shape (lengths alone can coincide: H * W == N) */
+        const Py_buffer *o = &ov[held];
+        const Py_ssize_t len = o->len / 4;
+        int same = o->ndim == ndim, item = o->ndim == ndim && ndim >= 2 && o->shape[0] == 1;
+        for (int i = 0; i < o->ndim && i < ndim; i++) {
+            same = same && o->shape[i] == shape[i];
+            item = item && (i == 0 || o->shape[i] == shape[i]);
+        }
         chain_step *s = &steps[held];
         s->op = op;
-        s->p = (const float *)ov[held].buf;
+        s->p = (const float *)o->buf;
         s->bstride = 0;
-        if (len == size && size != c && size != 1)
-            s->kind = FULL;
-        else if (n > 1 && len == size / n && len != c)
-            s->kind = ITEM;
-        else if (len == 1)
+        if (len == 1)
             s->kind = SCALAR;
-        else if (len == c)
+        else if (same)
+            s->kind = FULL;
+        else if (item)
+            s->kind = ITEM;
+        else if (o->ndim == 1 && len == c)
             s->kind = CHANNEL;
-        else if (len == n * c) {
+        else if (o->ndim == 2 && o->shape[1] == c && (o->shape[0] == 1 || o->shape[0] == n)) {
             s->kind = CHANNEL;
-            s->bstride = c;
+            s->bstride = o->shape[0] == 1 ? 0 : c;
         } else {
             PyErr_Format(PyExc_ValueError,
-                         "operand %d has %zd values: the result's size %zd, one item's, C = %zd, "
-                         "N * C or 1 allowed", held, len, size, c);
+                         "operand %d has %zd values in %d dimensions: the result's shape, one "
+                         "item of it (1, ...), (C,) with C = %zd, (N, C) or one value allowed",
+                         held, len, o->ndim, c);
             PyBuffer_Release(&ov[held]);
             goto done;
         }

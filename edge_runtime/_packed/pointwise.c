@@ -164,6 +164,13 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
     result = output(out_obj, &ov, 4, shape, 'f');
     if (!result)
         goto done;
+    if ((const char *)ov.buf < (const char *)xv.buf + xv.len &&
+        (const char *)xv.buf < (const char *)ov.buf + ov.len) { /* rows are read after writes */
+        PyErr_SetString(PyExc_ValueError, "out must not overlap x");
+        PyBuffer_Release(&ov);
+        Py_CLEAR(result);
+        goto done;
+    }
     {
         const pw_job job = {pick_pw(shape[3]), (const float *)xv.buf, (const float *)wv.buf,
                             has_bias ? (const float *)bv.buf : NULL, (float *)ov.buf,

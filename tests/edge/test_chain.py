@@ -93,7 +93,7 @@ def test_chain_bad_arguments():
     x = np.zeros((1, 2, 2, 4), np.float32)
     with pytest.raises(ValueError, match="allowed values: a, s, r, m, p"):
         _packed.ew_chain(x, b"x", (np.zeros(4, np.float32),))
-    with pytest.raises(ValueError, match="operand 0 has 3 values"):
+    with pytest.raises(ValueError, match="operand 0 has 3 values in 1 dimensions"):
         _packed.ew_chain(x, b"a", (np.zeros(3, np.float32),))
     with pytest.raises(ValueError, match="one array per op"):
         _packed.ew_chain(x, b"aa", (np.zeros(4, np.float32),))
@@ -222,3 +222,25 @@ def test_chain_writes_the_next_layers_packed_input(channels):
         _packed.ew_chain(x, b"m", (full,), pack_sub=sub)
     with pytest.raises(ValueError, match="words must hold"):
         _packed.ew_chain(x, b"m", (full,), pack_sub=sub, words=np.zeros(3, np.int32))
+
+
+def test_operand_kinds_come_from_shapes_not_lengths():
+    """(N, C) per-item vectors where H * W == N have as many values as one item: still per item
+    (found in review); an empty batch computes nothing."""
+    rng = np.random.default_rng(4)
+    for shape in ((4, 2, 2, 16), (2, 1, 2, 24)):
+        x = _values(rng, shape)
+        per_item = _values(rng, (shape[0], shape[3]))
+        with np.errstate(all="ignore"):
+            want = x * per_item[:, None, None, :]
+        got = _packed.ew_chain(x, b"m", (per_item,))
+        assert np.array_equal(got, want, equal_nan=True)
+    empty = _packed.ew_chain(np.zeros((0, 4, 4, 16), np.float32), b"a",
+                             (np.zeros(16, np.float32),))
+    assert empty.shape == (0, 4, 4, 16)
+    lut_empty = _packed.ew_chain(np.zeros((0, 4, 4), np.float32), b"", (), None,
+                                 np.zeros((512, 16), np.float32), (3, 3, 1, 1))
+    assert lut_empty.shape == (0, 4, 4, 16)
+    with pytest.raises(ValueError, match=r"\(N, C\) or one value"):
+        _packed.ew_chain(np.zeros((2, 2, 2, 16), np.float32), b"a",
+                         (np.zeros((2, 2, 16), np.float32),))

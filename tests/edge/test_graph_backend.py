@@ -261,3 +261,14 @@ def test_executor_pools_in_numpy_only_where_onnxruntime_agrees(refiner, monkeypa
 
 def _pool_channels(split, pools) -> list[int]:
     return [split.types[n.input[0]].tensor_type.shape.dim[1].dim_value for n in pools]
+
+
+def test_a_pool_of_unknown_channel_count_stays_in_onnxruntime():
+    """No probe can run without the channel count (it used to try 0 channels and fail)."""
+    from edge_runtime.plan import assign
+
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    types = {name: helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", "C", 8, 8])
+             for name in ("x", "y")}
+    kinds = assign([node], {}, types, use_packed=True, fallbacks=[])
+    assert kinds[id(node)] == "ort"

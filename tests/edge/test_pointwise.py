@@ -97,6 +97,9 @@ def test_pointwise_bad_arguments():
         _packed.pointwise(x, np.zeros((4, 8), np.float32), np.zeros(7, np.float32))
     with pytest.raises(ValueError, match="float32"):
         _packed.pointwise(x.astype(np.float64), np.zeros((4, 8), np.float32))
+    square = np.zeros((1, 2, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="must not overlap x"):  # rows are read after writes
+        _packed.pointwise(square, np.zeros((8, 8), np.float32), None, square)
 
 
 @pytest.mark.parametrize("probe", [True, False])
