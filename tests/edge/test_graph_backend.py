@@ -13,8 +13,6 @@ small hand-made graphs.
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import onnx
 import pytest
@@ -22,7 +20,7 @@ from onnx import TensorProto, helper
 from refiner_feeds import binary_step_model, boundary_values, step_inputs
 
 import reference
-from edge_runtime import nhwc, pool
+from edge_runtime import nhwc, packed, pool
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.ortutil import make_session
@@ -218,8 +216,9 @@ def test_pool_equals_onnxruntime_where_the_probe_says_so(channels):
     same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
     if pool.matches_onnxruntime(channels):
         assert same
-    if channels % 16 == 0 and platform.machine() in ("x86_64", "AMD64"):
-        # MLAS's blocked (NCHWc) pool, block 8 (AVX2) or 16 (AVX-512), is the probe's target
+    if channels % 16 == 0 and "avx512" in packed.available_paths():
+        # MLAS's blocked (NCHWc) pool, the probe's target: measured to agree on AVX-512 x86;
+        # elsewhere accepting is the probe's call (exactness is asserted above either way)
         assert pool.matches_onnxruntime(channels)
 
 
@@ -249,7 +248,7 @@ def test_executor_pools_in_numpy_only_where_onnxruntime_agrees(refiner, monkeypa
     if probe:
         channels = _pool_channels(split, pools)
         assert in_numpy == sum(pool.matches_onnxruntime(c) for c in channels)
-        if platform.machine() in ("x86_64", "AMD64"):
+        if "avx512" in packed.available_paths():  # where the probe was measured to accept
             assert in_numpy >= sum(c % 16 == 0 for c in channels) > 0  # the path is exercised
     else:
         assert in_numpy == 0

@@ -58,7 +58,9 @@ def test_lookup_equals_onnxruntime_on_0_1_maps(kernel, pads, bias, cout):
     rng = np.random.default_rng(cout + kernel[0])
     node, consts = _conv(rng, cout, kernel, pads, bias)
     table = lut.LutConv.build(node, consts)
-    assert table is not None
+    if table is None:  # measured to agree on AVX-512 x86; elsewhere the probe decides
+        assert "avx512" not in _packed.available_paths()
+        return
     for shape in ((1, 1, 64, 64), (3, 1, 7, 130), (2, 1, 3, 3), (1, 1, 1, 5)):
         if shape[2] + 2 * pads[0] < kernel[0] or shape[3] + 2 * pads[1] < kernel[1]:
             continue

@@ -66,8 +66,9 @@ def test_pointwise_equals_onnxruntime(cin, cout, bias, kernel_path):
     if not _vector_path():
         assert conv is None  # no vector path: left to onnxruntime
         return
-    if conv is None:  # the probe refused: ORT's blocked kernel must then not have been used
-        assert cin % 16, "ORT's blocked pointwise kernel (input channels in blocks of 16)"
+    if conv is None:  # the probe refused: measured to accept ORT's blocked kernel (input
+        # channels in blocks of 16) on AVX-512 x86; elsewhere the probe decides
+        assert cin % 16 or "avx512" not in _packed.available_paths()
         return
     for shape in ((1, cin, 33, 40), (3, cin, 5, 7), (1, cin, 1, 1)):
         x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-4, 5, shape)).astype(np.float32)
