@@ -49,6 +49,14 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
         const __mmask16 valid = left >= L ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
         const __m512 sc = _mm512_loadu_ps(d->scale + c0);
         const __m512 bi = _mm512_loadu_ps(d->bias + c0);
+        /* the epilogue's per-channel vectors, loaded once per block (the stores below could
+         * alias them as far as the compiler knows) */
+        const int fz = r->fused && r->zeta, fs = r->fused && r->slope, fg = r->fused && r->gamma,
+                  fp = r->fused && r->pout && r->pthr;
+        const __m512 zeta = fz ? _mm512_maskz_loadu_ps(valid, r->zeta + c0) : _mm512_setzero_ps();
+        const __m512 slope = fs ? _mm512_maskz_loadu_ps(valid, r->slope + c0) : _mm512_setzero_ps();
+        const __m512 gamma = fg ? _mm512_maskz_loadu_ps(valid, r->gamma + c0) : _mm512_setzero_ps();
+        const __m512 pthr = fp ? _mm512_maskz_loadu_ps(valid, r->pthr + c0) : _mm512_setzero_ps();
         for (int p = 0; p < P; p++) {
             __m512i a = acc[p][g];
             if (r->corr) {
@@ -71,20 +79,17 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
                     if (r->res)
                         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(
                                                  valid, r->res + (size_t)(ow + p) * d->cout + c0));
-                    if (r->zeta)
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, r->zeta + c0));
-                    if (r->slope) {
-                        const __m512 neg =
-                            _mm512_mul_ps(v, _mm512_maskz_loadu_ps(valid, r->slope + c0));
+                    if (fz)
+                        v = _mm512_add_ps(v, zeta);
+                    if (fs) {
+                        const __m512 neg = _mm512_mul_ps(v, slope);
                         v = _mm512_mask_blend_ps(
                             _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, neg);
                     }
-                    if (r->gamma)
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, r->gamma + c0));
+                    if (fg)
+                        v = _mm512_add_ps(v, gamma);
                     if (r->pout) { /* the next layer's sign bits of v - pthr */
-                        const __m512 dv =
-                            r->pthr ? _mm512_sub_ps(v, _mm512_maskz_loadu_ps(valid, r->pthr + c0))
-                                    : v;
+                        const __m512 dv = fp ? _mm512_sub_ps(v, pthr) : v;
                         const uint16_t bits = (uint16_t)(
                             _mm512_cmp_ps_mask(dv, _mm512_setzero_ps(), _CMP_LT_OQ) & valid);
                         uint32_t *w = r->pout + (size_t)(ow + p) * d->out_words + c0 / 32;
