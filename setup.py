@@ -20,7 +20,8 @@ setup(
             "edge_runtime._packed",
             sources=[SRC + f for f in (
                 "packed.c", "bconv.c", "chain.c", "chain_py.c", "pool.c", "pointwise.c",
-                "parallel.c", "driver.c", "kernel_portable.c", "kernel_avx2.c", "kernel_avx512.c",
+                "shifted.c", "parallel.c", "driver.c", "kernel_portable.c", "kernel_avx2.c",
+                "kernel_avx512.c",
             )],
             depends=[SRC + "kernels.h", SRC + "glue.h", SRC + "chain.h"],
             extra_compile_args=args,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import nhwc, pool, resize
+from . import nhwc, pool, resize, shifted
 from .chain import chain_step, chains
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
@@ -39,6 +39,9 @@ from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, sche
 from .plan import words_key as plan_words_key
 
 __all__ = ["PlanStats", "StepExecutor"]
+
+#: onnxruntime pieces containing these get the executor's threads (the others one thread)
+_SPLIT_OPS = frozenset({"Conv", "ConvTranspose", "BinaryConv"})
 
 
 @dataclass
@@ -74,10 +77,13 @@ class StepExecutor:
         self.inputs = list(split.dynamic.inputs)
         self.output = split.output
         self.consts = const_values(model, split.kinds, nodes)
-        self._natives: dict[int, object] = {}  # native convolutions (lut / pointwise)
+        self._natives: dict[int, object] = {}  # native convolutions (lut / pointwise), sums
+        if use_packed:  # the head's Pad -> Slice x K -> Sum as one native pass
+            nodes = shifted.fold(nodes, self.consts, self._natives)
         kinds = assign(nodes, self.consts, split.types, use_packed=use_packed,
                        fallbacks=self.stats.fallbacks,
                        natives=self._natives if use_packed else None)
+        nodes = shifted.unfold(nodes, kinds, self._natives)
         nodes, self._fusions = fuse(nodes, kinds, self.consts, split.types, {self.output})
         self.stats.fused = sum(len(f.nodes) for f in self._fusions.values())
         self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
@@ -222,6 +228,12 @@ class StepExecutor:
             def run_pointwise(env: StepValues) -> None:
                 env.nhwc[dst] = native(env.get_nhwc(src), threads=env.threads)
             return run_pointwise
+        if node.op_type == shifted.OP:  # edge_runtime.shifted
+            native, src, dst = self._natives[id(node)], node.input[0], node.output[0]
+
+            def run_sum(env: StepValues) -> None:
+                env.nhwc[dst] = native(env.get_nhwc(src), threads=env.threads)
+            return run_sum
         if node.op_type == "Resize":  # edge_runtime.resize: a copy
             src, dst = node.input[0], node.output[0]
 
@@ -302,7 +314,10 @@ class StepExecutor:
         sub = submodel(model, group, inputs, outputs, split.kinds, split.types,
                        f"cluster_{len(self._steps)}")
         sub = with_channels_last(sub, nhwc_in, nhwc_out, set(outputs) - nchw_out)
-        session = make_session(sub, self.threads)
+        # pieces without convolutions (the X-Former on 8 x 8 tokens, the head's shifted sum)
+        # are too small to split: with 2 threads they took longer (1.01 against 0.83 ms)
+        threads = self.threads if any(n.op_type in _SPLIT_OPS for n in group) else 1
+        session = make_session(sub, threads)
         out_names = [o.name for o in sub.graph.output]
         feed_names = [(n + "__nhwc" if n in nhwc_in else n, n) for n in inputs]
 

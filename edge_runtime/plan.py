@@ -36,6 +36,7 @@ from . import nhwc, npops, pool, resize
 from .export_format import BINARY_CONV, DOMAIN
 from .lut import LutConv
 from .pointwise import PointwiseConv
+from .shifted import ShiftedSum
 
 __all__ = [
     "BINARY_CONV", "DOMAIN", "FUSED", "Fusion", "assign", "const_values", "fuse", "last_reads",
@@ -133,6 +134,9 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
     (kind ``numpy`` when they join it)."""
     kinds: dict[int, str] = {}
     for node in nodes:
+        if natives is not None and isinstance(natives.get(id(node)), ShiftedSum):
+            kinds[id(node)] = "candidate"  # edge_runtime.shifted (folded when natives is given)
+            continue
         if natives is not None and node.op_type == "Conv":
             native = LutConv.build(node, consts) or PointwiseConv.build(node, consts)
             if native is not None:

@@ -1,5 +1,5 @@
 /* Declarations shared by the Python glue files of edge_runtime._packed (packed.c, bconv.c,
- * chain.c, chain_py.c, pool.c, pointwise.c, parallel.c). */
+ * chain.c, chain_py.c, pool.c, pointwise.c, shifted.c, parallel.c). */
 #ifndef HIDIFF_PACKED_GLUE_H
 #define HIDIFF_PACKED_GLUE_H
 
@@ -34,6 +34,7 @@ PyObject *py_bconv2d(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *py_shifted_sum(PyObject *self, PyObject *args, PyObject *kw);
 
 #define BCONV2D_DOC                                                                              \
     "bconv2d(x, w, cin, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pad_value,\n"    \

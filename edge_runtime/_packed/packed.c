@@ -328,6 +328,11 @@ static PyMethodDef methods[] = {
     {"avg_pool2", (PyCFunction)(void (*)(void))py_avg_pool2, METH_VARARGS | METH_KEYWORDS,
      "avg_pool2(x, out=None) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool of NHWC x "
      "(stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in row-major order."},
+    {"shifted_sum", (PyCFunction)(void (*)(void))py_shifted_sum, METH_VARARGS | METH_KEYWORDS,
+     "shifted_sum(x, terms, consts, top, left, ho, wo, out=None, threads=1) -> float32 (N, ho, "
+     "wo, 1): per output pixel the float32 sum, left to right, of the terms (K, 3) int32 rows "
+     "(channel, dy, dx): x[n, i + dy - top, j + dx - left, channel] of NHWC x, +0.0 outside it; "
+     "a row with channel -1 adds consts[k] instead."},
     {"pointwise", (PyCFunction)(void (*)(void))py_pointwise, METH_VARARGS | METH_KEYWORDS,
      "pointwise(x, w, bias=None, out=None) -> float32 (N, H, W, Cout): 1 x 1 convolution of NHWC "
      "x with w (Cin, Cout): per output, fma over the input channels in order from 0, then + "

@@ -70,6 +70,28 @@ def refiner(tiny_export):
 
 
 @pytest.fixture(scope="session")
+def wide_head_refiner(tmp_path_factory, torch_one_thread):
+    """The exported tiny model with a 16-channel refiner (its head's 3 x 3 conv to one channel
+    is then rewritten by ``narrow_conv``, as in the larger presets) and its refiner step."""
+    import dataclasses
+
+    from model_factory import make_model_dir as make
+
+    from edge_runtime.model import load_model
+    from export import export_model_dir
+    from hidiff.config import preset
+
+    config = preset("tiny")
+    config = dataclasses.replace(config, refiner=dataclasses.replace(config.refiner,
+                                                                     base_channels=16))
+    model_dir = make(tmp_path_factory.mktemp("model_wide") / "tiny", config=config)
+    out = tmp_path_factory.mktemp("onnx_wide") / "tiny"
+    export_model_dir(model_dir, out)
+    exported = load_model(out)
+    return exported, exported.protos["refiner_step"]
+
+
+@pytest.fixture(scope="session")
 def tiny_tile_export(tmp_path_factory, torch_one_thread) -> tuple[Path, Path]:
     """``(model folder, exported folder)`` of a tiny tile-policy model (64 px tiles)."""
     return _export(tmp_path_factory, "tile")
