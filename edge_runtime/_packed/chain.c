@@ -222,5 +222,5 @@ void chain_run(const chain_start *st, float *out, Py_ssize_t size, Py_ssize_t n,
                const chain_step *steps, int nsteps, int threads)
 {
     const chain_job job = {pick_chain(c % VEC == 0), st, out, size / n, c, steps, nsteps};
-    run_parallel(threads, size, c, 1 << 18, chain_range, (void *)&job);
+    run_parallel(threads, size, c, 1 << 16, chain_range, (void *)&job);
 }

@@ -1,17 +1,10 @@
 /* Path-independent part of the binary convolution: spatial padding of the packed input, weight
  * repacking into the cout-vector layout, padding corrections for pad_value 0, the row loop and
- * the optional thread split.  No Python API here (runs without the GIL). */
+ * the optional thread split (parallel.c).  No Python objects here (runs without the GIL). */
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels.h"
-
-#if !defined(_WIN32)
-#include <pthread.h>
-#define HIDIFF_THREADS 1
-#else
-#define HIDIFF_THREADS 0
-#endif
+#include "glue.h"
 
 static inline int popcount32(uint32_t v)
 {
@@ -158,62 +151,30 @@ static int run_rows(const job_t *j, int r0, int r1)
     return 0;
 }
 
-#if HIDIFF_THREADS
 typedef struct {
     const job_t *job;
-    int r0, r1, status, spawned;
-    pthread_t tid;
-} chunk_t;
+    int status; /* -1 once a chunk failed (each failing chunk writes -1; read after all ran) */
+} rows_job;
 
-static void *chunk_main(void *arg)
+static void rows_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
 {
-    chunk_t *c = arg;
-    c->status = run_rows(c->job, c->r0, c->r1);
-    return NULL;
+    rows_job *r = ctx;
+    if (run_rows(r->job, (int)lo, (int)hi) < 0)
+        r->status = -1;
 }
-#endif
 
-/* All n * ho output rows, split into `threads` contiguous chunks (the caller's thread runs the
- * first; a thread that cannot be started runs inline). */
-/* Below this many patch words x output channels per thread a layer stays on one thread:
- * starting and joining one costs ~40 us here, about a 32 x 32 x 64 layer's whole work. */
-#define MIN_WORK_PER_THREAD ((long long)1 << 21)
+/* All n * ho output rows, split over the threads (parallel.c). */
+/* Below this many patch words x output channels per thread a layer stays on one thread. */
+#define MIN_WORK_PER_THREAD ((long long)1 << 19)
 
 static int run_all(const job_t *j)
 {
     const int nrows = j->a->n * j->a->ho;
-    int nt = j->a->threads < 1 ? 1 : j->a->threads;
-    if (nt > nrows)
-        nt = nrows;
-    const long long work = (long long)nrows * j->a->wo * j->d.tw * j->d.cpad;
-    while (nt > 1 && work / nt < MIN_WORK_PER_THREAD)
-        nt--;
-#if HIDIFF_THREADS
-    if (nt > 1) {
-        chunk_t *ch = calloc((size_t)nt, sizeof *ch);
-        if (!ch)
-            return -1;
-        for (int t = 0; t < nt; t++) {
-            ch[t].job = j;
-            ch[t].r0 = (int)((long long)nrows * t / nt);
-            ch[t].r1 = (int)((long long)nrows * (t + 1) / nt);
-            if (t > 0)
-                ch[t].spawned = pthread_create(&ch[t].tid, NULL, chunk_main, &ch[t]) == 0;
-        }
-        int status = 0;
-        for (int t = 0; t < nt; t++) {
-            if (ch[t].spawned)
-                pthread_join(ch[t].tid, NULL);
-            else
-                chunk_main(&ch[t]);
-            if (ch[t].status < 0)
-                status = -1;
-        }
-        free(ch);
-        return status;
-    }
-#endif
-    return run_rows(j, 0, nrows);
+    const long long per_row = (long long)j->a->wo * j->d.tw * j->d.cpad;
+    rows_job r = {.job = j, .status = 0};
+    run_parallel(j->a->threads, nrows, 1, (Py_ssize_t)(MIN_WORK_PER_THREAD / (per_row + 1) + 1),
+                 rows_range, &r);
+    return r.status;
 }
 
 prepared_t *prepare_weights(const uint32_t *w, int cout, int cin, int kh, int kw, int path,

@@ -177,8 +177,9 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
                             xv.shape[3], shape[3]};
         const Py_ssize_t pixels = shape[0] * shape[1] * shape[2];
         Py_BEGIN_ALLOW_THREADS
-        /* a chunk of at least ~4 M multiply-adds per thread (~0.1 ms: a thread costs ~40 us) */
-        const Py_ssize_t grain = ((Py_ssize_t)1 << 22) / (xv.shape[3] * shape[3] + 1) + 1;
+        /* a chunk of at least ~1 M multiply-adds per thread (~25 us; handing a chunk to a
+         * waiting worker costs a few us, parallel.c) */
+        const Py_ssize_t grain = ((Py_ssize_t)1 << 20) / (xv.shape[3] * shape[3] + 1) + 1;
         run_parallel(threads, pixels, PW_PIX, grain, pw_range, (void *)&job);
         Py_END_ALLOW_THREADS
     }

@@ -111,7 +111,7 @@ PyObject *py_shifted_sum(PyObject *self, PyObject *args, PyObject *kw)
         const shift_job job = {xv.buf, ov.buf, xv.shape[1], xv.shape[2], xv.shape[3], ho, wo,
                                top, left, (int)nterms, t, cv.buf};
         Py_BEGIN_ALLOW_THREADS
-        /* rows of at least ~64 K terms per thread (a thread start costs ~40 us) */
+        /* rows of at least ~64 K terms per thread (parallel.c) */
         const Py_ssize_t grain = ((Py_ssize_t)1 << 16) / (wo * nterms + 1) + 1;
         run_parallel(threads, shape[0] * ho, 1, grain, shift_range, (void *)&job);
         Py_END_ALLOW_THREADS
