@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import nhwc, pool, resize, shifted
+from . import nhwc, pool, resize, shifted, upadd
 from .chain import chain_step, chains
 from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
 from .lut import LutConv
 from .ortutil import make_session
-from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, schedule
+from .plan import assign, const_values, fuse, last_reads, packed_conv_spec, schedule, unfold
 from .plan import words_key as plan_words_key
 
 __all__ = ["PlanStats", "StepExecutor"]
@@ -78,12 +78,13 @@ class StepExecutor:
         self.output = split.output
         self.consts = const_values(model, split.kinds, nodes)
         self._natives: dict[int, object] = {}  # native convolutions (lut / pointwise), sums
-        if use_packed:  # the head's Pad -> Slice x K -> Sum as one native pass
-            nodes = shifted.fold(nodes, self.consts, self._natives)
+        if use_packed:  # groups of nodes run as one native pass each
+            nodes = shifted.fold(nodes, self.consts, self._natives)  # the head's shifted sum
+            nodes = upadd.fold(nodes, self.consts, self._natives)  # decoders: upsample + conv
         kinds = assign(nodes, self.consts, split.types, use_packed=use_packed,
                        fallbacks=self.stats.fallbacks,
                        natives=self._natives if use_packed else None)
-        nodes = shifted.unfold(nodes, kinds, self._natives)
+        nodes = unfold(nodes, kinds, self._natives)
         nodes, self._fusions = fuse(nodes, kinds, self.consts, split.types, {self.output})
         self.stats.fused = sum(len(f.nodes) for f in self._fusions.values())
         self.stats.packed_words = sum(f.words_for is not None for f in self._fusions.values())
@@ -234,6 +235,13 @@ class StepExecutor:
             def run_sum(env: StepValues) -> None:
                 env.nhwc[dst] = native(env.get_nhwc(src), threads=env.threads)
             return run_sum
+        if node.op_type == upadd.OP:  # edge_runtime.upadd
+            native, (src, low), dst = self._natives[id(node)], node.input, node.output[0]
+
+            def run_upadd(env: StepValues) -> None:
+                env.nhwc[dst] = native(env.get_nhwc(src), env.get_nhwc(low),
+                                       threads=env.threads)
+            return run_upadd
         if node.op_type == "Resize":  # edge_runtime.resize: a copy
             src, dst = node.input[0], node.output[0]
 

@@ -37,6 +37,7 @@ from .export_format import BINARY_CONV, DOMAIN
 from .lut import LutConv
 from .pointwise import PointwiseConv
 from .shifted import ShiftedSum
+from .upadd import UpsampleAddConv
 
 __all__ = [
     "BINARY_CONV", "DOMAIN", "FUSED", "Fusion", "assign", "const_values", "fuse", "last_reads",
@@ -134,8 +135,8 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
     (kind ``numpy`` when they join it)."""
     kinds: dict[int, str] = {}
     for node in nodes:
-        if natives is not None and isinstance(natives.get(id(node)), ShiftedSum):
-            kinds[id(node)] = "candidate"  # edge_runtime.shifted (folded when natives is given)
+        if natives is not None and isinstance(natives.get(id(node)), FOLDED):
+            kinds[id(node)] = "candidate"  # folded groups (when natives is given): see unfold
             continue
         if natives is not None and node.op_type == "Conv":
             native = LutConv.build(node, consts) or PointwiseConv.build(node, consts)
@@ -163,6 +164,27 @@ def assign(nodes, consts: dict[str, np.ndarray], types: dict, *, use_packed: boo
             kinds[id(node)] = "ort"
     _grow_region(nodes, kinds)
     return kinds
+
+
+#: natives of plan nodes that replace a group of graph nodes (their ``nodes``)
+FOLDED = (ShiftedSum, UpsampleAddConv)
+
+
+def unfold(nodes: list, kinds: dict[int, str], natives: dict) -> list:
+    """``nodes`` with each folded group (:mod:`edge_runtime.shifted`,
+    :mod:`edge_runtime.upadd`) the plan did not keep native (kind other than ``numpy``) put
+    back as its own nodes, kind ``ort``."""
+    out = []
+    for node in nodes:
+        native = natives.get(id(node))
+        if isinstance(native, FOLDED) and kinds.get(id(node)) != "numpy":
+            for n in native.nodes:
+                kinds[id(n)] = "ort"
+                out.append(n)
+            del natives[id(node)]
+            continue
+        out.append(node)
+    return out
 
 
 def _grow_region(nodes, kinds: dict[int, str]) -> None:

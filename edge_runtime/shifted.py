@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import _packed
 from .export_format import DOMAIN
 
-__all__ = ["OP", "ShiftedSum", "fold", "unfold"]
+__all__ = ["OP", "ShiftedSum", "fold"]
 
 OP = "ShiftedSum"  # plan-only node (domain ai.hidiff.edge)
 _BIG = np.iinfo(np.int64).max
@@ -224,18 +224,3 @@ def fold(nodes: list, consts: dict[str, np.ndarray], natives: dict) -> list:
                 replaced[id(n)] = None
     return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
 
-
-def unfold(nodes: list, kinds: dict[int, str], natives: dict) -> list:
-    """``nodes`` with each ``ShiftedSum`` the plan did not keep native (kind other than
-    ``numpy``) put back as its own nodes, kind ``ort``."""
-    out = []
-    for node in nodes:
-        native = natives.get(id(node))
-        if isinstance(native, ShiftedSum) and kinds.get(id(node)) != "numpy":
-            for n in native.nodes:
-                kinds[id(n)] = "ort"
-                out.append(n)
-            del natives[id(node)]
-            continue
-        out.append(node)
-    return out

@@ -334,9 +334,10 @@ static PyMethodDef methods[] = {
      "(channel, dy, dx): x[n, i + dy - top, j + dx - left, channel] of NHWC x, +0.0 outside it; "
      "a row with channel -1 adds consts[k] instead."},
     {"pointwise", (PyCFunction)(void (*)(void))py_pointwise, METH_VARARGS | METH_KEYWORDS,
-     "pointwise(x, w, bias=None, out=None) -> float32 (N, H, W, Cout): 1 x 1 convolution of NHWC "
-     "x with w (Cin, Cout): per output, fma over the input channels in order from 0, then + "
-     "bias."},
+     "pointwise(x, w, bias=None, out=None, threads=1, add_up=None) -> float32 (N, H, W, Cout): "
+     "1 x 1 convolution of NHWC x with w (Cin, Cout): per output, fma over the input channels in "
+     "order from 0, then + bias; with add_up (N, H / 2, W / 2, Cout) then add_up[n, i / 2, j / 2] "
+     "+ y (a 2x nearest upsampling added in the same pass)."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},

@@ -4,7 +4,10 @@
  *
  * (one rounding per fused multiply-add, input channels in order, the bias added last), which is
  * what onnxruntime's blocked (NCHWc) pointwise kernel computes; edge_runtime.pointwise checks
- * that per node against onnxruntime before using it.  Blocked over 4 pixels x up to 4 vectors
+ * that per node against onnxruntime before using it.  With `add` (the decoder's
+ * Add(Resize_2x(low), conv)) each result then becomes low[b, i / 2, j / 2, oc] + y, the one
+ * float32 addition of that Add (commutative, so either operand order gives these bits).
+ * Blocked over 4 pixels x up to 4 vectors
  * of output channels so that the multiply-adds of a block are independent.  Compiled per target
  * (AVX-512F + FMA, AVX2 + FMA, and plain C with fmaf); the default kernel path (set_path) picks.
  */
@@ -17,6 +20,19 @@
 
 #define PW_PIX 4 /* pixels per block (and per thread chunk) */
 
+/* The optional upsampled addend: NHWC (N, H / 2, W / 2, cout) for an output of H x W pixels. */
+typedef struct {
+    const float *low;
+    Py_ssize_t h, w;
+} pw_add;
+
+/* Offset of output pixel q's addend row in low. */
+static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
+{
+    const Py_ssize_t b = q / (a->h * a->w), r = q % (a->h * a->w);
+    return (b * (a->h / 2) + (r / a->w) / 2) * (a->w / 2) + (r % a->w) / 2;
+}
+
 #if HIDIFF_X86 && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -25,9 +41,9 @@
 
 /* One block: P pixels x G vectors of L output channels from oc0 (P, G compile-time). */
 #define DEFINE_PW_BLOCK(NAME, ATTR, VT, L, LOAD, STORE, SET1, FMA, ADD, ZERO)                  \
-    INL ATTR void NAME(const float *x, const float *w, const float *bias, float *out,         \
-                       Py_ssize_t p, Py_ssize_t oc0, Py_ssize_t cin, Py_ssize_t cout,         \
-                       const int P, const int G)                                              \
+    INL ATTR void NAME(const float *x, const float *w, const float *bias, const pw_add *ad,   \
+                       float *out, Py_ssize_t p, Py_ssize_t oc0, Py_ssize_t cin,              \
+                       Py_ssize_t cout, const int P, const int G)                             \
     {                                                                                          \
         VT acc[PW_PIX][PW_VEC];                                                                \
         for (int i = 0; i < P; i++)                                                            \
@@ -43,35 +59,40 @@
                     acc[i][v] = FMA(xv, wv[v], acc[i][v]);                                     \
             }                                                                                  \
         }                                                                                      \
-        for (int i = 0; i < P; i++)                                                            \
+        for (int i = 0; i < P; i++) {                                                          \
+            const float *lo = ad ? ad->low + pw_low_row(ad, p + i) * cout + oc0 : NULL;        \
             for (int v = 0; v < G; v++) {                                                      \
                 VT y = acc[i][v];                                                              \
                 if (bias)                                                                      \
                     y = ADD(y, LOAD(bias + oc0 + v * L));                                      \
+                if (lo)                                                                        \
+                    y = ADD(LOAD(lo + v * L), y);                                              \
                 STORE(out + (p + i) * cout + oc0 + v * L, y);                                  \
             }                                                                                  \
+        }                                                                                      \
     }
 
 #define DEFINE_PW(NAME, BLOCK, ATTR, L)                                                        \
-    ATTR static void NAME(const float *x, const float *w, const float *bias, float *out,      \
-                          Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)  \
+    ATTR static void NAME(const float *x, const float *w, const float *bias, const pw_add *ad, \
+                          float *out, Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin,       \
+                          Py_ssize_t cout)                                                     \
     {                                                                                          \
         for (Py_ssize_t oc0 = 0; oc0 < cout; oc0 += PW_VEC * L) {                              \
             const int g = (int)((cout - oc0) / L < PW_VEC ? (cout - oc0) / L : PW_VEC);        \
             Py_ssize_t p = p0;                                                                 \
             for (; p + PW_PIX <= pixels; p += PW_PIX)                                          \
                 switch (g) {                                                                   \
-                case 1: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 1); break;           \
-                case 2: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 2); break;           \
-                case 3: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 3); break;           \
-                default: BLOCK(x, w, bias, out, p, oc0, cin, cout, PW_PIX, 4); break;          \
+                case 1: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 1); break;           \
+                case 2: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 2); break;           \
+                case 3: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 3); break;           \
+                default: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 4); break;          \
                 }                                                                              \
             for (; p < pixels; p++)                                                            \
                 switch (g) {                                                                   \
-                case 1: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 1); break;                \
-                case 2: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 2); break;                \
-                case 3: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 3); break;                \
-                default: BLOCK(x, w, bias, out, p, oc0, cin, cout, 1, 4); break;               \
+                case 1: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 1); break;                \
+                case 2: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 2); break;                \
+                case 3: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 3); break;                \
+                default: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 4); break;               \
                 }                                                                              \
         }                                                                                      \
     }
@@ -86,25 +107,30 @@ DEFINE_PW(pw_avx512, blk_avx512, __attribute__((target("avx512f,fma"))), 16)
 DEFINE_PW(pw_avx2, blk_avx2, __attribute__((target("avx2,fma"))), 8)
 #endif
 
-static void pw_plain(const float *x, const float *w, const float *bias, float *out,
-                     Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin, Py_ssize_t cout)
+static void pw_plain(const float *x, const float *w, const float *bias, const pw_add *ad,
+                     float *out, Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin,
+                     Py_ssize_t cout)
 {
-    for (Py_ssize_t p = p0; p < pixels; p++)
+    for (Py_ssize_t p = p0; p < pixels; p++) {
+        const float *lo = ad ? ad->low + pw_low_row(ad, p) * cout : NULL;
         for (Py_ssize_t oc = 0; oc < cout; oc++) {
             float acc = 0.0f;
             for (Py_ssize_t ic = 0; ic < cin; ic++)
                 acc = fmaf(x[p * cin + ic], w[ic * cout + oc], acc);
-            out[p * cout + oc] = bias ? acc + bias[oc] : acc;
+            float y = bias ? acc + bias[oc] : acc;
+            out[p * cout + oc] = lo ? lo[oc] + y : y;
         }
+    }
 }
 
 /* pixels [p0, p1) */
-typedef void (*pw_fn)(const float *, const float *, const float *, float *, Py_ssize_t,
-                      Py_ssize_t, Py_ssize_t, Py_ssize_t);
+typedef void (*pw_fn)(const float *, const float *, const float *, const pw_add *, float *,
+                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t);
 
 typedef struct {
     pw_fn fn;
     const float *x, *w, *bias;
+    const pw_add *ad;
     float *out;
     Py_ssize_t cin, cout;
 } pw_job;
@@ -112,7 +138,7 @@ typedef struct {
 static void pw_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
 {
     const pw_job *j = ctx;
-    j->fn(j->x, j->w, j->bias, j->out, lo, hi, j->cin, j->cout);
+    j->fn(j->x, j->w, j->bias, j->ad, j->out, lo, hi, j->cin, j->cout);
 }
 
 /* The kernel of the default kernel path (set_path) for cout: the vector kernels need cout a
@@ -135,14 +161,14 @@ static pw_fn pick_pw(Py_ssize_t cout)
 PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "w", "bias", "out", "threads", NULL};
-    PyObject *x_obj, *w_obj, *b_obj = Py_None, *out_obj = Py_None;
+    static char *names[] = {"x", "w", "bias", "out", "threads", "add_up", NULL};
+    PyObject *x_obj, *w_obj, *b_obj = Py_None, *out_obj = Py_None, *a_obj = Py_None;
     int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOi", names, &x_obj, &w_obj, &b_obj,
-                                     &out_obj, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOiO", names, &x_obj, &w_obj, &b_obj,
+                                     &out_obj, &threads, &a_obj))
         return NULL;
-    Py_buffer xv, wv, bv, ov;
-    int has_bias = b_obj != Py_None;
+    Py_buffer xv, wv, bv, ov, av;
+    int has_bias = b_obj != Py_None, has_add = 0;
     PyObject *result = NULL;
     if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
         return NULL;
@@ -161,6 +187,17 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     const Py_ssize_t shape[4] = {xv.shape[0], xv.shape[1], xv.shape[2], wv.shape[1]};
+    if (a_obj != Py_None) {
+        if (get_buffer(a_obj, &av, "add_up", 'f', 0) < 0)
+            goto done;
+        has_add = 1;
+        if (av.ndim != 4 || shape[1] % 2 || shape[2] % 2 || av.shape[0] != shape[0] ||
+            av.shape[1] != shape[1] / 2 || av.shape[2] != shape[2] / 2 || av.shape[3] != shape[3]) {
+            PyErr_SetString(PyExc_ValueError, "add_up must be NHWC (N, H / 2, W / 2, Cout) "
+                                              "for an even H and W");
+            goto done;
+        }
+    }
     result = output(out_obj, &ov, 4, shape, 'f');
     if (!result)
         goto done;
@@ -171,10 +208,18 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
         Py_CLEAR(result);
         goto done;
     }
+    if (has_add && (const char *)ov.buf < (const char *)av.buf + av.len &&
+        (const char *)av.buf < (const char *)ov.buf + ov.len) {
+        PyErr_SetString(PyExc_ValueError, "out must not overlap add_up");
+        PyBuffer_Release(&ov);
+        Py_CLEAR(result);
+        goto done;
+    }
     {
+        const pw_add ad = {has_add ? (const float *)av.buf : NULL, shape[1], shape[2]};
         const pw_job job = {pick_pw(shape[3]), (const float *)xv.buf, (const float *)wv.buf,
-                            has_bias ? (const float *)bv.buf : NULL, (float *)ov.buf,
-                            xv.shape[3], shape[3]};
+                            has_bias ? (const float *)bv.buf : NULL, has_add ? &ad : NULL,
+                            (float *)ov.buf, xv.shape[3], shape[3]};
         const Py_ssize_t pixels = shape[0] * shape[1] * shape[2];
         Py_BEGIN_ALLOW_THREADS
         /* a chunk of at least ~1 M multiply-adds per thread (~25 us; handing a chunk to a
@@ -185,6 +230,8 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
     }
     PyBuffer_Release(&ov);
 done:
+    if (has_add)
+        PyBuffer_Release(&av);
     if (has_bias)
         PyBuffer_Release(&bv);
     PyBuffer_Release(&wv);

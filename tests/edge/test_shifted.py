@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from refiner_feeds import boundary_values, step_inputs
 
 from edge_runtime import _packed, pointwise, shifted
+from edge_runtime import executor as executor_module
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.ortutil import make_session
@@ -131,7 +132,8 @@ def test_executor_folds_the_head_exactly(wide_head_refiner, monkeypatch, refused
     assert stats.counts()["narrow_conv"] == 1
     split = split_refiner(proto)
     unfolded = []
-    monkeypatch.setattr(shifted, "unfold", lambda nodes, kinds, natives, real=shifted.unfold: (
+    monkeypatch.setattr(executor_module, "unfold", lambda nodes, kinds, natives,
+                        real=executor_module.unfold: (
         unfolded.append(any(isinstance(v, shifted.ShiftedSum) for v in natives.values()))
         or real(nodes, kinds, natives)))
     executor = StepExecutor(proto, split)
