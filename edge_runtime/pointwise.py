@@ -95,10 +95,11 @@ class PointwiseConv:
         return np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
 
     def __call__(self, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
-        """The convolution of NHWC float32 ``x`` (N, H, W, Cin), NHWC (N, H, W, Cout)."""
+        """The convolution of NHWC float32 ``x`` (N, H, W, Cin), NHWC (N, H, W, Cout); with
+        output channels padded to whole vectors, a view of the first Cout of the kernel's
+        result (the head's taps: :mod:`edge_runtime.shifted` reads them in place; other readers
+        make it contiguous)."""
         y = _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.weight, self.bias,
                               threads=threads)
-        if y.shape[3] != self.out_channels:
-            y = np.ascontiguousarray(y[..., :self.out_channels])
-        return y
+        return y if y.shape[3] == self.out_channels else y[..., :self.out_channels]
 

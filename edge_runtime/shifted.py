@@ -86,9 +86,17 @@ class ShiftedSum:
         return np.asarray(rows, np.int32), size[0], size[1]
 
     def __call__(self, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
-        """The sum for NHWC float32 ``x`` (N, H, W, C), NHWC (N, Ho, Wo, 1)."""
+        """The sum for NHWC float32 ``x`` (N, H, W, C), NHWC (N, Ho, Wo, 1); ``x`` may be the
+        first C channels of a C-contiguous map of more (read in place)."""
+        plan = self._terms(x.shape) if getattr(x, "ndim", 0) == 4 else None
+        base = x.base if isinstance(x, np.ndarray) else None
+        if (plan is not None and isinstance(base, np.ndarray) and x.dtype == np.float32
+                and base.dtype == np.float32 and base.ndim == 4 and base.flags.c_contiguous
+                and base.shape[:3] == x.shape[:3] and base.shape[3] >= x.shape[3]
+                and x.strides == base.strides
+                and x.__array_interface__["data"][0] == base.__array_interface__["data"][0]):
+            x = base  # the terms name channels below x's count: the extra ones are not read
         x = np.ascontiguousarray(x, dtype=np.float32)
-        plan = self._terms(x.shape) if x.ndim == 4 else None
         if plan is None:
             return self._numpy(x)
         terms, ho, wo = plan

@@ -89,6 +89,12 @@ def test_folded_sum_equals_onnxruntime(kh, kw, pads, size, bias, seed):
     got = native(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
     assert got.shape == want.shape
     assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
+    # the first channels of a wider map (the 1 x 1 conv's output padded to whole vectors),
+    # read in place
+    wide = np.concatenate([x, _taps(rng, 2, 7, *size)], axis=1).transpose(0, 2, 3, 1)
+    view = np.ascontiguousarray(wide)[..., :kh * kw]
+    assert not view.flags.c_contiguous
+    assert np.array_equal(native(view).view(np.uint32), got.view(np.uint32))
     # the NumPy form (for shapes the native call does not take) computes the same bits
     fallback = native._numpy(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
     assert np.array_equal(fallback.view(np.uint32), got.view(np.uint32))
