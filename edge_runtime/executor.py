@@ -31,7 +31,7 @@ import onnx
 
 from . import nhwc, pool, resize, shifted, upadd
 from .chain import chain_step, chains
-from .fused import StepValues, donated_buffer, fused_conv_step, pad_words
+from .fused import StepValues, channels_vector, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
 from .lut import LutConv
 from .ortutil import make_session
@@ -237,10 +237,17 @@ class StepExecutor:
             return run_sum
         if node.op_type == upadd.OP:  # edge_runtime.upadd
             native, (src, low), dst = self._natives[id(node)], node.input, node.output[0]
+            emit = self._emit(dst)
 
             def run_upadd(env: StepValues) -> None:
-                env.nhwc[dst] = native(env.get_nhwc(src), env.get_nhwc(low),
-                                       threads=env.threads)
+                x, lo = env.get_nhwc(src), env.get_nhwc(low)
+                sub = (channels_vector(emit[1](env), x.shape[0], native.conv.out_channels)
+                       if emit and x.ndim == 4 else None)
+                if sub is None:
+                    env.nhwc[dst] = native(x, lo, threads=env.threads)
+                else:  # also the next fused conv's packed input, in the same pass
+                    env.nhwc[dst], env.words[emit[0]] = native(x, lo, threads=env.threads,
+                                                               pack_sub=sub)
             return run_upadd
         if node.op_type == "Resize":  # edge_runtime.resize: a copy
             src, dst = node.input[0], node.output[0]
@@ -289,14 +296,19 @@ class StepExecutor:
         def operands(env: StepValues, node, skip: str | None) -> list:
             return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
                     for n in node.input]
-        emit = self._chain_words.get(run[-1].output[0])
-        if emit is not None:  # (words key, the conv's TB vector: a constant or a feed)
-            sub = self.consts.get(emit[1])
-            emit = (emit[0], (lambda env, name=emit[1], value=sub:
-                              env.get(name) if value is None else value))
         return chain_step(run, operands, list(dict.fromkeys(donors)),
                           [self._numpy_step(node) for node in run],
-                          self._natives.get(id(run[0])), emit)
+                          self._natives.get(id(run[0])), self._emit(run[-1].output[0]))
+
+    def _emit(self, value: str) -> tuple[str, Callable] | None:
+        """``(words key, sub(env))`` when a fused conv packs ``value`` after its TB ``Sub``
+        (a constant or a feed): its producer may write those words in the same pass."""
+        emit = self._chain_words.get(value)
+        if emit is None:
+            return None
+        sub = self.consts.get(emit[1])
+        return emit[0], (lambda env, name=emit[1], value=sub:
+                         env.get(name) if value is None else value)
 
     def _ort_step(self, model, group, split: RefinerSplit, kinds) -> Callable[[StepValues], None]:
         produced = {o for node in group for o in node.output}

@@ -33,12 +33,16 @@ class UpsampleAddConv:
         self.conv = conv
         self.nodes = nodes
 
-    def __call__(self, x: np.ndarray, low: np.ndarray, *, threads: int = 1) -> np.ndarray:
+    def __call__(self, x: np.ndarray, low: np.ndarray, *, threads: int = 1,
+                 pack_sub: np.ndarray | None = None):
         """NHWC float32 ``x`` (N, H, W, Cin) and ``low`` (N, H / 2, W / 2, Cout) for an even H
-        and W (the shapes the graph's Add accepts; others raise ``ValueError``)."""
+        and W (the shapes the graph's Add accepts; others raise ``ValueError``). With
+        ``pack_sub`` ((Cout,) or (N, Cout)) returns ``(result, words)``, the packed sign words
+        of ``result - pack_sub`` too (the next binary conv's input)."""
+        extra = {} if pack_sub is None else {"pack_sub": pack_sub}
         return _packed.pointwise(np.ascontiguousarray(x, dtype=np.float32), self.conv.weight,
                                  self.conv.bias, threads=threads,
-                                 add_up=np.ascontiguousarray(low, dtype=np.float32))
+                                 add_up=np.ascontiguousarray(low, dtype=np.float32), **extra)
 
 
 def fold(nodes: list, consts: dict[str, np.ndarray], natives: dict) -> list:

@@ -337,7 +337,9 @@ static PyMethodDef methods[] = {
      "pointwise(x, w, bias=None, out=None, threads=1, add_up=None) -> float32 (N, H, W, Cout): "
      "1 x 1 convolution of NHWC x with w (Cin, Cout): per output, fma over the input channels in "
      "order from 0, then + bias; with add_up (N, H / 2, W / 2, Cout) then add_up[n, i / 2, j / 2] "
-     "+ y (a 2x nearest upsampling added in the same pass)."},
+     "+ y (a 2x nearest upsampling added in the same pass); with pack_sub ((Cout,) or (N, Cout)) "
+     "and words (None or an int32 (N, H, W, ceil(Cout / 32)) array) returns (y, words), the "
+     "packed sign words of y - pack_sub (bit set where it is < 0)."},
     {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS,
      "prepare(w, cin, kh, kw, path=None) -> opaque prepared weights for bconv2d (packed OHWI w "
      "in the layout of the kernel path; reuse them across calls)."},

@@ -20,17 +20,33 @@
 
 #define PW_PIX 4 /* pixels per block (and per thread chunk) */
 
-/* The optional upsampled addend: NHWC (N, H / 2, W / 2, cout) for an output of H x W pixels. */
+/* The optional epilogue of an output of H x W pixels per item: the upsampled addend `low`, NHWC
+ * (N, H / 2, W / 2, cout), and the packed sign words of (y - psub) (the next binary conv's
+ * input, NHWC (N, H, W, ceil(cout / 32)) int32, as edge_runtime.packed packs them; psub cout
+ * floats per item, psub_bstride 0 when shared). */
 typedef struct {
     const float *low;
     Py_ssize_t h, w;
+    const float *psub;
+    Py_ssize_t psub_bstride;
+    uint32_t *words;
+    Py_ssize_t wd; /* words per pixel */
 } pw_add;
 
-/* Offset of output pixel q's addend row in low. */
-static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
+/* For the n output pixels from q: their item (b) and their addend row in low (-1 without). */
+static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, Py_ssize_t *lrow)
 {
-    const Py_ssize_t b = q / (a->h * a->w), r = q % (a->h * a->w);
-    return (b * (a->h / 2) + (r / a->w) / 2) * (a->w / 2) + (r % a->w) / 2;
+    Py_ssize_t item = q / (a->h * a->w), r = q % (a->h * a->w);
+    Py_ssize_t i = r / a->w, j = r % a->w;
+    for (int k = 0; k < n; k++) {
+        b[k] = item;
+        lrow[k] = a->low ? (item * (a->h / 2) + i / 2) * (a->w / 2) + j / 2 : -1;
+        if (++j == a->w) {
+            j = 0;
+            if (++i == a->h)
+                i = 0, item++;
+        }
+    }
 }
 
 #if HIDIFF_X86 && defined(__GNUC__)
@@ -40,7 +56,7 @@ static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
 #define INL static inline __attribute__((always_inline))
 
 /* One block: P pixels x G vectors of L output channels from oc0 (P, G compile-time). */
-#define DEFINE_PW_BLOCK(NAME, ATTR, VT, L, LOAD, STORE, SET1, FMA, ADD, ZERO)                  \
+#define DEFINE_PW_BLOCK(NAME, ATTR, VT, L, LOAD, STORE, SET1, FMA, ADD, ZERO, SUB, BITS)     \
     INL ATTR void NAME(const float *x, const float *w, const float *bias, const pw_add *ad,   \
                        float *out, Py_ssize_t p, Py_ssize_t oc0, Py_ssize_t cin,              \
                        Py_ssize_t cout, const int P, const int G)                             \
@@ -59,8 +75,13 @@ static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
                     acc[i][v] = FMA(xv, wv[v], acc[i][v]);                                     \
             }                                                                                  \
         }                                                                                      \
+        Py_ssize_t item[PW_PIX], lrow[PW_PIX];                                                 \
+        if (ad)                                                                                \
+            pw_rows(ad, p, P, item, lrow);                                                     \
         for (int i = 0; i < P; i++) {                                                          \
-            const float *lo = ad ? ad->low + pw_low_row(ad, p + i) * cout + oc0 : NULL;        \
+            const float *lo = ad && ad->low ? ad->low + lrow[i] * cout + oc0 : NULL;           \
+            const float *ps = ad && ad->words ? ad->psub + item[i] * ad->psub_bstride : NULL;  \
+            uint64_t bits = 0; /* the block's sign bits (oc0 is a multiple of 32) */          \
             for (int v = 0; v < G; v++) {                                                      \
                 VT y = acc[i][v];                                                              \
                 if (bias)                                                                      \
@@ -68,7 +89,12 @@ static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
                 if (lo)                                                                        \
                     y = ADD(LOAD(lo + v * L), y);                                              \
                 STORE(out + (p + i) * cout + oc0 + v * L, y);                                  \
+                if (ps)                                                                        \
+                    bits |= (uint64_t)BITS(SUB(y, LOAD(ps + oc0 + v * L))) << (v * L);         \
             }                                                                                  \
+            if (ps) /* whole words: channels past the block's are past cout (or the next  */  \
+                for (int k = 0; k * 32 < G * L; k++) /* block's, which writes its own) */     \
+                    ad->words[(p + i) * ad->wd + oc0 / 32 + k] = (uint32_t)(bits >> (32 * k)); \
         }                                                                                      \
     }
 
@@ -97,12 +123,14 @@ static inline Py_ssize_t pw_low_row(const pw_add *a, Py_ssize_t q)
         }                                                                                      \
     }
 
+#define BITS_512(d) _mm512_cmp_ps_mask((d), _mm512_setzero_ps(), _CMP_LT_OQ)
+#define BITS_256(d) _mm256_movemask_ps(_mm256_cmp_ps((d), _mm256_setzero_ps(), _CMP_LT_OQ))
 DEFINE_PW_BLOCK(blk_avx512, __attribute__((target("avx512f,fma"))), __m512, 16,
                 _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
-                _mm512_add_ps, _mm512_setzero_ps())
+                _mm512_add_ps, _mm512_setzero_ps(), _mm512_sub_ps, BITS_512)
 DEFINE_PW_BLOCK(blk_avx2, __attribute__((target("avx2,fma"))), __m256, 8, _mm256_loadu_ps,
                 _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
-                _mm256_setzero_ps())
+                _mm256_setzero_ps(), _mm256_sub_ps, BITS_256)
 DEFINE_PW(pw_avx512, blk_avx512, __attribute__((target("avx512f,fma"))), 16)
 DEFINE_PW(pw_avx2, blk_avx2, __attribute__((target("avx2,fma"))), 8)
 #endif
@@ -112,13 +140,22 @@ static void pw_plain(const float *x, const float *w, const float *bias, const pw
                      Py_ssize_t cout)
 {
     for (Py_ssize_t p = p0; p < pixels; p++) {
-        const float *lo = ad ? ad->low + pw_low_row(ad, p) * cout : NULL;
+        Py_ssize_t item = 0, lrow = -1;
+        if (ad)
+            pw_rows(ad, p, 1, &item, &lrow);
+        const float *lo = ad && ad->low ? ad->low + lrow * cout : NULL;
+        const float *ps = ad && ad->words ? ad->psub + item * ad->psub_bstride : NULL;
         for (Py_ssize_t oc = 0; oc < cout; oc++) {
             float acc = 0.0f;
             for (Py_ssize_t ic = 0; ic < cin; ic++)
                 acc = fmaf(x[p * cin + ic], w[ic * cout + oc], acc);
             float y = bias ? acc + bias[oc] : acc;
-            out[p * cout + oc] = lo ? lo[oc] + y : y;
+            y = lo ? lo[oc] + y : y;
+            out[p * cout + oc] = y;
+            if (ps) {
+                const float d = y - ps[oc];
+                ad->words[p * ad->wd + oc / 32] |= (uint32_t)(d < 0.0f) << (oc % 32);
+            }
         }
     }
 }
@@ -138,6 +175,8 @@ typedef struct {
 static void pw_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
 {
     const pw_job *j = ctx;
+    if (j->ad && j->ad->words && j->fn == pw_plain) /* bits are or-ed in per channel */
+        memset(j->ad->words + lo * j->ad->wd, 0, sizeof(uint32_t) * (size_t)((hi - lo) * j->ad->wd));
     j->fn(j->x, j->w, j->bias, j->ad, j->out, lo, hi, j->cin, j->cout);
 }
 
@@ -161,13 +200,15 @@ static pw_fn pick_pw(Py_ssize_t cout)
 PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "w", "bias", "out", "threads", "add_up", NULL};
+    static char *names[] = {"x", "w", "bias", "out", "threads", "add_up", "pack_sub", "words",
+                            NULL};
     PyObject *x_obj, *w_obj, *b_obj = Py_None, *out_obj = Py_None, *a_obj = Py_None;
-    int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOiO", names, &x_obj, &w_obj, &b_obj,
-                                     &out_obj, &threads, &a_obj))
+    PyObject *ps_obj = Py_None, *words_obj = Py_None, *words = NULL;
+    int threads = 1, pb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOiOOO", names, &x_obj, &w_obj, &b_obj,
+                                     &out_obj, &threads, &a_obj, &ps_obj, &words_obj))
         return NULL;
-    Py_buffer xv, wv, bv, ov, av;
+    Py_buffer xv, wv, bv, ov, av, psv = {0}, wov = {0};
     int has_bias = b_obj != Py_None, has_add = 0;
     PyObject *result = NULL;
     if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
@@ -198,6 +239,18 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
+    if (ps_obj == Py_None && words_obj != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "words needs pack_sub");
+        goto done;
+    }
+    if (opt_channels(ps_obj, &psv, "pack_sub", shape[0], shape[3], &pb) < 0)
+        goto done;
+    if (psv.obj) {
+        const Py_ssize_t wshape[4] = {shape[0], shape[1], shape[2], (shape[3] + 31) / 32};
+        words = output(words_obj, &wov, 4, wshape, 'i');
+        if (!words)
+            goto done;
+    }
     result = output(out_obj, &ov, 4, shape, 'f');
     if (!result)
         goto done;
@@ -216,9 +269,12 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     {
-        const pw_add ad = {has_add ? (const float *)av.buf : NULL, shape[1], shape[2]};
+        const pw_add ad = {has_add ? (const float *)av.buf : NULL, shape[1], shape[2],
+                           psv.obj ? (const float *)psv.buf : NULL, pb,
+                           wov.obj ? (uint32_t *)wov.buf : NULL, (shape[3] + 31) / 32};
         const pw_job job = {pick_pw(shape[3]), (const float *)xv.buf, (const float *)wv.buf,
-                            has_bias ? (const float *)bv.buf : NULL, has_add ? &ad : NULL,
+                            has_bias ? (const float *)bv.buf : NULL,
+                            has_add || psv.obj ? &ad : NULL,
                             (float *)ov.buf, xv.shape[3], shape[3]};
         const Py_ssize_t pixels = shape[0] * shape[1] * shape[2];
         Py_BEGIN_ALLOW_THREADS
@@ -230,6 +286,16 @@ PyObject *py_pointwise(PyObject *self, PyObject *args, PyObject *kw)
     }
     PyBuffer_Release(&ov);
 done:
+    if (wov.obj)
+        PyBuffer_Release(&wov);
+    if (psv.obj)
+        PyBuffer_Release(&psv);
+    if (words) {
+        PyObject *pair = result ? PyTuple_Pack(2, result, words) : NULL;
+        Py_DECREF(words);
+        Py_XDECREF(result);
+        result = pair;
+    }
     if (has_add)
         PyBuffer_Release(&av);
     if (has_bias)

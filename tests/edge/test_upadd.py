@@ -1,7 +1,8 @@
 """The decoders' ``Add(Resize_2x(low), Conv_1x1(skip))`` in one native pass (``upadd``).
 
 The native call with ``add_up`` equals the upsampled map plus the convolution bit for bit on
-every kernel path (widths that fill whole vectors and ones that do not, odd batch, zeros); the
+every kernel path (widths that fill whole vectors and ones that do not, odd batch, zeros), and
+the sign words it also writes for the next binary conv equal that conv's own packing; the
 fold replaces the three nodes, in either operand order of the Add, and its result equals
 onnxruntime's run of them; groups it does not cover stay; the packed executor of the exported
 tiny refiner folds its decoders and stays bit-exact, and so it does with every 1 x 1 probe
@@ -45,6 +46,25 @@ def test_add_up_equals_upsample_plus_conv(cin, cout, kernel_path):
     for threads in (1, 2):
         got = _packed.pointwise(x, w, b, threads=threads, add_up=low)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("cout", [32, 48, 64, 96, 24, 9])
+def test_packed_words_of_the_result(cout, kernel_path):
+    """``pack_sub``: the sign words of ``result - sub`` as the binary convs pack them (whole
+    words per block of channels; a given ``words`` array's old contents do not leak in)."""
+    from edge_runtime import packed
+
+    rng = np.random.default_rng(cout)
+    x, w, b = _values(rng, (2, 6, 8, 16)), _values(rng, (16, cout)), _values(rng, (cout,))
+    low, sub = _values(rng, (2, 3, 4, cout)), _values(rng, (2, cout))
+    stale = np.full((2, 6, 8, (cout + 31) // 32), -1, np.int32)
+    for kwargs in ({"add_up": low, "pack_sub": sub}, {"pack_sub": sub[0], "words": stale}):
+        y, words = _packed.pointwise(x, w, b, threads=2, **kwargs)
+        subs = sub if kwargs["pack_sub"].ndim == 2 else np.stack([sub[0], sub[0]])
+        want = np.concatenate([packed.pack_nhwc(y[i:i + 1], sub=subs[i]) for i in range(2)])
+        assert np.array_equal(words.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError, match="words needs pack_sub"):
+        _packed.pointwise(x, w, b, words=stale)
 
 
 def test_add_up_bad_arguments():
