@@ -193,3 +193,30 @@ def test_tiny_refiner_step_stays_bit_exact_for_any_y_t(refiner):
         if y_t is not None:  # not a 0/1 state: the lookups fall back to ORT
             feeds[DYNAMIC_INPUT] = np.full_like(feeds[DYNAMIC_INPUT], y_t)
         assert np.array_equal(executor.run(feeds), dynamic.run(None, feeds)[0])
+
+
+def test_runs_free_what_they_hold(refiner):
+    """The executor frees the names its first run held (not the hundreds of values inside fused
+    convs and chains), also through the lookups' fallback (y_t not 0/1); a run that holds a
+    name it has not learned (here one made to be forgotten) teaches it, and the next run frees
+    it: only the step's output and the feeds it never reads are left at the end of a run."""
+    exported, proto = refiner
+    proto, _ = rewrite_refiner(proto)
+    split = split_refiner(proto)
+    executor = StepExecutor(proto, split)
+    dynamic = make_session(split.dynamic.model)
+    forgotten = None
+    for k, y_t in enumerate((None, 0.5, None, None)):
+        feeds = boundary_values(split, step_inputs(exported, k), 10, 2)
+        if y_t is not None:
+            feeds[DYNAMIC_INPUT] = np.full_like(feeds[DYNAMIC_INPUT], y_t)
+        env = executor._execute(feeds)
+        assert np.array_equal(env.get(executor.output), dynamic.run(None, feeds)[0])
+        left = (set(env.nchw) | set(env.nhwc) | set(env.words)) - {executor.output} - (
+            set(feeds) - set(executor._dies_at))
+        assert left == ({forgotten} if k == 2 else set()), k
+        if k == 1:  # forget a value the runs hold
+            at, names = next((i, n) for i, n in enumerate(executor._free_seen)
+                             if any(x not in feeds for x in n))
+            forgotten = next(x for x in names if x not in feeds)
+            names.remove(forgotten)
