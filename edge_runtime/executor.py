@@ -109,6 +109,13 @@ class StepExecutor:
             name for name in self.inputs if self._consumers.get(name) and all(
                 kinds[id(u)] == "numpy" and u.op_type in nhwc.ELEMENTWISE
                 and u.op_type != "PRelu" for u in self._consumers[name])}
+        #: 4-D inputs read only by native and NumPy nodes (all through their NHWC form): the
+        #: caller may give them NHWC (``nhwc_feeds``; RefinerRunner does for the static part)
+        self.nhwc_capable = frozenset(
+            name for name in self.inputs if _rank(split, name) == 4 and self._consumers.get(
+                name) and all(kinds[id(u)] in ("numpy", "packed")
+                              for u in self._consumers[name]))
+        self.nhwc_feeds: frozenset[str] = frozenset()
         self._binary_out: set[str] = set()
         self._packed_nodes: list = []
         self._feed_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -361,8 +368,9 @@ class StepExecutor:
     def _execute(self, feeds: dict[str, np.ndarray], *, keep: bool = False,
                  times: list[float] | None = None) -> StepValues:
         env = StepValues(self.threads, self._feed_cache, donate=not keep)
-        env.nchw.update(feeds)
         nchw, nhwc, words = env.nchw, env.nhwc, env.words
+        for name, value in feeds.items():
+            (nhwc if name in self.nhwc_feeds else nchw)[name] = value
         clock = time.perf_counter
         learn = not keep and self._free_seen is None
         frees = self._free_after if learn or keep else self._free_seen
@@ -375,7 +383,8 @@ class StepExecutor:
             if keep:
                 continue
             for name in dead:
-                if name in feeds and name in nhwc:  # a converted feed: keep per image
+                if name in feeds and name in nhwc and name not in self.nhwc_feeds:
+                    # a converted feed: keep per image
                     self._feed_cache[name] = (feeds[name], nhwc[name])
                 held = [d.pop(name, None) for d in (nchw, nhwc, words)]
                 if learn and (name in feeds or any(v is not None for v in held)):
@@ -391,7 +400,8 @@ class StepExecutor:
         return env
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """The step's output for ``feeds`` (``y_t`` and the boundary values, NCHW)."""
+        """The step's output for ``feeds`` (``y_t`` and the boundary values, NCHW but those
+        named in ``nhwc_feeds``, NHWC)."""
         return self._execute(feeds).get(self.output)
 
     def forget_image(self) -> None:

@@ -327,5 +327,13 @@ def test_s_chains_packed_ort_torch(sessions, torch_pipe, kvasir_root):
     # one image: the packed backend keeps one copy of the per-image values its NumPy nodes
     # broadcast over the chains (RefinerRunner.batch_shared); the result stays bit-identical
     assert sessions["packed"].refiner.batch_shared
+    # ... and receives the static maps its step reads only in NHWC from onnxruntime in NHWC
+    runner = sessions["packed"].refiner
+    assert runner.executor.nhwc_feeds
+    prepared = runner.prepare({"image": x[:1], **sessions["packed"].segment(x[:1])})
+    nchw = sessions["onnxruntime"].refiner.prepare({"image": x[:1],
+                                                    **sessions["onnxruntime"].segment(x[:1])})
+    for name in runner.executor.nhwc_feeds:
+        assert np.array_equal(prepared[name], nchw[name].transpose(0, 2, 3, 1))
     assert np.array_equal(preds["packed"].prob, preds["onnxruntime"].prob)
     assert np.array_equal(preds["packed"].spread, preds["onnxruntime"].spread)
