@@ -108,15 +108,14 @@ def ort_float_conv(spec: dict, shape: tuple) -> object:
 
 def binary_layers(export: Path, feeds: dict) -> list:
     """``(name, input shape, spec with float weights)`` of every packed conv of the refiner
-    (rewritten as the edge session rewrites it, so that ``feeds`` fit)."""
+    (built as the edge session builds it, so that ``feeds``, its runner's, fit)."""
     import onnx
 
-    from edge_runtime.executor import StepExecutor
-    from edge_runtime.graph import split_refiner
-    from edge_runtime.rewrite import rewrite_refiner
+    from edge_runtime.refiner import RefinerRunner
 
-    proto = rewrite_refiner(onnx.load(str(export / "refiner_step.onnx")))[0]
-    return StepExecutor(proto, split_refiner(proto), keep_specs=True).binary_layers(feeds)
+    runner = RefinerRunner(onnx.load(str(export / "refiner_step.onnx")), backend="packed",
+                           keep_specs=True)
+    return runner.executor.binary_layers(feeds)
 
 
 def bench_layers(layers: list, runs: int) -> list[dict]:

@@ -11,7 +11,7 @@ as exported), splits it
   per-step tables gathered by ``step``;
 - the *dynamic* part at every reverse step: with the ``onnxruntime`` backend one ORT session,
   with the ``packed`` backend the :class:`~edge_runtime.executor.StepExecutor` (binary convs on
-  the native kernel).
+  the native kernel), a batch in chunks of :data:`CHUNK_BYTES` per map.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ from .rewrite import RewriteStats, rewrite_refiner
 __all__ = ["BACKENDS", "RefinerRunner"]
 
 BACKENDS = ("packed", "onnxruntime")
+
+
+#: The packed step runs a batch (the S chains of an image) in chunks of at most this many bytes
+#: per full-resolution map. A larger map is above glibc's mmap threshold (at most 32 MiB), so
+#: each one comes from fresh pages the kernel zeroes: cpu-base at 256 x 256, one 4-chain step
+#: took 86 ms as one batch (32 MiB maps), 79.5 ms in two chunks of 2 (16 MiB), 82 ms one chain
+#: at a time; the results are the same bits (each chain is computed alone either way).
+CHUNK_BYTES = 16 << 20
 
 
 class RefinerRunner:
@@ -129,6 +137,20 @@ class RefinerRunner:
                  step: int) -> np.ndarray:
         """The refiner's output probabilities (float32) for ``y_t`` at original ``step``."""
         feeds = self.feeds(prepared, y_t, step)
-        if self.executor is not None:
+        if self.executor is None:
+            return self._dynamic.run(None, feeds)[0]
+        n = y_t.shape[0]
+        chunk = self.chunk_size(feeds, n)
+        if chunk >= n:
             return self.executor.run(feeds)
-        return self._dynamic.run(None, feeds)[0]
+        return np.concatenate([
+            self.executor.run({k: v[a:a + chunk] if v.ndim and v.shape[0] == n else v
+                               for k, v in feeds.items()}) for a in range(0, n, chunk)])
+
+    @staticmethod
+    def chunk_size(feeds: dict[str, np.ndarray], n: int) -> int:
+        """How many of a batch of ``n`` the packed step runs at a time: as many as keep a
+        map the size of its largest per-image input within :data:`CHUNK_BYTES`, at least 1."""
+        per_item = max((v.nbytes // v.shape[0] for v in feeds.values()
+                        if v.ndim == 4 and v.shape[0]), default=0)
+        return max(1, CHUNK_BYTES // per_item) if per_item else n

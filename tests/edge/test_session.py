@@ -337,3 +337,27 @@ def test_s_chains_packed_ort_torch(sessions, torch_pipe, kvasir_root):
         assert np.array_equal(prepared[name], nchw[name].transpose(0, 2, 3, 1))
     assert np.array_equal(preds["packed"].prob, preds["onnxruntime"].prob)
     assert np.array_equal(preds["packed"].spread, preds["onnxruntime"].spread)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_packed_chunks_of_a_batch_change_no_bit(sessions, kvasir_root, monkeypatch, chunk):
+    """The packed step runs a batch in chunks (edge_runtime.refiner.CHUNK_BYTES); the chains
+    are independent, so any chunk size gives the same bits as one batch and as onnxruntime."""
+    from edge_runtime import refiner
+
+    s = sessions["packed"]
+    h, w = s.facts.input_size
+    x = np.stack([np.moveaxis(rimages.normalize(rimages.resize_planes(im / np.float32(255), h, w),
+                                               s.facts.mean, s.facts.std), -1, 0)
+                  for im in _kvasir(kvasir_root, 2)]).astype(np.float32)
+    whole = s.predict_batch(x, steps=2, samples=3, seed=SEED)
+    seg = s.segment(x[:1])
+    feeds = s.refiner.feeds(s.refiner.prepare({"image": x[:1], **seg}),
+                            np.zeros((1, *seg["prior"].shape[1:]), np.float32), 10)
+    per_item = max(v.nbytes // v.shape[0] for v in feeds.values() if v.ndim == 4)
+    monkeypatch.setattr(refiner, "CHUNK_BYTES", per_item * chunk)
+    assert s.refiner.chunk_size(feeds, 6) == chunk
+    got = s.predict_batch(x, steps=2, samples=3, seed=SEED)
+    assert np.array_equal(got.prob, whole.prob) and np.array_equal(got.spread, whole.spread)
+    ort = sessions["onnxruntime"].predict_batch(x, steps=2, samples=3, seed=SEED)
+    assert np.array_equal(got.prob, ort.prob)
