@@ -227,5 +227,9 @@ NOTES = (
     "the edge onnxruntime backend. ORT pieces per step: {ort_sessions}. The binary conv weights "
     "are {float_mb:.1f} MiB of float32 +-1 in the ONNX file and {packed_kb:.0f} KiB packed in "
     "memory. For one image, the per-image values the step broadcasts over its S chains are "
-    "kept once, not S times (`RefinerRunner.batch_shared`)."
+    "kept once, not S times (`RefinerRunner.batch_shared`); the static part's maps that the "
+    "step reads only in NHWC come out of onnxruntime in NHWC; a batch of chains runs in "
+    "chunks of at most 16 MiB per map (`edge_runtime.refiner.CHUNK_BYTES`: larger maps come "
+    "from fresh pages every time). With 2 threads the native passes hand half of each pass to "
+    "a persistent worker thread (`edge_runtime/_packed/parallel.c`)."
 )
