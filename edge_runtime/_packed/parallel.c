@@ -108,7 +108,12 @@ static void *worker(void *arg)
 
 static void after_fork_in_child(void)
 {
-    /* the workers did not survive the fork: the child starts its own */
+    /* the workers did not survive the fork: the child starts its own, and none of them may
+     * take a chunk of a call the parent made (a new worker runs its slot's chunk when the
+     * slot holds the generation it sees) */
+    for (int t = 0; t < PAR_MAX; t++)
+        atomic_store(&slots[t].gen, 0);
+    atomic_store(&generation, 0);
     pthread_mutex_init(&call_mu, NULL);
     pthread_mutex_init(&sleep_mu, NULL);
     pthread_cond_init(&sleep_cv, NULL);
