@@ -117,3 +117,19 @@ def run_edge_cli():
         return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
     return run
+
+
+def _kernel_paths() -> list[str]:
+    from edge_runtime import _packed
+
+    return [p for p in ("avx512", "avx2", "portable") if p in _packed.available_paths()]
+
+
+@pytest.fixture(params=_kernel_paths())
+def kernel_path(request):
+    """Each kernel path this CPU runs as the default (the native passes follow it)."""
+    from edge_runtime import _packed
+
+    _packed.set_path(request.param)
+    yield request.param
+    _packed.set_path(None)

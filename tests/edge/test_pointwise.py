@@ -47,15 +47,6 @@ def _vector_path():
     return _packed.current_path() in ("avx512", "avx2")
 
 
-@pytest.fixture(params=[p for p in ("avx512", "avx2", "portable")
-                        if p in _packed.available_paths()])
-def kernel_path(request):
-    """Each kernel path this CPU runs as the default (the native passes follow it)."""
-    _packed.set_path(request.param)
-    yield request.param
-    _packed.set_path(None)
-
-
 @pytest.mark.parametrize(("cin", "cout", "bias"), [
     (32, 32, True), (32, 32, False), (32, 64, True), (64, 128, True), (128, 64, False),
     (16, 16, True), (24, 48, True), (16, 9, True), (32, 9, False), (8, 3, True)])

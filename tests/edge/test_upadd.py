@@ -23,14 +23,6 @@ from edge_runtime.ortutil import make_session
 from edge_runtime.rewrite import rewrite_refiner
 
 
-@pytest.fixture(params=[p for p in ("avx512", "avx2", "portable")
-                        if p in _packed.available_paths()])
-def kernel_path(request):
-    _packed.set_path(request.param)
-    yield request.param
-    _packed.set_path(None)
-
-
 def _values(rng, shape):
     v = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape)).astype(np.float32)
     v[rng.random(shape) < 0.15] = 0.0
