@@ -16,7 +16,9 @@ Before anything is written the model is loaded and checked and every input decod
 model folder or image fails with nothing left behind; files are written under a temporary name
 and renamed. Images are read upright (EXIF orientation). An input (image or label) is never
 overwritten, and an output file that already exists is refused unless ``--overwrite``.
-``--threads`` above the CPUs this process may use is capped, with a warning. Errors print
+``--threads`` above the CPUs this process may use is capped, with a warning; with more than
+one, the packed backend's native passes keep worker threads that spin for 0.2 ms after each
+pass before they sleep (so that the next pass starts at once). Errors print
 ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
 
 ``quantize`` adds ``segmentor_int8.onnx`` to the model folder (onnxruntime static quantization
