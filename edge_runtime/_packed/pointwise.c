@@ -75,7 +75,7 @@ static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, 
                     acc[i][v] = FMA(xv, wv[v], acc[i][v]);                                     \
             }                                                                                  \
         }                                                                                      \
-        Py_ssize_t item[PW_PIX], lrow[PW_PIX];                                                 \
+        Py_ssize_t item[PW_PIX] = {0}, lrow[PW_PIX] = {0};                                     \
         if (ad)                                                                                \
             pw_rows(ad, p, P, item, lrow);                                                     \
         for (int i = 0; i < P; i++) {                                                          \
