@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from . import nhwc, pool, resize, shifted, upadd
-from .chain import chain_step, chains
+from .chain import chain_step, chains, merge_lookups
 from .fused import StepValues, channels_vector, donated_buffer, fused_conv_step, pad_words
 from .graph import RefinerSplit, submodel, with_channels_last
 from .lut import LutConv
@@ -140,11 +140,14 @@ class StepExecutor:
             if kind == "numpy":
                 starts = frozenset([k for k, v in self._natives.items() if isinstance(v, LutConv)]
                                    + [id(n) for n in group if n.op_type == "Resize"])
-                for run in chains(group, self._consumers, {self.output}, starts):
-                    self._steps.append(self._numpy_step(run[0]) if len(run) == 1
-                                       else self._chain_step(run))
-                    self.labels.append("numpy:" + "+".join(n.op_type for n in run))
-                    reads.append({n for node in run for n in node.input})
+                runs = chains(group, self._consumers, {self.output}, starts)
+                for run, sub in merge_lookups(runs, self._consumers, {self.output},
+                                              self._natives):
+                    self._steps.append(self._numpy_step(run[0]) if len(run) == 1 and not sub
+                                       else self._chain_step(run, sub))
+                    self.labels.append("numpy:" + "+".join(n.op_type for n in run) + (
+                        "+(" + "+".join(n.op_type for n in sub) + ")" if sub else ""))
+                    reads.append({n for node in (sub or []) + run for n in node.input})
                 self.stats.numpy += len(group)
                 continue
             for node in group:
@@ -297,21 +300,25 @@ class StepExecutor:
             env.nhwc[dst] = fn(*args, out=out)
         return run
 
-    def _chain_step(self, run: list) -> Callable[[StepValues], None]:
-        fixed = {name: nhwc.view(self.consts[name]) for node in run for name in node.input
+    def _chain_step(self, run: list, sub: list | None = None) -> Callable[[StepValues], None]:
+        """``run`` as one native pass; ``sub``: a lookup chain computed in it
+        (:func:`edge_runtime.chain.merge_lookups`)."""
+        nodes = (sub or []) + run
+        fixed = {name: nhwc.view(self.consts[name]) for node in nodes for name in node.input
                  if name in self.consts}
-        ids = {id(node) for node in run}
-        inner = {node.output[0] for node in run[:-1]}
-        donors = [n for node in run for n in node.input
+        ids = {id(node) for node in nodes}
+        inner = {node.output[0] for node in nodes if node is not run[-1]}
+        donors = [n for node in nodes for n in node.input
                   if n and n not in fixed and n not in inner and self._last_reader.get(n) in ids
                   and n not in self.inputs and n != self.output]
 
-        def operands(env: StepValues, node, skip: str | None) -> list:
-            return [None if n == skip else fixed[n] if n in fixed else env.get_nhwc(n)
+        def operands(env: StepValues, node, skip: tuple) -> list:
+            return [None if n in skip else fixed[n] if n in fixed else env.get_nhwc(n)
                     for n in node.input]
         return chain_step(run, operands, list(dict.fromkeys(donors)),
-                          [self._numpy_step(node) for node in run],
-                          self._natives.get(id(run[0])), self._emit(run[-1].output[0]))
+                          [self._numpy_step(node) for node in nodes],
+                          self._natives.get(id(run[0])), self._emit(run[-1].output[0]),
+                          (sub, self._natives[id(sub[0])]) if sub else None)
 
     def _emit(self, value: str) -> tuple[str, Callable] | None:
         """``(words key, sub(env))`` when a fused conv packs ``value`` after its TB ``Sub``

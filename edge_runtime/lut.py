@@ -92,13 +92,27 @@ class LutConv:
 
     def chain(self, y: np.ndarray, ops: bytes = b"", operands: tuple = (),
               out: np.ndarray | None = None, *, threads: int = 1,
-              **pack) -> np.ndarray | None:
+              sub: tuple[LutConv, bytes, tuple] | None = None, **pack) -> np.ndarray | None:
         """The lookup followed by ``_packed.ew_chain`` ops (and its ``pack_sub`` / ``words``)
-        in the same pass; None unless ``y`` (N, 1, H, W) is exactly 0/1."""
+        in the same pass; None unless ``y`` (N, 1, H, W) is exactly 0/1.
+
+        ``sub``: ``(other, ops, operands)``, a second lookup of the same ``y`` through
+        ``other`` (same kernel, padding and channels) followed by its own ops, computed in the
+        same pass: its value is the operand of the ops whose operand is None (never stored)."""
         (kh, kw), (ph, pw) = self.kernel, self.pads
         y = np.ascontiguousarray(y.reshape(y.shape[0], *y.shape[2:]))
+        if sub is not None:
+            other, sub_ops, sub_operands = sub
+            if not self.shares_rows(other):
+                raise ValueError("sub needs a table of the same kernel, padding and channels")
+            pack["sub"] = (other.table, sub_ops, tuple(sub_operands))
         return _packed.ew_chain(y, ops, operands, out, self.table, (kh, kw, ph, pw),
                                 threads=threads, **pack)
+
+    def shares_rows(self, other: LutConv) -> bool:
+        """Whether ``other`` looks up the same rows (kernel, padding) into as many channels."""
+        return (self.kernel == other.kernel and self.pads == other.pads
+                and self.table.shape == other.table.shape)
 
     def _lookup(self, y: np.ndarray, threads: int = 1) -> np.ndarray | None:
         return self.chain(y, threads=threads)

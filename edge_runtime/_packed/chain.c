@@ -9,7 +9,9 @@
  * table: out[n, h, w, :] = table[idx], bit dy * kw + dx of idx set where the tap
  * (h + dy - pad_h, w + dx - pad_w) lies inside and holds 1 (stride 1, zero padding).  The table
  * row of each pattern is the convolution's own output for it (edge_runtime.lut), so the lookup
- * does no arithmetic.
+ * does no arithmetic.  With a table start, a second lookup chain (chain_start.sub) may run in
+ * the same pass: u = table2[idx], then its own steps; u is the operand of the steps of kind SUB
+ * (the sum of another lookup of y_t that nothing else reads, never stored).
  * op: 'a' v + o, 's' v - o, 'r' o - v, 'm' v * o, 'p' (v < 0 ? v * o : v) (PReLU, o the
  * slope); operand: a full array like the result, one batch item of it (shared by the items: the
  * chains of one image), one value per channel (shared or per batch item) or a scalar.  Each step
@@ -30,29 +32,48 @@
 #include <immintrin.h>
 #endif
 
-#define CHAIN_OP(EXPR)                                                                         \
+#define CHAIN_OP(BUF, EXPR)                                                                    \
     do {                                                                                       \
-        if (s->kind == FULL || s->kind == ITEM) {                                              \
-            const float *restrict o = s->p + (s->kind == FULL ? base : at);                    \
+        if (s->kind == FULL || s->kind == ITEM || s->kind == SUB) {                            \
+            const float *restrict o = s->kind == SUB    ? sub_buf                              \
+                                      : s->kind == FULL ? s->p + base                          \
+                                                        : s->p + at;                           \
             for (Py_ssize_t i = 0; i < len; i++) {                                             \
-                const float v = buf[i], w = o[i];                                              \
-                buf[i] = EXPR;                                                                 \
+                const float v = BUF[i], w = o[i];                                              \
+                BUF[i] = EXPR;                                                                 \
             }                                                                                  \
         } else if (s->kind == CHANNEL) {                                                       \
             const float *restrict o = s->p + b * s->bstride;                                   \
             for (Py_ssize_t q = 0; q < len; q += c)                                            \
                 for (Py_ssize_t j = 0; j < c; j++) {                                           \
-                    const float v = buf[q + j], w = o[j];                                      \
-                    buf[q + j] = EXPR;                                                         \
+                    const float v = BUF[q + j], w = o[j];                                      \
+                    BUF[q + j] = EXPR;                                                         \
                 }                                                                              \
         } else {                                                                               \
             const float w = s->p[0];                                                           \
             for (Py_ssize_t i = 0; i < len; i++) {                                             \
-                const float v = buf[i];                                                        \
-                buf[i] = EXPR;                                                                 \
+                const float v = BUF[i];                                                        \
+                BUF[i] = EXPR;                                                                 \
             }                                                                                  \
         }                                                                                      \
     } while (0)
+
+/* Steps [0, NSTEPS) of STEPS applied to the chunk BUF. */
+#define CHAIN_STEPS(BUF, STEPS, NSTEPS)                                                        \
+    for (int k = 0; k < (NSTEPS); k++) {                                                       \
+        const chain_step *s = &(STEPS)[k];                                                     \
+        switch (s->op) {                                                                       \
+        case 'a': CHAIN_OP(BUF, v + w); break;                                                 \
+        case 's': CHAIN_OP(BUF, v - w); break;                                                 \
+        case 'r': CHAIN_OP(BUF, w - v); break;                                                 \
+        case 'm': CHAIN_OP(BUF, v * w); break;                                                 \
+        default: {                                                                             \
+            /* 'p': the product computed always, a branch-free select */                       \
+            CHAIN_OP(BUF, v < 0.0f ? v * w : v);                                               \
+            break;                                                                             \
+        }                                                                                      \
+        }                                                                                      \
+    }
 
 /* Elements [e0, e1) (whole pixels) item by item: the body sees b (batch item), i0, i1 (the range
  * inside the item) and base0 = b * per_item. */
@@ -69,7 +90,7 @@
     ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
                           const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
     {                                                                                          \
-        float buf[CHUNK];                                                                      \
+        float buf[CHUNK], sub_buf[CHUNK];                                                      \
         const Py_ssize_t span = c <= CHUNK ? (CHUNK / c) * c : c;                              \
         FOR_ITEMS(for (Py_ssize_t at = i0; at < i1; at += span) {                              \
             const Py_ssize_t len = i1 - at < span ? i1 - at : span;                            \
@@ -82,20 +103,14 @@
             }                                                                                  \
             else                                                                               \
                 memcpy(buf, st->x + base, sizeof(float) * (size_t)len);                        \
-            for (int k = 0; k < nsteps; k++) {                                                 \
-                const chain_step *s = &steps[k];                                               \
-                switch (s->op) {                                                               \
-                case 'a': CHAIN_OP(v + w); break;                                              \
-                case 's': CHAIN_OP(v - w); break;                                              \
-                case 'r': CHAIN_OP(w - v); break;                                              \
-                case 'm': CHAIN_OP(v * w); break;                                              \
-                default: {                                                                     \
-                    /* 'p': the product computed always, a branch-free select */               \
-                    CHAIN_OP(v < 0.0f ? v * w : v);                                            \
-                    break;                                                                     \
-                }                                                                              \
-                }                                                                              \
+            if (st->table2) { /* the second lookup chain, the operand of the SUB steps */      \
+                const uint32_t *ix = st->idx + base / c;                                       \
+                for (Py_ssize_t q = 0; q < len; q += c, ix++)                                  \
+                    memcpy(sub_buf + q, st->table2 + (size_t)*ix * (size_t)c,                  \
+                           sizeof(float) * (size_t)c);                                         \
+                CHAIN_STEPS(sub_buf, st->sub, st->nsub)                                        \
             }                                                                                  \
+            CHAIN_STEPS(buf, steps, nsteps)                                                    \
             if (st->words) {                                                                   \
                 const float *ps = st->psub + b * st->psub_bstride;                             \
                 uint32_t *wp = st->words + (size_t)(base / c) * (size_t)st->wd;                \
@@ -138,6 +153,30 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
             b_ |= (uint32_t)((d)[k_] < 0.0f) << k_;                                            \
         b_;                                                                                    \
     })
+/* V = op(V, operand) for step S at element `at` (item-relative i, item b, channel j); SUBV: the
+ * value of the SUB steps. */
+#define VSTEP(V, S, SUBV)                                                                      \
+    do {                                                                                       \
+        const chain_step *s_ = (S);                                                            \
+        const vecf w = s_->kind == FULL      ? VLOAD(s_->p + at)                               \
+                       : s_->kind == ITEM    ? VLOAD(s_->p + i)                                \
+                       : s_->kind == CHANNEL ? VLOAD(s_->p + b * s_->bstride + j)              \
+                       : s_->kind == SUB     ? (SUBV)                                          \
+                                             : s_->p[0] - (vecf){0};                           \
+        switch (s_->op) {                                                                      \
+        case 'a': V = V + w; break;                                                            \
+        case 's': V = V - w; break;                                                            \
+        case 'r': V = w - V; break;                                                            \
+        case 'm': V = V * w; break;                                                            \
+        default: {                                                                             \
+            const vecf neg = V * w;                                                            \
+            const veci m = V < (vecf){0};                                                      \
+            V = (vecf)(((veci)neg & m) | ((veci)V & ~m));                                      \
+            break;                                                                             \
+        }                                                                                      \
+        }                                                                                      \
+    } while (0)
+
 #define DEFINE_CHAIN_VEC(NAME, ATTR, BITS)                                                      \
     ATTR static void NAME(const chain_start *st, float *out, Py_ssize_t per_item, Py_ssize_t c,\
                           const chain_step *steps, int nsteps, Py_ssize_t e0, Py_ssize_t e1)   \
@@ -148,26 +187,14 @@ typedef int32_t veci __attribute__((vector_size(VEC * 4)));
                                          : st->x + base0 + p;                                  \
             for (Py_ssize_t j = 0; j < c; j += VEC) {                                          \
                 const Py_ssize_t i = p + j, at = base0 + i;                                    \
-                vecf v = VLOAD(row + j);                                                       \
-                for (int k = 0; k < nsteps; k++) {                                             \
-                    const chain_step *s = &steps[k];                                           \
-                    const vecf w = s->kind == FULL      ? VLOAD(s->p + at)                     \
-                                   : s->kind == ITEM    ? VLOAD(s->p + i)                      \
-                                   : s->kind == CHANNEL ? VLOAD(s->p + b * s->bstride + j)     \
-                                                        : s->p[0] - (vecf){0};                 \
-                    switch (s->op) {                                                           \
-                    case 'a': v = v + w; break;                                                \
-                    case 's': v = v - w; break;                                                \
-                    case 'r': v = w - v; break;                                                \
-                    case 'm': v = v * w; break;                                                \
-                    default: {                                                                 \
-                        const vecf neg = v * w;                                                \
-                        const veci m = v < (vecf){0};                                          \
-                        v = (vecf)(((veci)neg & m) | ((veci)v & ~m));                          \
-                        break;                                                                 \
-                    }                                                                          \
-                    }                                                                          \
+                vecf v = VLOAD(row + j), u = {0};                                              \
+                if (st->table2) { /* the second lookup chain, the operand of the SUB steps */  \
+                    u = VLOAD(st->table2 + (size_t)st->idx[pix] * (size_t)c + j);              \
+                    for (int k = 0; k < st->nsub; k++)                                         \
+                        VSTEP(u, &st->sub[k], u);                                              \
                 }                                                                              \
+                for (int k = 0; k < nsteps; k++)                                               \
+                    VSTEP(v, &steps[k], u);                                                    \
                 if (st->words) { /* 16 sign bits: half a word */                               \
                     const vecf dv = v - VLOAD(st->psub + b * st->psub_bstride + j);            \
                     st->words[(size_t)pix * (size_t)st->wd + (size_t)(j / 32)] |=              \

@@ -8,7 +8,16 @@
 #define MAX_STEPS 16
 #define CHUNK 2048 /* floats per chunk (8 KiB) */
 
-enum { FULL = 0, CHANNEL = 1, SCALAR = 2, ITEM = 3 };
+/* SUB: the value of the start's second lookup chain (chain_start.sub) */
+enum { FULL = 0, CHANNEL = 1, SCALAR = 2, ITEM = 3, SUB = 4 };
+
+typedef struct chain_step {
+    char op;
+    int kind;
+    const float *p;      /* FULL: like x; ITEM: one batch item of x, shared by all;
+                          * CHANNEL: [n or 1][c]; SCALAR: one value */
+    Py_ssize_t bstride;  /* CHANNEL: floats between batch items (0: shared) */
+} chain_step;
 
 typedef struct {
     const float *x;        /* the start map, or NULL with a table */
@@ -19,15 +28,13 @@ typedef struct {
     uint32_t *words;       /* [n * pixels][wd], zeroed, or NULL */
     const float *psub;     /* [n or 1][c] */
     Py_ssize_t psub_bstride, wd;
+    /* optional, with a table: a second lookup of the same rows through table2 ([rows][c])
+     * followed by nsub steps (none of kind SUB), the operand of the steps of kind SUB */
+    const float *table2;
+    const struct chain_step *sub;
+    int nsub;
 } chain_start;
 
-typedef struct {
-    char op;
-    int kind;
-    const float *p;      /* FULL: like x; ITEM: one batch item of x, shared by all;
-                          * CHANNEL: [n or 1][c]; SCALAR: one value */
-    Py_ssize_t bstride;  /* CHANNEL: floats between batch items (0: shared) */
-} chain_step;
 
 /* The chain over the whole result (size floats, n items of c channels), split over `threads`
  * (chain.c: the variant of the default kernel path).  Call without the GIL. */

@@ -1,6 +1,6 @@
 /* ew_chain: the Python glue of the elementwise chains (chain.c): arguments, the start's row
- * indices (a table lookup of the 0/1 state y_t, or a 2x nearest upsampling) and the optional
- * packed output. */
+ * indices (a table lookup of the 0/1 state y_t, or a 2x nearest upsampling), the optional second
+ * lookup chain (sub) and the optional packed output. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
@@ -47,14 +47,14 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
     static char *names[] = {"x",       "ops",     "operands", "out",   "table", "kernel",
-                            "upsample", "threads", "pack_sub", "words", NULL};
+                            "upsample", "threads", "pack_sub", "words", "sub",    NULL};
     PyObject *x_obj, *operands, *out_obj = Py_None, *t_obj = Py_None, *k_obj = Py_None;
-    PyObject *ps_obj = Py_None, *w_obj = Py_None;
+    PyObject *ps_obj = Py_None, *w_obj = Py_None, *sub_obj = Py_None;
     const char *ops;
     int upsample = 0, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpiOO", names, &x_obj, &ops, &operands,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OyO|OOOpiOOO", names, &x_obj, &ops, &operands,
                                      &out_obj, &t_obj, &k_obj, &upsample, &threads, &ps_obj,
-                                     &w_obj))
+                                     &w_obj, &sub_obj))
         return NULL;
     if ((ps_obj == Py_None) != (w_obj == Py_None)) {
         PyErr_SetString(PyExc_ValueError, "pack_sub and words go together");
@@ -86,8 +86,10 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
                         "a table takes 1 <= kh * kw <= 16 taps and 0 <= pad < kernel size");
         return NULL;
     }
-    Py_buffer xv, tv, ov[MAX_STEPS], outv, psv, wv;
-    int held = 0, table_held = 0, pack_held = 0;
+    Py_buffer xv, tv, t2v, ov[2 * MAX_STEPS], outv, psv, wv;
+    int held = 0, table_held = 0, table2_held = 0, pack_held = 0, nsub = 0;
+    const char *sub_ops = "";
+    chain_step sub_steps[MAX_STEPS];
     PyObject *result = NULL;
     uint32_t *idx = NULL, *col = NULL;
     if (get_buffer(x_obj, &xv, lut ? "y" : "x", 'f', 0) < 0)
@@ -141,13 +143,52 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             PyBuffer_Release(&outv);
         goto done;
     }
-    for (; held < nsteps; held++) {
-        const char op = ops[held];
+    if (sub_obj != Py_None) {
+        if (!lut) {
+            PyErr_SetString(PyExc_ValueError, "sub takes a table start");
+            goto done;
+        }
+        if (!PyTuple_Check(sub_obj) || PyTuple_GET_SIZE(sub_obj) != 3 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(sub_obj, 1)) ||
+            !PyTuple_Check(PyTuple_GET_ITEM(sub_obj, 2))) {
+            PyErr_SetString(PyExc_ValueError, "sub must be (table, ops bytes, operands tuple)");
+            goto done;
+        }
+        if (get_buffer(PyTuple_GET_ITEM(sub_obj, 0), &t2v, "sub table", 'f', 0) < 0)
+            goto done;
+        table2_held = 1;
+        if (t2v.ndim != 2 || t2v.shape[0] != tv.shape[0] || t2v.shape[1] != c) {
+            PyErr_SetString(PyExc_ValueError, "the sub table must have the table's shape");
+            goto done;
+        }
+        sub_ops = PyBytes_AS_STRING(PyTuple_GET_ITEM(sub_obj, 1));
+        nsub = (int)strlen(sub_ops);
+        if (nsub > MAX_STEPS || PyTuple_GET_SIZE(PyTuple_GET_ITEM(sub_obj, 2)) != nsub) {
+            PyErr_Format(PyExc_ValueError, "sub has 0 to %d ops, one operand per op",
+                         MAX_STEPS);
+            goto done;
+        }
+    }
+    /* the main chain's operands, then the sub chain's; None: the sub chain's value */
+    int subs = 0;
+    for (; held < nsteps + nsub; held++) {
+        const int main = held < nsteps;
+        const char op = main ? ops[held] : sub_ops[held - nsteps];
+        PyObject *o_obj = main ? PyTuple_GET_ITEM(operands, held)
+                               : PyTuple_GET_ITEM(PyTuple_GET_ITEM(sub_obj, 2), held - nsteps);
+        chain_step *s = main ? &steps[held] : &sub_steps[held - nsteps];
         if (!strchr("asrmp", op)) {
             PyErr_Format(PyExc_ValueError, "unknown op %c; allowed values: a, s, r, m, p", op);
             goto done;
         }
-        if (get_buffer(PyTuple_GET_ITEM(operands, held), &ov[held], "operand", 'f', 0) < 0)
+        s->op = op;
+        s->bstride = 0;
+        if (o_obj == Py_None && main && sub_obj != Py_None) {
+            s->kind = SUB, s->p = NULL;
+            subs++;
+            continue;
+        }
+        if (get_buffer(o_obj, &ov[held], "operand", 'f', 0) < 0)
             goto done;
         /* the operand's kind from its shape (lengths alone can coincide: H * W == N) */
         const Py_buffer *o = &ov[held];
@@ -157,10 +198,7 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             same = same && o->shape[i] == shape[i];
             item = item && (i == 0 || o->shape[i] == shape[i]);
         }
-        chain_step *s = &steps[held];
-        s->op = op;
         s->p = (const float *)o->buf;
-        s->bstride = 0;
         if (len == 1)
             s->kind = SCALAR;
         else if (same)
@@ -180,6 +218,10 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             PyBuffer_Release(&ov[held]);
             goto done;
         }
+    }
+    if (sub_obj != Py_None && subs == 0) {
+        PyErr_SetString(PyExc_ValueError, "sub given but no operand is None (its value)");
+        goto done;
     }
     if (w_obj != Py_None) {
         if (get_buffer(ps_obj, &psv, "pack_sub", 'f', 0) < 0)
@@ -217,6 +259,8 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
         st.x = NULL, st.idx = idx, st.table = (const float *)tv.buf;
+        if (table2_held)
+            st.table2 = (const float *)t2v.buf, st.sub = sub_steps, st.nsub = nsub;
     } else if (upsample) { /* rows of x: output pixel (b, r, q) reads (b, r / 2, q / 2) */
         idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
         if (!idx) {
@@ -243,9 +287,12 @@ done:
     free(idx);
     free(col);
     for (int k = 0; k < held; k++)
-        PyBuffer_Release(&ov[k]);
+        if (!(k < nsteps && steps[k].kind == SUB)) /* a SUB step holds no buffer */
+            PyBuffer_Release(&ov[k]);
     if (table_held)
         PyBuffer_Release(&tv);
+    if (table2_held)
+        PyBuffer_Release(&t2v);
     if (pack_held) {
         PyBuffer_Release(&psv);
         PyBuffer_Release(&wv);

@@ -324,7 +324,8 @@ static PyMethodDef methods[] = {
      "float32 operation; out may be x or a full operand.  With table (2^(kh*kw), C) and kernel "
      "(kh, kw, pad_h, pad_w), x is a 0/1 map (N, H, W) and v starts as its stride-1 zero-padded "
      "convolution through the table (row = the pattern of taps, bit dy * kw + dx); None when x "
-     "holds anything but +0.0 and 1.0."},
+     "holds anything but +0.0 and 1.0.  sub=(table2, ops2, operands2) (with a table): u = the "
+     "same rows of table2, then ops2; u is the operand o of the ops whose operand is None."},
     {"avg_pool2", (PyCFunction)(void (*)(void))py_avg_pool2, METH_VARARGS | METH_KEYWORDS,
      "avg_pool2(x, out=None) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool of NHWC x "
      "(stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in row-major order."},

@@ -125,6 +125,60 @@ def test_table_arguments_are_checked():
         _packed.ew_chain(y, b"", ())
 
 
+@pytest.mark.parametrize("c", [32, 20])  # 16-lane registers, and the chunked variant
+def test_second_lookup_in_the_same_pass(c):
+    """``sub``: a second lookup of the same y_t and its own ops, the operand of the main chain's
+    None operands, equals the two chains run apart (bit for bit, every instruction set, with
+    the packed words and two threads)."""
+    rng = np.random.default_rng(8)
+    (n1, k1), (n2, k2) = _conv(rng, c), _conv(rng, c, bias=False)
+    first, second = lut.LutConv.build(n1, k1), lut.LutConv.build(n2, k2)
+    y = (rng.random((2, 1, 19, 23)) < 0.5).astype(np.float32)
+    y[0, 0, :4] = 0.0  # rows of zeros: a +0 table row
+    full = rng.standard_normal((2, 19, 23, c)).astype(np.float32)
+    item = rng.standard_normal((1, 19, 23, c)).astype(np.float32)
+    scale = rng.standard_normal((2, c)).astype(np.float32)
+    sub_ops, sub_operands = b"asm", (full, np.float32(-0.0), scale)
+    alone = first.chain(y, sub_ops, sub_operands)
+    want = second.chain(y, b"ara", (item, alone, scale))  # the sub value second: item - v
+    psub = rng.standard_normal(c).astype(np.float32)
+    expect = np.zeros((2, 19, 23, (c + 31) // 32), np.uint32)  # sign bits of want - psub
+    for ch in range(c):
+        expect[..., ch // 32] |= ((want[..., ch] - psub[ch]) < 0).astype(np.uint32) << (ch % 32)
+    for path in _packed.available_paths():
+        _packed.set_path(path)
+        try:
+            words = np.empty(expect.shape, np.int32)
+            got = second.chain(y, b"ara", (item, None, scale), threads=2,
+                               sub=(first, sub_ops, sub_operands), pack_sub=psub, words=words)
+        finally:
+            _packed.set_path(None)
+        assert np.array_equal(_bits(got), _bits(want))
+        assert np.array_equal(words.view(np.uint32), expect)
+
+
+def test_sub_arguments_are_checked():
+    rng = np.random.default_rng(9)
+    (n1, k1), (n2, k2) = _conv(rng, 16), _conv(rng, 16, kernel=(1, 1), pads=(0, 0))
+    first, other = lut.LutConv.build(n1, k1), lut.LutConv.build(n2, k2)
+    y = np.zeros((1, 1, 5, 5), np.float32)
+    y3, table, geometry = y[:, 0], first.table, (3, 3, 1, 1)
+    with pytest.raises(ValueError, match="same kernel, padding and channels"):
+        first.chain(y, b"a", (None,), sub=(other, b"", ()))
+    with pytest.raises(ValueError, match="sub takes a table start"):
+        _packed.ew_chain(np.zeros((1, 5, 5, 16), np.float32), b"a", (None,),
+                         sub=(table, b"", ()))
+    with pytest.raises(ValueError, match="no operand is None"):
+        _packed.ew_chain(y3, b"m", (np.float32(2),), None, table, geometry, sub=(table, b"", ()))
+    with pytest.raises(ValueError, match="the table's shape"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry,
+                         sub=(table[:256].copy(), b"", ()))
+    with pytest.raises(ValueError, match=r"sub must be \(table, ops bytes, operands tuple\)"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, "a", ()))
+    with pytest.raises(ValueError, match="one operand per op"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, b"a", ()))
+
+
 def _stem_model() -> onnx.ModelProto:
     """A refiner-like step: y_t (N, 1, 12, 12) -> Conv -> + image conv (static) -> * step row ->
     - tb -> BinaryConv -> + skip -> output (the stem of the cpu presets in miniature)."""
@@ -175,6 +229,69 @@ def test_executor_stem_lookup_is_bit_exact(monkeypatch, probe):
                 np.full((3, 1, 12, 12), 0.5, np.float32)):  # not 0/1: ORT's convolution
         values = {"y_t": y_t, "image": rng.standard_normal((3, 3, 12, 12)).astype(np.float32),
                   "step": np.array([1, 4, 9], np.int64)}
+        for part in (split.static, split.step):
+            out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
+            values.update(zip(part.outputs, out, strict=True))
+        feeds = {n: values[n] for n in split.dynamic.inputs}
+        assert np.array_equal(_bits(executor.run(feeds)), _bits(dynamic.run(None, feeds)[0]))
+
+
+def _two_lookups_model(read_twice: bool) -> onnx.ModelProto:
+    """The stem of the cpu presets: two convolutions of y_t, the first plus a static map (its
+    BatchNormalization), the second plus a static map times a step row, added together, then
+    the first binary block; ``read_twice``: the output also reads the first lookup's sum."""
+    rng = np.random.default_rng(12)
+    c = 32
+
+    def const(name, a):
+        return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel())
+
+    w = np.where(rng.random((c, c, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
+    inits = [const("w1", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             const("w2", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             const("b2", rng.standard_normal(c).astype(np.float32)),
+             const("wi", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
+             const("table", rng.standard_normal((11, c, 1, 1)).astype(np.float32)),
+             const("tb", rng.standard_normal((c, 1, 1)).astype(np.float32)),
+             const("wb", w), const("sb", rng.random(c).astype(np.float32) + 0.1),
+             const("bb", rng.standard_normal(c).astype(np.float32))]
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["image", "wi"], ["ci"], **conv),
+             helper.make_node("Conv", ["y_t", "w1"], ["c1"], **conv),
+             helper.make_node("Add", ["c1", "ci"], ["stem"]),
+             helper.make_node("Conv", ["y_t", "w2", "b2"], ["c2"], **conv),
+             helper.make_node("Add", ["ci", "c2"], ["a2"]),
+             helper.make_node("Gather", ["table", "step"], ["row"]),
+             helper.make_node("Mul", ["a2", "row"], ["m"]),
+             helper.make_node("Add", ["stem", "m"], ["x"]),
+             helper.make_node("Sub", ["x", "tb"], ["s"]),
+             helper.make_node("BinaryConv", ["s", "wb", "sb", "bb"], ["h"], domain="ai.hidiff",
+                              kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
+                              pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
+             helper.make_node("Add", ["h", "stem" if read_twice else "x"], ["out"])]
+    inputs = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
+              helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
+              helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
+    return binary_step_model(nodes, "stem", inputs, inits)
+
+
+@pytest.mark.parametrize("read_twice", [False, True])
+def test_executor_runs_two_lookups_in_one_pass(read_twice):
+    """The stem's two lookups of y_t run as one pass (the first one's sum never stored) unless
+    its sum is read elsewhere; bit-identical to onnxruntime either way, also through the
+    fallback (y_t not 0/1)."""
+    model = _two_lookups_model(read_twice)
+    split = split_refiner(model)
+    executor = StepExecutor(model, split)
+    lookups = [label for label in executor.labels if label.startswith("numpy:Conv")]
+    assert lookups == (["numpy:Conv+Add", "numpy:Conv+Add+Mul+Add"] if read_twice
+                       else ["numpy:Conv+Add+Mul+Add+(Conv+Add)"])
+    rng = np.random.default_rng(3)
+    dynamic = make_session(split.dynamic.model)
+    for y_t in ((rng.random((2, 1, 12, 12)) < 0.5).astype(np.float32),
+                np.full((2, 1, 12, 12), 0.5, np.float32)):
+        values = {"y_t": y_t, "image": rng.standard_normal((2, 3, 12, 12)).astype(np.float32),
+                  "step": np.array([3, 7], np.int64)}
         for part in (split.static, split.step):
             out = make_session(part.model).run(part.outputs, {n: values[n] for n in part.inputs})
             values.update(zip(part.outputs, out, strict=True))
