@@ -8,38 +8,48 @@
 
 #include "chain.h"
 
-/* Table rows of every output pixel of the 0/1 map y (n, h, w); 0 when y holds anything but
- * +0.0 and 1.0. */
-static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
-                    int ph, int pw, Py_ssize_t ho, Py_ssize_t wo, uint32_t *idx, uint32_t *col)
+/* out[q] |= src[q] << bit (a function of its own: then it vectorises) */
+static __attribute__((noinline)) void or_shifted(uint32_t *restrict out,
+                                                 const uint8_t *restrict src, Py_ssize_t n,
+                                                 uint32_t bit)
 {
+    for (Py_ssize_t q = 0; q < n; q++)
+        out[q] |= (uint32_t)src[q] << bit;
+}
+
+/* Table rows of every output pixel of the 0/1 map y (n, h, w); 0 when y holds anything but
+ * +0.0 and 1.0.  plane: (h + 2 ph) * (w + 2 pw) bytes of scratch (one item's map, padded with
+ * zeros, 1 where y is 1); loops without early exits, so that they vectorise. */
+static int lut_rows(const float *y, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
+                    int ph, int pw, Py_ssize_t ho, Py_ssize_t wo, uint32_t *restrict idx,
+                    uint8_t *restrict plane)
+{
+    uint32_t bad = 0;
     for (Py_ssize_t i = 0; i < n * h * w; i++) {
         uint32_t bits;
         memcpy(&bits, y + i, 4);
-        if (bits != 0u && bits != 0x3F800000u)
-            return 0;
+        bad |= (uint32_t)(bits != 0u) & (uint32_t)(bits != 0x3F800000u);
     }
-    const Py_ssize_t wp = w + 2 * pw;
-    for (Py_ssize_t b = 0; b < n; b++)
-        for (Py_ssize_t r = 0; r < ho; r++) {
-            /* col[x]: bit dy * kw for each kernel row dy where padded column x holds 1 */
-            memset(col, 0, sizeof(uint32_t) * (size_t)wp);
-            for (int dy = 0; dy < kh; dy++) {
-                const Py_ssize_t yy = r + dy - ph;
-                if (yy < 0 || yy >= h)
-                    continue;
-                const float *row = y + (b * h + yy) * w;
-                for (Py_ssize_t x = 0; x < w; x++)
-                    col[x + pw] |= (uint32_t)(row[x] != 0.0f) << (dy * kw);
-            }
-            uint32_t *out = idx + (b * ho + r) * wo;
-            for (Py_ssize_t q = 0; q < wo; q++) {
-                uint32_t v = 0;
-                for (int dx = 0; dx < kw; dx++)
-                    v |= col[q + dx] << dx;
-                out[q] = v;
-            }
+    if (bad)
+        return 0;
+    const Py_ssize_t wp = w + 2 * pw, hp = h + 2 * ph;
+    memset(plane, 0, (size_t)(hp * wp));
+    for (Py_ssize_t b = 0; b < n; b++) {
+        for (Py_ssize_t r = 0; r < h; r++) {
+            const float *row = y + (b * h + r) * w;
+            uint8_t *dst = plane + (r + ph) * wp + pw;
+            for (Py_ssize_t x = 0; x < w; x++)
+                dst[x] = (uint8_t)(row[x] != 0.0f);
         }
+        for (Py_ssize_t r = 0; r < ho; r++) {
+            uint32_t *restrict out = idx + (b * ho + r) * wo;
+            memset(out, 0, sizeof(uint32_t) * (size_t)wo);
+            for (int dy = 0; dy < kh; dy++)
+                for (int dx = 0; dx < kw; dx++) { /* bit dy * kw + dx: tap (r + dy, q + dx) */
+                    or_shifted(out, plane + (r + dy) * wp + dx, wo, (uint32_t)(dy * kw + dx));
+                }
+        }
+    }
     return 1;
 }
 
@@ -91,7 +101,8 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
     const char *sub_ops = "";
     chain_step sub_steps[MAX_STEPS];
     PyObject *result = NULL;
-    uint32_t *idx = NULL, *col = NULL;
+    uint32_t *idx = NULL;
+    uint8_t *plane = NULL;
     if (get_buffer(x_obj, &xv, lut ? "y" : "x", 'f', 0) < 0)
         return NULL;
     chain_step steps[MAX_STEPS];
@@ -244,15 +255,15 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (lut) {
         idx = malloc(sizeof(uint32_t) * (size_t)(size / c));
-        col = malloc(sizeof(uint32_t) * (size_t)(xv.shape[2] + 2 * pw));
-        if (!idx || !col) {
+        plane = malloc((size_t)((xv.shape[1] + 2 * ph) * (xv.shape[2] + 2 * pw)));
+        if (!idx || !plane) {
             PyErr_NoMemory();
             goto done;
         }
         int binary;
         Py_BEGIN_ALLOW_THREADS
         binary = lut_rows((const float *)xv.buf, xv.shape[0], xv.shape[1], xv.shape[2], kh, kwid,
-                          ph, pw, shape[1], shape[2], idx, col);
+                          ph, pw, shape[1], shape[2], idx, plane);
         Py_END_ALLOW_THREADS
         if (!binary) { /* not a 0/1 map: the caller convolves it otherwise */
             result = Py_NewRef(Py_None);
@@ -285,7 +296,7 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
     PyBuffer_Release(&outv);
 done:
     free(idx);
-    free(col);
+    free(plane);
     for (int k = 0; k < held; k++)
         if (!(k < nsteps && steps[k].kind == SUB)) /* a SUB step holds no buffer */
             PyBuffer_Release(&ov[k]);
