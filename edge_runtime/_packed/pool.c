@@ -5,12 +5,61 @@
  *
  * a, b the top row of the window, d, e the bottom row: the float32 operations of MLAS's
  * blocked (NCHWc) pooling kernel, in its order (the build keeps -ffp-contract=off).  One pass:
- * each input row pair is read once, each output row written once.
+ * each input row pair is read once, each output row written once; compiled per target, the
+ * variant of the default kernel path runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include "glue.h"
+
+/* Output rows [i0, i1) of every item (rows counted over the batch), compiled per target: the
+ * channel loop vectorises (the same float32 operations per element, in the same order). */
+#define DEFINE_POOL(NAME, ATTR)                                                                \
+    ATTR static void NAME(const float *restrict x, float *restrict o, Py_ssize_t h,            \
+                          Py_ssize_t w, Py_ssize_t c, Py_ssize_t i0, Py_ssize_t i1)            \
+    {                                                                                          \
+        const Py_ssize_t ho = h / 2, wo = w / 2;                                               \
+        for (Py_ssize_t r = i0; r < i1; r++) {                                                 \
+            const Py_ssize_t b = r / ho, i = r % ho;                                           \
+            const float *top = x + ((b * h + 2 * i) * w) * c, *bot = top + w * c;              \
+            float *orow = o + r * wo * c;                                                      \
+            for (Py_ssize_t j = 0; j < wo; j++) {                                              \
+                const float *restrict t = top + 2 * j * c, *restrict u = bot + 2 * j * c;      \
+                float *restrict dst = orow + j * c;                                            \
+                for (Py_ssize_t k = 0; k < c; k++) {                                           \
+                    float v = 0.0f + t[k];                                                     \
+                    v = v + t[c + k];                                                          \
+                    v = v + u[k];                                                              \
+                    v = v + u[c + k];                                                          \
+                    dst[k] = v * 0.25f;                                                        \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+#if HIDIFF_X86 && defined(__GNUC__)
+#include <string.h>
+DEFINE_POOL(pool_avx512, __attribute__((target("avx512f"))))
+DEFINE_POOL(pool_avx2, __attribute__((target("avx2"))))
+#endif
+DEFINE_POOL(pool_base, )
+
+typedef void (*pool_fn)(const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                        Py_ssize_t);
+
+/* The variant of the default kernel path (set_path). */
+static pool_fn pick_pool(void)
+{
+#if HIDIFF_X86 && defined(__GNUC__)
+    const char *path = default_path_name();
+    if (strcmp(path, "avx512") == 0)
+        return pool_avx512;
+    if (strcmp(path, "avx2") == 0)
+        return pool_avx2;
+#endif
+    return pool_base;
+}
 
 PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -31,25 +80,11 @@ PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw)
     const Py_ssize_t shape[4] = {n, h / 2, w / 2, c};
     PyObject *result = output(out_obj, &ov, 4, shape, 'f');
     if (result) {
+        const pool_fn fn = pick_pool();
         const float *x = (const float *)xv.buf;
         float *o = (float *)ov.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t b = 0; b < n; b++)
-            for (Py_ssize_t i = 0; i < h / 2; i++) {
-                const float *top = x + ((b * h + 2 * i) * w) * c, *bot = top + w * c;
-                float *orow = o + ((b * (h / 2) + i) * (w / 2)) * c;
-                for (Py_ssize_t j = 0; j < w / 2; j++) {
-                    const float *t = top + 2 * j * c, *u = bot + 2 * j * c;
-                    float *dst = orow + j * c;
-                    for (Py_ssize_t k = 0; k < c; k++) {
-                        float v = 0.0f + t[k];
-                        v = v + t[c + k];
-                        v = v + u[k];
-                        v = v + u[c + k];
-                        dst[k] = v * 0.25f;
-                    }
-                }
-            }
+        fn(x, o, h, w, c, 0, n * (h / 2));
         Py_END_ALLOW_THREADS
         PyBuffer_Release(&ov);
     }

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from refiner_feeds import binary_step_model, boundary_values, step_inputs
 
 import reference
-from edge_runtime import nhwc, packed, pool
+from edge_runtime import _packed, nhwc, packed, pool
 from edge_runtime.executor import StepExecutor
 from edge_runtime.graph import split_refiner
 from edge_runtime.ortutil import make_session
@@ -220,6 +220,27 @@ def test_pool_equals_onnxruntime_where_the_probe_says_so(channels):
         # MLAS's blocked (NCHWc) pool, the probe's target: measured to agree on AVX-512 x86;
         # elsewhere accepting is the probe's call (exactness is asserted above either way)
         assert pool.matches_onnxruntime(channels)
+
+
+@pytest.mark.parametrize("channels", [32, 5])
+def test_pool_every_path_computes_the_formula(channels):
+    """Each instruction set's pool (the default path's runs) gives ((((0 + a) + b) + d) + e) *
+    0.25 in float32, bit for bit (NumPy's float32 ops in that order), over a batch, odd sizes,
+    signed zeros and infinities."""
+    rng = np.random.default_rng(channels)
+    x = (rng.standard_normal((2, 9, 7, channels)) * 1e3).astype(np.float32)
+    x[0, :2, :2] = -0.0
+    x[1, 0, 0, 0], x[1, 2, 2, 0] = np.inf, -np.inf
+    a, b = x[:, 0:8:2, 0:6:2], x[:, 0:8:2, 1:6:2]
+    d, e = x[:, 1:8:2, 0:6:2], x[:, 1:8:2, 1:6:2]
+    want = ((((np.float32(0) + a) + b) + d) + e) * np.float32(0.25)
+    for path in packed.available_paths():
+        _packed.set_path(path)
+        try:
+            got = _packed.avg_pool2(x)
+        finally:
+            _packed.set_path(None)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), path
 
 
 def test_supported_attributes():
