@@ -33,18 +33,29 @@ typedef struct {
     Py_ssize_t wd; /* words per pixel */
 } pw_add;
 
-/* For the n output pixels from q: their item (b) and their addend row in low (-1 without). */
-static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, Py_ssize_t *lrow)
+/* A position in the output (batch item, row, column), advanced pixel by pixel: no division
+ * per block. */
+typedef struct {
+    Py_ssize_t item, i, j;
+} pw_pos;
+
+static inline pw_pos pw_seek(const pw_add *a, Py_ssize_t q)
 {
-    Py_ssize_t item = q / (a->h * a->w), r = q % (a->h * a->w);
-    Py_ssize_t i = r / a->w, j = r % a->w;
+    const Py_ssize_t r = q % (a->h * a->w);
+    return (pw_pos){q / (a->h * a->w), r / a->w, r % a->w};
+}
+
+/* For the n output pixels from *pos (which moves past them): their item (b) and their addend
+ * row in low (-1 without). */
+static inline void pw_rows(const pw_add *a, pw_pos *pos, int n, Py_ssize_t *b, Py_ssize_t *lrow)
+{
     for (int k = 0; k < n; k++) {
-        b[k] = item;
-        lrow[k] = a->low ? (item * (a->h / 2) + i / 2) * (a->w / 2) + j / 2 : -1;
-        if (++j == a->w) {
-            j = 0;
-            if (++i == a->h)
-                i = 0, item++;
+        b[k] = pos->item;
+        lrow[k] = a->low ? (pos->item * (a->h / 2) + pos->i / 2) * (a->w / 2) + pos->j / 2 : -1;
+        if (++pos->j == a->w) {
+            pos->j = 0;
+            if (++pos->i == a->h)
+                pos->i = 0, pos->item++;
         }
     }
 }
@@ -58,7 +69,7 @@ static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, 
 /* One block: P pixels x G vectors of L output channels from oc0 (P, G compile-time). */
 #define DEFINE_PW_BLOCK(NAME, ATTR, VT, L, LOAD, STORE, SET1, FMA, ADD, ZERO, SUB, BITS)     \
     INL ATTR void NAME(const float *x, const float *w, const float *bias, const pw_add *ad,   \
-                       float *out, Py_ssize_t p, Py_ssize_t oc0, Py_ssize_t cin,              \
+                       float *out, Py_ssize_t p, pw_pos *pos, Py_ssize_t oc0, Py_ssize_t cin, \
                        Py_ssize_t cout, const int P, const int G)                             \
     {                                                                                          \
         VT acc[PW_PIX][PW_VEC];                                                                \
@@ -77,7 +88,7 @@ static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, 
         }                                                                                      \
         Py_ssize_t item[PW_PIX] = {0}, lrow[PW_PIX] = {0};                                     \
         if (ad)                                                                                \
-            pw_rows(ad, p, P, item, lrow);                                                     \
+            pw_rows(ad, pos, P, item, lrow);                                                   \
         for (int i = 0; i < P; i++) {                                                          \
             const float *lo = ad && ad->low ? ad->low + lrow[i] * cout + oc0 : NULL;           \
             const float *ps = ad && ad->words ? ad->psub + item[i] * ad->psub_bstride : NULL;  \
@@ -106,19 +117,20 @@ static inline void pw_rows(const pw_add *a, Py_ssize_t q, int n, Py_ssize_t *b, 
         for (Py_ssize_t oc0 = 0; oc0 < cout; oc0 += PW_VEC * L) {                              \
             const int g = (int)((cout - oc0) / L < PW_VEC ? (cout - oc0) / L : PW_VEC);        \
             Py_ssize_t p = p0;                                                                 \
+            pw_pos pos = ad ? pw_seek(ad, p0) : (pw_pos){0, 0, 0};                             \
             for (; p + PW_PIX <= pixels; p += PW_PIX)                                          \
                 switch (g) {                                                                   \
-                case 1: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 1); break;           \
-                case 2: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 2); break;           \
-                case 3: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 3); break;           \
-                default: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, PW_PIX, 4); break;          \
+                case 1: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, PW_PIX, 1); break;     \
+                case 2: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, PW_PIX, 2); break;     \
+                case 3: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, PW_PIX, 3); break;     \
+                default: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, PW_PIX, 4); break;    \
                 }                                                                              \
             for (; p < pixels; p++)                                                            \
                 switch (g) {                                                                   \
-                case 1: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 1); break;                \
-                case 2: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 2); break;                \
-                case 3: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 3); break;                \
-                default: BLOCK(x, w, bias, ad, out, p, oc0, cin, cout, 1, 4); break;               \
+                case 1: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, 1, 1); break;          \
+                case 2: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, 1, 2); break;          \
+                case 3: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, 1, 3); break;          \
+                default: BLOCK(x, w, bias, ad, out, p, &pos, oc0, cin, cout, 1, 4); break;         \
                 }                                                                              \
         }                                                                                      \
     }
@@ -139,10 +151,11 @@ static void pw_plain(const float *x, const float *w, const float *bias, const pw
                      float *out, Py_ssize_t p0, Py_ssize_t pixels, Py_ssize_t cin,
                      Py_ssize_t cout)
 {
+    pw_pos pos = ad ? pw_seek(ad, p0) : (pw_pos){0, 0, 0};
     for (Py_ssize_t p = p0; p < pixels; p++) {
         Py_ssize_t item = 0, lrow = -1;
         if (ad)
-            pw_rows(ad, p, 1, &item, &lrow);
+            pw_rows(ad, &pos, 1, &item, &lrow);
         const float *lo = ad && ad->low ? ad->low + lrow * cout : NULL;
         const float *ps = ad && ad->words ? ad->psub + item * ad->psub_bstride : NULL;
         for (Py_ssize_t oc = 0; oc < cout; oc++) {

@@ -40,6 +40,22 @@ def test_add_up_equals_upsample_plus_conv(cin, cout, kernel_path):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_add_up_with_threads_splitting_mid_row_and_mid_item(kernel_path):
+    """Large enough to split over threads: chunks start inside a row and inside the second
+    item, where each chunk finds its pixels' addend rows (and words) from its first pixel."""
+    rng = np.random.default_rng(3)
+    x, w, b = _values(rng, (2, 70, 66, 32)), _values(rng, (32, 32)), _values(rng, (32,))
+    low, sub = _values(rng, (2, 35, 33, 32)), _values(rng, (2, 32))
+    want = np.repeat(np.repeat(low, 2, 1), 2, 2) + _packed.pointwise(x, w, b)
+    from edge_runtime import packed
+
+    want_words = np.concatenate([packed.pack_nhwc(want[i:i + 1], sub=sub[i]) for i in range(2)])
+    for threads in (2, 3, 5):
+        got, words = _packed.pointwise(x, w, b, threads=threads, add_up=low, pack_sub=sub)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), threads
+        assert np.array_equal(words.view(np.uint32), want_words.view(np.uint32)), threads
+
+
 @pytest.mark.parametrize("cout", [32, 48, 64, 96, 24, 9])
 def test_packed_words_of_the_result(cout, kernel_path):
     """``pack_sub``: the sign words of ``result - sub`` as the binary convs pack them (whole
