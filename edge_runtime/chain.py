@@ -12,9 +12,10 @@ done in the same pass; when a fused binary conv packs the chain's result after i
 the pass writes those packed words too. Operands of unexpected runtime shape fall
 back to the nodes one by one.
 
-Two chains that each start with a lookup of ``y_t`` (same kernel and padding), where the first
-one's result is read only by a node of the second, run as one pass (:func:`merge_lookups`): the
-first chain's value is computed alongside the second's, element by element, and never stored
+Two chains that each start with a lookup of ``y_t`` (same kernel, padding and channels), where
+the first one's result is read only by a node of the second, run as one pass
+(:func:`merge_lookups`): the first chain's value is computed alongside the second's, element
+by element, and never stored
 (on ``cpu-base``, the stem's ``BatchNormalization`` of ``y_t`` and the first encoder level's
 time-modulated one, added together: a full-resolution map neither written nor read back).
 """
@@ -61,8 +62,8 @@ def merge_lookups(runs: list[list], consumers: dict[str, list], keep: set[str],
     into ``run`` (None for the others). Both start with table lookups (``luts``, by node
     ``id``) of the same input sharing rows (:meth:`edge_runtime.lut.LutConv.shares_rows`),
     ``sub``'s result is read once, by one node of ``run`` after its start (as that node's other
-    operand), and no run between them reads ``sub``'s inputs (so none of them can take their
-    buffers)."""
+    operand), no run between them reads ``sub``'s inputs (so none of them can take their
+    buffers), and ``sub`` holds no sub of its own (one level only)."""
     out: list[tuple[list, list | None]] = [(run, None) for run in runs]
     taken: set[int] = set()
     for j, run in enumerate(runs):
@@ -74,7 +75,8 @@ def merge_lookups(runs: list[list], consumers: dict[str, list], keep: set[str],
             other = luts.get(id(sub[0]))
             dst = sub[-1].output[0]
             users = consumers.get(dst, [])
-            if (i in taken or other is None or not hasattr(other, "shares_rows")
+            if (i in taken or out[i][1] is not None or other is None
+                    or not hasattr(other, "shares_rows")
                     or sub[0].input[0] != run[0].input[0] or not lut.shares_rows(other)
                     or dst in keep or len(users) != 1 or users[0] not in run[1:]
                     or list(users[0].input).count(dst) != 1

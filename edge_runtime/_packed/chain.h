@@ -14,7 +14,7 @@ enum { FULL = 0, CHANNEL = 1, SCALAR = 2, ITEM = 3, SUB = 4 };
 typedef struct chain_step {
     char op;
     int kind;
-    const float *p;      /* FULL: like x; ITEM: one batch item of x, shared by all;
+    const float *p;      /* FULL: like x; ITEM: one batch item of x, shared by all; SUB: NULL;
                           * CHANNEL: [n or 1][c]; SCALAR: one value */
     Py_ssize_t bstride;  /* CHANNEL: floats between batch items (0: shared) */
 } chain_step;

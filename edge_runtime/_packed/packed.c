@@ -317,7 +317,8 @@ static PyMethodDef methods[] = {
     {"bconv2d", (PyCFunction)(void (*)(void))py_bconv2d, METH_VARARGS | METH_KEYWORDS,
      BCONV2D_DOC},
     {"ew_chain", (PyCFunction)(void (*)(void))py_ew_chain, METH_VARARGS | METH_KEYWORDS,
-     "ew_chain(x, ops, operands, out=None, table=None, kernel=None, upsample=False) -> float32: "
+     "ew_chain(x, ops, operands, out=None, table=None, kernel=None, upsample=False, threads=1, "
+     "pack_sub=None, words=None, sub=None) -> float32: "
      "v = x (upsample: x NHWC repeated 2 x 2), then per "
      "op (bytes: a add, s v - o, r o - v, m mul, p PReLU) v = op(v, o) with o from operands (a "
      "full array like the result, one batch item of it, (C,), (N, C) or one value), each one "

@@ -41,6 +41,8 @@ typedef struct {
 
 static inline pw_pos pw_seek(const pw_add *a, Py_ssize_t q)
 {
+    if (a->h * a->w == 0) /* an empty map: no pixel to find */
+        return (pw_pos){0, 0, 0};
     const Py_ssize_t r = q % (a->h * a->w);
     return (pw_pos){q / (a->h * a->w), r / a->w, r % a->w};
 }

@@ -79,6 +79,12 @@ PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw)
     const Py_ssize_t n = xv.shape[0], h = xv.shape[1], w = xv.shape[2], c = xv.shape[3];
     const Py_ssize_t shape[4] = {n, h / 2, w / 2, c};
     PyObject *result = output(out_obj, &ov, 4, shape, 'f');
+    if (result && (const char *)ov.buf < (const char *)xv.buf + xv.len &&
+        (const char *)xv.buf < (const char *)ov.buf + ov.len) { /* the kernel assumes apart */
+        PyErr_SetString(PyExc_ValueError, "out must not overlap x");
+        PyBuffer_Release(&ov);
+        Py_CLEAR(result);
+    }
     if (result) {
         const pool_fn fn = pick_pool();
         const float *x = (const float *)xv.buf;

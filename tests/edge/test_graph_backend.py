@@ -241,6 +241,8 @@ def test_pool_every_path_computes_the_formula(channels):
         finally:
             _packed.set_path(None)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), path
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        _packed.avg_pool2(x, out=x.reshape(-1)[:24 * channels].reshape(2, 4, 3, channels))
 
 
 def test_supported_attributes():

@@ -179,6 +179,28 @@ def test_sub_arguments_are_checked():
         _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, b"a", ()))
 
 
+def test_merge_lookups_nests_one_level_only():
+    """Three lookups of y_t, each sum read by the next: the second takes the first; the third
+    cannot take the second (which holds a sub already), so every run is still scheduled."""
+    from edge_runtime.chain import merge_lookups
+
+    rng = np.random.default_rng(10)
+    convs, luts, runs = [], {}, []
+    for k in range(3):
+        node, consts = _conv(rng, 16)
+        conv = helper.make_node("Conv", node.input, [f"c{k}"], kernel_shape=[3, 3],
+                                pads=[1, 1, 1, 1])
+        add = helper.make_node("Add", [f"c{k}", f"a{k - 1}" if k else "s"], [f"a{k}"])
+        luts[id(conv)] = lut.LutConv.build(node, consts)
+        convs.append(conv)
+        runs.append([conv, add])
+    consumers = {f"c{k}": [runs[k][1]] for k in range(3)}
+    consumers.update({f"a{k}": [runs[k + 1][1]] for k in range(2)})
+    merged = merge_lookups(runs, consumers, {"a2"}, luts)
+    assert [(run[0].output[0], sub[0].output[0] if sub else None) for run, sub in merged] == [
+        ("c1", "c0"), ("c2", None)]
+
+
 def _stem_model() -> onnx.ModelProto:
     """A refiner-like step: y_t (N, 1, 12, 12) -> Conv -> + image conv (static) -> * step row ->
     - tb -> BinaryConv -> + skip -> output (the stem of the cpu presets in miniature)."""

@@ -75,6 +75,13 @@ def test_packed_words_of_the_result(cout, kernel_path):
         _packed.pointwise(x, w, b, words=stale)
 
 
+def test_empty_map_with_add_up_and_words():
+    x, w = np.zeros((1, 0, 4, 32), np.float32), np.ones((32, 32), np.float32)
+    y, words = _packed.pointwise(x, w, add_up=np.zeros((1, 0, 2, 32), np.float32),
+                                 pack_sub=np.zeros(32, np.float32))
+    assert y.shape == (1, 0, 4, 32) and words.shape == (1, 0, 4, 1)
+
+
 def test_add_up_bad_arguments():
     x, w = np.zeros((1, 4, 6, 8), np.float32), np.zeros((8, 16), np.float32)
     with pytest.raises(ValueError, match="add_up must be NHWC"):
