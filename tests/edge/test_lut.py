@@ -201,23 +201,42 @@ def test_merge_lookups_nests_one_level_only():
         ("c1", "c0"), ("c2", None)]
 
 
+def _const(name, a):
+    return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel())
+
+
+def _block_inits(rng, c: int) -> list:
+    """The stem models' other initializers: the image conv ``wi``, the step ``table``, the TB
+    shift ``tb`` and the binary conv ``wb`` / ``sb`` / ``bb``."""
+    w = np.where(rng.random((c, c, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
+    return [_const("wi", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
+            _const("table", rng.standard_normal((11, c, 1, 1)).astype(np.float32)),
+            _const("tb", rng.standard_normal((c, 1, 1)).astype(np.float32)),
+            _const("wb", w), _const("sb", rng.random(c).astype(np.float32) + 0.1),
+            _const("bb", rng.standard_normal(c).astype(np.float32))]
+
+
+def _block_tail(x: str, skip: str, c: int) -> list:
+    """``out = BinaryConv(x - tb) + skip``: the first binary block after a stem."""
+    return [helper.make_node("Sub", [x, "tb"], ["s"]),
+            helper.make_node("BinaryConv", ["s", "wb", "sb", "bb"], ["h"], domain="ai.hidiff",
+                             kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
+                             pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
+            helper.make_node("Add", ["h", skip], ["out"])]
+
+
+_STEM_INPUTS = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
+                helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
+                helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
+
+
 def _stem_model() -> onnx.ModelProto:
     """A refiner-like step: y_t (N, 1, 12, 12) -> Conv -> + image conv (static) -> * step row ->
     - tb -> BinaryConv -> + skip -> output (the stem of the cpu presets in miniature)."""
     rng = np.random.default_rng(11)
     c = 32
-
-    def const(name, a):
-        return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel())
-
-    w = np.where(rng.random((c, c, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
-    inits = [const("wy", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
-             const("by", rng.standard_normal(c).astype(np.float32)),
-             const("wi", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
-             const("table", rng.standard_normal((11, c, 1, 1)).astype(np.float32)),
-             const("tb", rng.standard_normal((c, 1, 1)).astype(np.float32)),
-             const("wb", w), const("sb", rng.random(c).astype(np.float32) + 0.1),
-             const("bb", rng.standard_normal(c).astype(np.float32))]
+    inits = [_const("wy", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             _const("by", rng.standard_normal(c).astype(np.float32)), *_block_inits(rng, c)]
     nodes = [helper.make_node("Conv", ["y_t", "wy", "by"], ["cy"], kernel_shape=[3, 3],
                               pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["image", "wi"], ["ci"], kernel_shape=[3, 3],
@@ -225,15 +244,8 @@ def _stem_model() -> onnx.ModelProto:
              helper.make_node("Add", ["cy", "ci"], ["a"]),
              helper.make_node("Gather", ["table", "step"], ["row"]),
              helper.make_node("Mul", ["a", "row"], ["m"]),
-             helper.make_node("Sub", ["m", "tb"], ["s"]),
-             helper.make_node("BinaryConv", ["s", "wb", "sb", "bb"], ["h"], domain="ai.hidiff",
-                              kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
-                              pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
-             helper.make_node("Add", ["h", "m"], ["out"])]
-    inputs = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
-              helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
-              helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
-    return binary_step_model(nodes, "stem", inputs, inits)
+             *_block_tail("m", "m", c)]
+    return binary_step_model(nodes, "stem", _STEM_INPUTS, inits)
 
 
 @pytest.mark.parametrize("probe", [True, False])
@@ -264,19 +276,9 @@ def _two_lookups_model(read_twice: bool) -> onnx.ModelProto:
     the first binary block; ``read_twice``: the output also reads the first lookup's sum."""
     rng = np.random.default_rng(12)
     c = 32
-
-    def const(name, a):
-        return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel())
-
-    w = np.where(rng.random((c, c, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
-    inits = [const("w1", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
-             const("w2", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
-             const("b2", rng.standard_normal(c).astype(np.float32)),
-             const("wi", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
-             const("table", rng.standard_normal((11, c, 1, 1)).astype(np.float32)),
-             const("tb", rng.standard_normal((c, 1, 1)).astype(np.float32)),
-             const("wb", w), const("sb", rng.random(c).astype(np.float32) + 0.1),
-             const("bb", rng.standard_normal(c).astype(np.float32))]
+    inits = [_const("w1", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             _const("w2", rng.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             _const("b2", rng.standard_normal(c).astype(np.float32)), *_block_inits(rng, c)]
     conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
     nodes = [helper.make_node("Conv", ["image", "wi"], ["ci"], **conv),
              helper.make_node("Conv", ["y_t", "w1"], ["c1"], **conv),
@@ -286,15 +288,8 @@ def _two_lookups_model(read_twice: bool) -> onnx.ModelProto:
              helper.make_node("Gather", ["table", "step"], ["row"]),
              helper.make_node("Mul", ["a2", "row"], ["m"]),
              helper.make_node("Add", ["stem", "m"], ["x"]),
-             helper.make_node("Sub", ["x", "tb"], ["s"]),
-             helper.make_node("BinaryConv", ["s", "wb", "sb", "bb"], ["h"], domain="ai.hidiff",
-                              kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1],
-                              pads=[1, 1, 1, 1], pad_value=1.0, channels_in=c, channels_out=c),
-             helper.make_node("Add", ["h", "stem" if read_twice else "x"], ["out"])]
-    inputs = [helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", 1, 12, 12]),
-              helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 12, 12]),
-              helper.make_tensor_value_info("step", TensorProto.INT64, ["N"])]
-    return binary_step_model(nodes, "stem", inputs, inits)
+             *_block_tail("x", "stem" if read_twice else "x", c)]
+    return binary_step_model(nodes, "stem", _STEM_INPUTS, inits)
 
 
 @pytest.mark.parametrize("read_twice", [False, True])
