@@ -44,9 +44,18 @@ static void valid_range(int o, int stride, int pad, int dil, int k, int n, int *
         *lo = *hi = 0;
 }
 
+static int all_zero(const int32_t *v, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (v[i])
+            return 0;
+    return 1;
+}
+
 /* pad_value 0: per output pixel of a row whose valid kernel rows are [lo, hi), the number of
  * counted taps times cin (kval) and the weight popcounts of the padded taps (corr). */
-static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_t *corr)
+static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_t *corr,
+                           conv_row *row)
 {
     const bconv_args *a = j->a;
     const int cpad = j->d.cpad, kh = a->kh, kw = a->kw;
@@ -64,6 +73,15 @@ static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_
                     cr[c] += wt[c];
             }
     }
+    /* the first run of pixels whose corrections are all zero (the row's interior) */
+    int z0 = 0;
+    while (z0 < a->wo && !all_zero(corr + (size_t)z0 * cpad, cpad))
+        z0++;
+    int z1 = z0;
+    while (z1 < a->wo && all_zero(corr + (size_t)z1 * cpad, cpad))
+        z1++;
+    row->zero0 = z0;
+    row->zero1 = z1;
 }
 
 static int run_rows(const job_t *j, int r0, int r1)
@@ -109,7 +127,7 @@ static int run_rows(const job_t *j, int r0, int r1)
                 if (lo != cached_lo || hi != cached_hi) {
                     cached_lo = lo;
                     cached_hi = hi;
-                    zero_pad_terms(j, lo, hi, kval, corr);
+                    zero_pad_terms(j, lo, hi, kval, corr, &row);
                 }
             }
             row.x = j->xpad + (size_t)(n * j->hp + oh * a->sh) * (size_t)j->wp * (size_t)j->wd;

@@ -43,64 +43,92 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
         }
         wp += (size_t)len * L;
     }
+    /* The epilogue, one stage at a time over the block's P pixels (fully unrolled: the
+     * accumulators stay in registers, and each stage's test is made once per block, not per
+     * pixel).  The row's pointers are read once, before any store. */
+    const int32_t *const corr = r->corr && (ow < r->zero0 || ow + P > r->zero1) ? r->corr : NULL;
+    const int32_t *const kval = r->kval + ow;
+    const float *const thr = d->thr;
+    const int fused = r->fused;
+    const float *const res = fused ? r->res : NULL;
+    uint32_t *const pout = fused ? r->pout : NULL;
+    const int fz = fused && r->zeta, fs = fused && r->slope, fg = fused && r->gamma,
+              fp = pout && r->pthr;
+    const int cout = d->cout, out_words = d->out_words;
+    void *const out = r->out;
+#pragma GCC unroll 4
     for (int g = 0; g < G; g++) {
         const int c0 = (cv0 + g) * L;
-        const int left = d->cout - c0;
+        const int left = cout - c0;
         const __mmask16 valid = left >= L ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
         const __m512 sc = _mm512_loadu_ps(d->scale + c0);
         const __m512 bi = _mm512_loadu_ps(d->bias + c0);
-        /* the epilogue's per-channel vectors, loaded once per block (the stores below could
-         * alias them as far as the compiler knows) */
-        const int fz = r->fused && r->zeta, fs = r->fused && r->slope, fg = r->fused && r->gamma,
-                  fp = r->fused && r->pout && r->pthr;
-        const __m512 zeta = fz ? _mm512_maskz_loadu_ps(valid, r->zeta + c0) : _mm512_setzero_ps();
-        const __m512 slope = fs ? _mm512_maskz_loadu_ps(valid, r->slope + c0) : _mm512_setzero_ps();
-        const __m512 gamma = fg ? _mm512_maskz_loadu_ps(valid, r->gamma + c0) : _mm512_setzero_ps();
-        const __m512 pthr = fp ? _mm512_maskz_loadu_ps(valid, r->pthr + c0) : _mm512_setzero_ps();
+        __m512 v[PMAX];
+#pragma GCC unroll 8
         for (int p = 0; p < P; p++) {
             __m512i a = acc[p][g];
-            if (r->corr) {
-                const int32_t *corr = r->corr + (size_t)(ow + p) * d->cpad + c0;
-                a = _mm512_sub_epi32(a, _mm512_loadu_si512((const void *)corr));
+            if (corr)
+                a = _mm512_sub_epi32(
+                    a, _mm512_loadu_si512((const void *)(corr + (size_t)(ow + p) * d->cpad + c0)));
+            const __m512i yi = _mm512_sub_epi32(_mm512_set1_epi32(kval[p]), _mm512_slli_epi32(a, 1));
+            v[p] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(yi), sc), bi);
+        }
+        if (thr) {
+            const __m512 t = _mm512_loadu_ps(thr + c0);
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++) {
+                const uint16_t bits =
+                    (uint16_t)(_mm512_cmp_ps_mask(v[p], t, _CMP_LT_OQ) & valid);
+                memcpy((char *)((uint32_t *)out + (size_t)(ow + p) * out_words) + c0 / 8, &bits,
+                       sizeof bits);
             }
-            const __m512i yi = _mm512_sub_epi32(_mm512_set1_epi32(r->kval[ow + p]),
-                                                _mm512_slli_epi32(a, 1));
-            const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(yi), sc), bi);
-            if (d->thr) {
-                const __mmask16 m =
-                    _mm512_cmp_ps_mask(y, _mm512_loadu_ps(d->thr + c0), _CMP_LT_OQ) & valid;
-                const uint16_t bits = (uint16_t)m;
-                uint32_t *o = (uint32_t *)r->out + (size_t)(ow + p) * d->out_words;
-                memcpy((char *)o + c0 / 8, &bits, sizeof bits);
-            } else {
-                float *o = (float *)r->out + (size_t)(ow + p) * d->cout + c0;
-                __m512 v = y;
-                if (r->fused) { /* the epilogue of kernels.h, one float32 op per stage */
-                    if (r->res)
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(
-                                                 valid, r->res + (size_t)(ow + p) * d->cout + c0));
-                    if (fz)
-                        v = _mm512_add_ps(v, zeta);
-                    if (fs) {
-                        const __m512 neg = _mm512_mul_ps(v, slope);
-                        v = _mm512_mask_blend_ps(
-                            _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, neg);
-                    }
-                    if (fg)
-                        v = _mm512_add_ps(v, gamma);
-                    if (r->pout) { /* the next layer's sign bits of v - pthr */
-                        const __m512 dv = fp ? _mm512_sub_ps(v, pthr) : v;
-                        const uint16_t bits = (uint16_t)(
-                            _mm512_cmp_ps_mask(dv, _mm512_setzero_ps(), _CMP_LT_OQ) & valid);
-                        uint32_t *w = r->pout + (size_t)(ow + p) * d->out_words + c0 / 32;
-                        *w |= (uint32_t)bits << (c0 % 32);
-                    }
-                }
-                if (left >= L)
-                    _mm512_storeu_ps(o, v);
-                else
-                    _mm512_mask_storeu_ps(o, valid, v);
+            continue;
+        }
+        /* the fused epilogue of kernels.h, one float32 op per stage */
+        if (res) {
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++)
+                v[p] = _mm512_add_ps(
+                    v[p], _mm512_maskz_loadu_ps(valid, res + (size_t)(ow + p) * cout + c0));
+        }
+        if (fz) {
+            const __m512 zeta = _mm512_maskz_loadu_ps(valid, r->zeta + c0);
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++)
+                v[p] = _mm512_add_ps(v[p], zeta);
+        }
+        if (fs) {
+            const __m512 slope = _mm512_maskz_loadu_ps(valid, r->slope + c0);
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++)
+                v[p] = _mm512_mask_blend_ps(
+                    _mm512_cmp_ps_mask(v[p], _mm512_setzero_ps(), _CMP_LT_OQ), v[p],
+                    _mm512_mul_ps(v[p], slope));
+        }
+        if (fg) {
+            const __m512 gamma = _mm512_maskz_loadu_ps(valid, r->gamma + c0);
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++)
+                v[p] = _mm512_add_ps(v[p], gamma);
+        }
+        if (pout) { /* the next layer's sign bits of v - pthr */
+            const __m512 pthr = fp ? _mm512_maskz_loadu_ps(valid, r->pthr + c0)
+                                   : _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int p = 0; p < P; p++) {
+                const __m512 dv = fp ? _mm512_sub_ps(v[p], pthr) : v[p];
+                const uint16_t bits = (uint16_t)(
+                    _mm512_cmp_ps_mask(dv, _mm512_setzero_ps(), _CMP_LT_OQ) & valid);
+                pout[(size_t)(ow + p) * out_words + c0 / 32] |= (uint32_t)bits << (c0 % 32);
             }
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < P; p++) {
+            float *o = (float *)out + (size_t)(ow + p) * cout + c0;
+            if (left >= L)
+                _mm512_storeu_ps(o, v[p]);
+            else
+                _mm512_mask_storeu_ps(o, valid, v[p]);
         }
     }
 }

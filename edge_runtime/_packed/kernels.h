@@ -51,6 +51,7 @@ typedef struct {
     const uint32_t *x;    /* patch origin of the row's first output pixel */
     const int32_t *kval;  /* [wo]: number of non-padded taps * cin (or kh*kw*cin for pad +1) */
     const int32_t *corr;  /* [wo][cpad] popcount of the weights over padded taps, or NULL */
+    int zero0, zero1;     /* output pixels [zero0, zero1) have corr all zero (paths may skip it) */
     void *out;            /* float [wo][cout] or uint32 [wo][out_words] (zeroed beforehand) */
     int32_t *scratch;     /* [wo][cpad] int32 the path may use */
     int v0, v1;           /* compute the channel vectors [v0, v1) (channels v * lanes ...) */

@@ -71,6 +71,21 @@ def test_conv_matches_reference_exactly(path, case):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel, padding, dilation, stride",
+                         [(3, 1, 1, 1), (3, 1, 1, 2), (5, 2, 1, 1), (3, 2, 2, 1), (1, 1, 1, 1)])
+def test_zero_padding_on_wide_rows(path, kernel, padding, dilation, stride):
+    """pad_value 0 on rows wide enough for whole pixel blocks inside the row's interior (where
+    the kernels may skip the padding correction) and blocks over its edges, every border row."""
+    rng = np.random.default_rng(100 * kernel + 10 * padding + stride)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation, "pad_value": 0.0}
+    for cin, cout in [(32, 32), (33, 70), (64, 16), (32, 64)]:
+        x = _ints(rng, (1, cin, 6, 45))
+        w = _ints(rng, (cout, cin, kernel, kernel))
+        np.testing.assert_array_equal(K.binary_conv2d(x, w, path=path, **geometry),
+                                      ref_conv2d(x, w, **geometry))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=80, deadline=None)
 @given(case=conv_cases())
 def test_scale_bias_and_packed_output(path, case):
