@@ -69,6 +69,8 @@ INL T256 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
         for (int g = 0; g < G; g++)
             acc[p][g] = _mm256_add_epi32(acc[p][g], widen(accb[p][g]));
 
+    /* the padding correction, where the row has one at these pixels */
+    const int32_t *const corr = r->corr && (ow < r->zero0 || ow + P > r->zero1) ? r->corr : NULL;
     for (int g = 0; g < G; g++) {
         const int c0 = (cv0 + g) * L;
         const int left = d->cout - c0;
@@ -76,9 +78,9 @@ INL T256 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
         const __m256 bi = _mm256_loadu_ps(d->bias + c0);
         for (int p = 0; p < P; p++) {
             __m256i a = acc[p][g];
-            if (r->corr)
+            if (corr)
                 a = _mm256_sub_epi32(a, _mm256_loadu_si256((const __m256i *)(
-                                            r->corr + (size_t)(ow + p) * d->cpad + c0)));
+                                            corr + (size_t)(ow + p) * d->cpad + c0)));
             const __m256i yi = _mm256_sub_epi32(_mm256_set1_epi32(r->kval[ow + p]),
                                                 _mm256_slli_epi32(a, 1));
             const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(yi), sc), bi);
