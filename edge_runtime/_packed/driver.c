@@ -44,26 +44,31 @@ static void valid_range(int o, int stride, int pad, int dil, int k, int n, int *
         *lo = *hi = 0;
 }
 
-static int all_zero(const int32_t *v, int n)
-{
-    for (int i = 0; i < n; i++)
-        if (v[i])
-            return 0;
-    return 1;
-}
-
 /* pad_value 0: per output pixel of a row whose valid kernel rows are [lo, hi), the number of
- * counted taps times cin (kval) and the weight popcounts of the padded taps (corr). */
+ * counted taps times cin (kval) and the weight popcounts of the padded taps (corr); pixels with
+ * the same valid columns as the one before copy its terms.  row->zero0, zero1: the first run of
+ * pixels with no padded tap (their corr is zero; the paths may skip it there). */
 static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_t *corr,
                            conv_row *row)
 {
     const bconv_args *a = j->a;
     const int cpad = j->d.cpad, kh = a->kh, kw = a->kw;
-    memset(corr, 0, sizeof(int32_t) * (size_t)a->wo * (size_t)cpad);
+    const size_t bytes = sizeof(int32_t) * (size_t)cpad;
+    int z0 = -1, z1 = -1;
     for (int ow = 0; ow < a->wo; ow++) {
         const int c0 = j->col01[2 * ow], c1 = j->col01[2 * ow + 1];
-        kval[ow] = (hi - lo) * (c1 - c0) * a->cin;
         int32_t *cr = corr + (size_t)ow * cpad;
+        kval[ow] = (hi - lo) * (c1 - c0) * a->cin;
+        const int full = lo == 0 && hi == kh && c0 == 0 && c1 == kw;
+        if (full && z0 < 0)
+            z0 = ow;
+        if (!full && z0 >= 0 && z1 < 0)
+            z1 = ow;
+        if (ow > 0 && c0 == j->col01[2 * ow - 2] && c1 == j->col01[2 * ow - 1]) {
+            memcpy(cr, cr - cpad, bytes);
+            continue;
+        }
+        memset(cr, 0, bytes);
         for (int i = 0; i < kh; i++)
             for (int t = 0; t < kw; t++) {
                 if (i >= lo && i < hi && t >= c0 && t < c1)
@@ -73,15 +78,8 @@ static void zero_pad_terms(const job_t *j, int lo, int hi, int32_t *kval, int32_
                     cr[c] += wt[c];
             }
     }
-    /* the first run of pixels whose corrections are all zero (the row's interior) */
-    int z0 = 0;
-    while (z0 < a->wo && !all_zero(corr + (size_t)z0 * cpad, cpad))
-        z0++;
-    int z1 = z0;
-    while (z1 < a->wo && all_zero(corr + (size_t)z1 * cpad, cpad))
-        z1++;
-    row->zero0 = z0;
-    row->zero1 = z1;
+    row->zero0 = z0 < 0 ? 0 : z0;
+    row->zero1 = z0 < 0 ? 0 : (z1 < 0 ? a->wo : z1);
 }
 
 static int run_rows(const job_t *j, int r0, int r1)
