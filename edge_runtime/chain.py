@@ -193,9 +193,9 @@ def chain_step(nodes: list, operands: Callable[..., list], donors: list[str],
         code = "".join(ops).encode()
         pack = {}
         if emit is not None:
-            sub = channels_vector(emit[1](env), shape[0], shape[3])
-            if sub is not None:
-                pack = {"pack_sub": sub, "words": np.empty(
+            subtrahend = channels_vector(emit[1](env), shape[0], shape[3])
+            if subtrahend is not None:
+                pack = {"pack_sub": subtrahend, "words": np.empty(
                     (*shape[:3], (shape[3] + 31) // 32), np.int32)}
         if lut is None:
             env.nhwc[dst] = _packed.ew_chain(start, code, tuple(args), out, upsample=upsample,

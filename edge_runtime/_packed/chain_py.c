@@ -148,12 +148,6 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
                      CHUNK);
         goto done;
     }
-    if (size == 0) { /* an empty batch: nothing to compute */
-        result = output(out_obj, &outv, ndim, shape, 'f');
-        if (result)
-            PyBuffer_Release(&outv);
-        goto done;
-    }
     if (sub_obj != Py_None) {
         if (!lut) {
             PyErr_SetString(PyExc_ValueError, "sub takes a table start");
@@ -174,9 +168,11 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         }
         sub_ops = PyBytes_AS_STRING(PyTuple_GET_ITEM(sub_obj, 1));
         nsub = (int)strlen(sub_ops);
-        if (nsub > MAX_STEPS || PyTuple_GET_SIZE(PyTuple_GET_ITEM(sub_obj, 2)) != nsub) {
-            PyErr_Format(PyExc_ValueError, "sub has 0 to %d ops, one operand per op",
-                         MAX_STEPS);
+        const Py_ssize_t nargs = PyTuple_GET_SIZE(PyTuple_GET_ITEM(sub_obj, 2));
+        if (nsub > MAX_STEPS || nargs != nsub) {
+            PyErr_Format(PyExc_ValueError,
+                         "sub has %d ops and %zd operands: 0 to %d ops, one operand per op",
+                         nsub, nargs, MAX_STEPS);
             goto done;
         }
     }
@@ -194,12 +190,22 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         }
         s->op = op;
         s->bstride = 0;
+        /* messages name an operand by its place in its own chain */
+        const char *chain = main ? "operand" : "sub operand";
+        const int place = main ? held : held - nsteps;
         if (o_obj == Py_None && main && sub_obj != Py_None) {
             s->kind = SUB, s->p = NULL;
             subs++;
             continue;
         }
-        if (get_buffer(o_obj, &ov[held], "operand", 'f', 0) < 0)
+        if (o_obj == Py_None) {
+            PyErr_Format(PyExc_ValueError,
+                         main ? "%s %d is None without sub (None stands for sub's value)"
+                              : "%s %d is None: only the main chain's operands may be None",
+                         chain, place);
+            goto done;
+        }
+        if (get_buffer(o_obj, &ov[held], chain, 'f', 0) < 0)
             goto done;
         /* the operand's kind from its shape (lengths alone can coincide: H * W == N) */
         const Py_buffer *o = &ov[held];
@@ -223,9 +229,9 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
             s->bstride = o->shape[0] == 1 ? 0 : c;
         } else {
             PyErr_Format(PyExc_ValueError,
-                         "operand %d has %zd values in %d dimensions: the result's shape, one "
+                         "%s %d has %zd values in %d dimensions: the result's shape, one "
                          "item of it (1, ...), (C,) with C = %zd, (N, C) or one value allowed",
-                         held, len, o->ndim, c);
+                         chain, place, len, o->ndim, c);
             PyBuffer_Release(&ov[held]);
             goto done;
         }
@@ -252,6 +258,12 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         memset(wv.buf, 0, (size_t)wv.len);
         st.words = (uint32_t *)wv.buf, st.psub = (const float *)psv.buf, st.wd = wd;
         st.psub_bstride = plen == c ? 0 : c;
+    }
+    if (size == 0) { /* an empty batch: nothing to compute (the arguments are checked) */
+        result = output(out_obj, &outv, ndim, shape, 'f');
+        if (result)
+            PyBuffer_Release(&outv);
+        goto done;
     }
     if (lut) {
         idx = malloc(sizeof(uint32_t) * (size_t)(size / c));

@@ -175,8 +175,23 @@ def test_sub_arguments_are_checked():
                          sub=(table[:256].copy(), b"", ()))
     with pytest.raises(ValueError, match=r"sub must be \(table, ops bytes, operands tuple\)"):
         _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, "a", ()))
-    with pytest.raises(ValueError, match="one operand per op"):
+    with pytest.raises(ValueError, match="sub has 1 ops and 0 operands: .* one operand per op"):
         _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, b"a", ()))
+    # operands are named by their place in their own chain; None only stands for sub's value
+    with pytest.raises(ValueError, match="sub operand 1 has 7 values"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry,
+                         sub=(table, b"aa", (np.float32(1), np.zeros(7, np.float32))))
+    with pytest.raises(ValueError, match="sub operand 0 is None: only the main chain's"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, b"a", (None,)))
+    with pytest.raises(ValueError, match="operand 1 is None without sub"):
+        _packed.ew_chain(y3, b"aa", (np.float32(1), None), None, table, geometry)
+    # an empty batch is checked like any other before it returns its empty result
+    empty = np.zeros((0, 5, 5), np.float32)
+    assert _packed.ew_chain(empty, b"a", (np.float32(1),), None, table, geometry).shape == (
+        0, 5, 5, 16)
+    with pytest.raises(ValueError, match="the table's shape"):
+        _packed.ew_chain(empty, b"a", (None,), None, table, geometry,
+                         sub=(table[:256].copy(), b"", ()))
 
 
 def test_merge_lookups_nests_one_level_only():
