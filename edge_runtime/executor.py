@@ -275,7 +275,7 @@ class StepExecutor:
             src, dst = node.input[0], node.output[0]
 
             def run_pool(env: StepValues) -> None:
-                env.nhwc[dst] = pool.average_pool_2x2(env.get_nhwc(src))
+                env.nhwc[dst] = pool.average_pool_2x2(env.get_nhwc(src), threads=env.threads)
             return run_pool
         fn = nhwc.ELEMENTWISE[node.op_type]
         consts = [self.consts.get(name) for name in node.input]

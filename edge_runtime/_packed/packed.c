@@ -328,8 +328,9 @@ static PyMethodDef methods[] = {
      "holds anything but +0.0 and 1.0.  sub=(table2, ops2, operands2) (with a table): u = the "
      "same rows of table2, then ops2; u is the operand o of the ops whose operand is None."},
     {"avg_pool2", (PyCFunction)(void (*)(void))py_avg_pool2, METH_VARARGS | METH_KEYWORDS,
-     "avg_pool2(x, out=None) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool of NHWC x "
-     "(stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in row-major order."},
+     "avg_pool2(x, out=None, threads=1) -> float32 (N, H // 2, W // 2, C): 2 x 2 average pool "
+     "of NHWC x (stride 2, floor), ((((0 + a) + b) + d) + e) * 0.25 over the window in "
+     "row-major order; output rows split over `threads` threads."},
     {"shifted_sum", (PyCFunction)(void (*)(void))py_shifted_sum, METH_VARARGS | METH_KEYWORDS,
      "shifted_sum(x, terms, consts, top, left, ho, wo, out=None, threads=1) -> float32 (N, ho, "
      "wo, 1): per output pixel the float32 sum, left to right, of the terms (K, 3) int32 rows "

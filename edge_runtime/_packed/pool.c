@@ -48,6 +48,20 @@ DEFINE_POOL(pool_base, )
 typedef void (*pool_fn)(const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                         Py_ssize_t);
 
+typedef struct {
+    pool_fn fn;
+    const float *x;
+    float *o;
+    Py_ssize_t h, w, c;
+} pool_job;
+
+/* output rows [lo, hi) of the batch (run_parallel's range function) */
+static void pool_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const pool_job *j = ctx;
+    j->fn(j->x, j->o, j->h, j->w, j->c, lo, hi);
+}
+
 /* The variant of the default kernel path (set_path). */
 static pool_fn pick_pool(void)
 {
@@ -64,10 +78,15 @@ static pool_fn pick_pool(void)
 PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"x", "out", NULL};
+    static char *names[] = {"x", "out", "threads", NULL};
     PyObject *x_obj, *out_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", names, &x_obj, &out_obj))
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Oi", names, &x_obj, &out_obj, &threads))
         return NULL;
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %d", threads);
+        return NULL;
+    }
     Py_buffer xv, ov;
     if (get_buffer(x_obj, &xv, "x", 'f', 0) < 0)
         return NULL;
@@ -86,11 +105,11 @@ PyObject *py_avg_pool2(PyObject *self, PyObject *args, PyObject *kw)
         Py_CLEAR(result);
     }
     if (result) {
-        const pool_fn fn = pick_pool();
-        const float *x = (const float *)xv.buf;
-        float *o = (float *)ov.buf;
+        const pool_job job = {pick_pool(), (const float *)xv.buf, (float *)ov.buf, h, w, c};
+        /* output rows of at least ~32 K values per thread (parallel.c) */
+        const Py_ssize_t grain = ((Py_ssize_t)1 << 15) / ((w / 2) * c + 1) + 1;
         Py_BEGIN_ALLOW_THREADS
-        fn(x, o, h, w, c, 0, n * (h / 2));
+        run_parallel(threads, n * (h / 2), 1, grain, pool_range, (void *)&job);
         Py_END_ALLOW_THREADS
         PyBuffer_Release(&ov);
     }

@@ -245,6 +245,18 @@ def test_pool_every_path_computes_the_formula(channels):
         _packed.avg_pool2(x, out=x.reshape(-1)[:24 * channels].reshape(2, 4, 3, channels))
 
 
+def test_pool_threads_split_rows():
+    """Two threads (rows split mid-batch: enough rows for two chunks) give the one-thread bits."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 67, 70, 32)).astype(np.float32)
+    one = _packed.avg_pool2(x)
+    assert np.array_equal(pool.average_pool_2x2(x, threads=2).view(np.uint32), one.view(np.uint32))
+    assert np.array_equal(_packed.avg_pool2(x[:1], threads=3).view(np.uint32),
+                          one[:1].view(np.uint32))
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        _packed.avg_pool2(x, threads=0)
+
+
 def test_supported_attributes():
     def node(**attrs):
         return helper.make_node("AveragePool", ["x"], ["y"], **attrs)
