@@ -135,20 +135,29 @@ def bench_layers(layers: list, runs: int) -> list[dict]:
             continue
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         layer = packed.PackedBinaryConv(weight, threads=1, **spec)
+        # the same conv writing sign bits (one compare per 16 outputs): its XOR / popcount loop
+        # nearly alone, the kernel's throughput ceiling on this core
+        bits = packed.PackedBinaryConv(weight, threads=1, **spec,
+                                       thresholds=np.zeros(layer.out_channels, np.float32))
         words = packed.pack_nchw(x)
         out = np.empty(layer.output_shape(shape[0], shape[2], shape[3]), np.float32)
         conv = ort_float_conv({"weight": weight, **spec}, shape)
         t = round_robin({
             "packed": lambda layer=layer, words=words, out=out: layer(words, out=out),
+            "bits": lambda bits=bits, words=words: bits.forward_packed(words),
             "pack+packed": lambda layer=layer, x=x, out=out: layer(packed.pack_nchw(x), out=out),
             "ort": lambda conv=conv, x=x: conv.run(None, {"x": x}),
         }, runs)
+        _, ho, wo, cout = out.shape
+        macs = ho * wo * cout * shape[1] * int(np.prod(layer.kernel_size))
         rows.append({
             "layers": [short], "input_nchw": list(shape), "out_channels": layer.out_channels,
-            "kernel": list(layer.kernel_size), "stride": list(layer.stride),
-            "packed_ms": t["packed"]["min_ms"], "pack_and_packed_ms": t["pack+packed"]["min_ms"],
+            "kernel": list(layer.kernel_size), "stride": list(layer.stride), "macs": macs,
+            "packed_ms": t["packed"]["min_ms"], "packed_bits_out_ms": t["bits"]["min_ms"],
+            "pack_and_packed_ms": t["pack+packed"]["min_ms"],
             "ort_float_conv_ms": t["ort"]["min_ms"],
             "speedup": t["ort"]["min_ms"] / t["packed"]["min_ms"],
+            "speedup_bits_out": t["ort"]["min_ms"] / t["bits"]["min_ms"],
         })
         seen[key] = rows[-1]
     return rows

@@ -10,8 +10,8 @@ import numpy as np
 
 import reference
 
-__all__ = ["NOTES", "RATIO_BASES", "TORCH_NOTE", "agreement", "cpu_name", "step_breakdown",
-           "torch_sensitivity", "write_markdown"]
+__all__ = ["LAYER_NOTE", "NOTES", "RATIO_BASES", "TORCH_NOTE", "agreement", "cpu_name",
+           "step_breakdown", "torch_sensitivity", "write_markdown"]
 
 RATIO_BASES = (("ORT stock fp twin", "ort_stock_fp"),
                ("edge onnxruntime fp twin (split graph)", "edge_ort_fp"),
@@ -116,14 +116,24 @@ def write_markdown(result: dict, path: Path) -> None:
         "is the comparable figure).", "",
         "## Binary convolutions of the refiner: packed kernel vs onnxruntime float Conv", "",
         "| layers (3x3) | input (NCHW) | Cout | stride | packed | pack + packed | ORT float "
-        "| speedup |", "|---|---|---|---|---|---|---|---|",
+        "| speedup | packed, bits out | speedup, bits out | G MAC/s packed / bits out / ORT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
         names = r["layers"]
         label = names[0] + (f" (+{len(names) - 1} more)" if len(names) > 1 else "")
-        lines.append(f"| {label} | {'x'.join(map(str, r['input_nchw']))} | {r['out_channels']} | "
-                     f"{r['stride'][0]} | {r['packed_ms']:.3f} | {r['pack_and_packed_ms']:.3f} "
-                     f"| {r['ort_float_conv_ms']:.3f} | {r['speedup']:.1f}x |")
+        line = (f"| {label} | {'x'.join(map(str, r['input_nchw']))} | {r['out_channels']} | "
+                f"{r['stride'][0]} | {r['packed_ms']:.3f} | {r['pack_and_packed_ms']:.3f} "
+                f"| {r['ort_float_conv_ms']:.3f} | {r['speedup']:.1f}x |")
+        if "packed_bits_out_ms" in r:  # reports written before these columns lack them
+            rate = [r["macs"] / (r[k] * 1e6)
+                    for k in ("packed_ms", "packed_bits_out_ms", "ort_float_conv_ms")]
+            line += (f" {r['packed_bits_out_ms']:.3f} | {r['speedup_bits_out']:.1f}x | "
+                     f"{rate[0]:.0f} / {rate[1]:.0f} / {rate[2]:.0f} |")
+        else:
+            line += " | | |"
+        lines.append(line)
+    lines += ["", LAYER_NOTE]
     model = result["model"]
     lines += ["", "## One refiner step and one image", "",
               f"`one step`: batch 1 at step T. `one image`: the model's default sampling, "
@@ -205,6 +215,18 @@ TORCH_NOTE = (
     "random refiner amplifies such differences into the mask as it does torch's; on a trained "
     "model it is the few pixels of the int8 section's last line."
 )
+
+LAYER_NOTE = (
+    "`packed`: float32 NHWC output, the like-for-like of onnxruntime's float Conv (the speedup "
+    "the targets name); `pack + packed` also packs the float NCHW input; `bits out`: the same "
+    "conv writing the sign bits the next binary layer reads (one compare per 16 outputs), so "
+    "nearly its XOR / popcount loop alone. Each 512 binary multiply-accumulates of that loop are "
+    "one XOR, one VPOPCNTD and one add of 512-bit vectors; the bits-out throughput is what this "
+    "core sustains for them, and its ratio to onnxruntime's float throughput (last column) "
+    "bounds the float-output speedup before the epilogue's convert, scale, bias and 16 floats "
+    "stored per vector. The float outputs go into a reused buffer that the round robin's "
+    "onnxruntime run has evicted from the caches, so the large layers run slower here than "
+    "timed alone.")
 
 NOTES = (
     "Notes. `one step` is what each engine does per reverse step: the stock ORT engines run the "
