@@ -19,8 +19,10 @@
  * FMA), so the result equals the ops one by one bit for bit.  With C a multiple of 16 the
  * running value stays in registers; otherwise the map goes in chunks of whole pixels through a
  * stack buffer.  Either way every input is read once and out written once, and out may be x or
- * any full operand (each element or chunk is read completely before it is written).  Compiled
- * per target (AVX-512, AVX2, baseline); the one of the default kernel path (set_path) runs.
+ * any full operand (each element or chunk is read completely before it is written).  With an
+ * operand shared by the batch items (ITEM) the pass goes tile by tile, each tile through every
+ * item, so the shared values are read once per tile.  Compiled per target (AVX-512, AVX2,
+ * baseline); the one of the default kernel path (set_path) runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -259,12 +261,35 @@ typedef struct {
     Py_ssize_t per_item, c;
     const chain_step *steps;
     int nsteps;
+    Py_ssize_t n, tile; /* tile > 0: position-major order (chain_tiles) */
 } chain_job;
 
 static void chain_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
 {
     const chain_job *j = ctx;
     j->fn(j->st, j->out, j->per_item, j->c, j->steps, j->nsteps, lo, hi);
+}
+
+/* [lo, hi) are positions inside an item: each tile of them for every item in turn, so that
+ * the operands one item shares with all (ITEM: the per-image values of a batch of chains) are
+ * read from memory once per tile, not once per item. */
+static void chain_tiles(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const chain_job *j = ctx;
+    for (Py_ssize_t t0 = lo; t0 < hi; t0 += j->tile) {
+        const Py_ssize_t t1 = hi - t0 < j->tile ? hi : t0 + j->tile;
+        for (Py_ssize_t b = 0; b < j->n; b++)
+            j->fn(j->st, j->out, j->per_item, j->c, j->steps, j->nsteps, b * j->per_item + t0,
+                  b * j->per_item + t1);
+    }
+}
+
+static int has_item(const chain_step *steps, int nsteps)
+{
+    for (int k = 0; k < nsteps; k++)
+        if (steps[k].kind == ITEM)
+            return 1;
+    return 0;
 }
 
 /* The variant of the default kernel path (set_path), for C a multiple of VEC or not. */
@@ -283,6 +308,14 @@ static chain_fn pick_chain(int vec)
 void chain_run(const chain_start *st, float *out, Py_ssize_t size, Py_ssize_t n, Py_ssize_t c,
                const chain_step *steps, int nsteps, int threads)
 {
-    const chain_job job = {pick_chain(c % VEC == 0), st, out, size / n, c, steps, nsteps};
-    run_parallel(threads, size, c, 1 << 16, chain_range, (void *)&job);
+    const Py_ssize_t per_item = size / n;
+    const int tiles =
+        n > 1 && (has_item(steps, nsteps) || (st->sub && has_item(st->sub, st->nsub)));
+    /* tiles of about 16 KiB of each map, whole pixels */
+    const Py_ssize_t tile = tiles ? (4096 / c > 0 ? 4096 / c : 1) * c : 0;
+    const chain_job job = {pick_chain(c % VEC == 0), st, out, per_item, c, steps, nsteps, n, tile};
+    if (tiles)
+        run_parallel(threads, per_item, c, (1 << 16) / n + 1, chain_tiles, (void *)&job);
+    else
+        run_parallel(threads, size, c, 1 << 16, chain_range, (void *)&job);
 }

@@ -70,7 +70,8 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
             if (corr)
                 a = _mm512_sub_epi32(
                     a, _mm512_loadu_si512((const void *)(corr + (size_t)(ow + p) * d->cpad + c0)));
-            const __m512i yi = _mm512_sub_epi32(_mm512_set1_epi32(kval[p]), _mm512_slli_epi32(a, 1));
+            const __m512i yi =
+                _mm512_sub_epi32(_mm512_set1_epi32(kval[p]), _mm512_slli_epi32(a, 1));
             v[p] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(yi), sc), bi);
         }
         if (thr) {

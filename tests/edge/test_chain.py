@@ -191,6 +191,38 @@ def test_threads_split_rows_without_changing_a_bit():
 
 
 @pytest.mark.parametrize("channels", [32, 24])  # the in-register and the chunked path
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_item_operands_run_in_tiles_over_the_batch(channels, threads):
+    """With an operand shared by the batch items the pass goes tile by tile over the items
+    (each shared tile read once): many tiles per item, a partial last one, the result written
+    into a full operand's buffer and the packed words, equal to the ops one by one."""
+    rng = np.random.default_rng(channels + threads)
+    shape = (3, 37, 61, channels)  # 2257 pixels per item: not a whole number of tiles
+    x, full = _values(rng, shape), _values(rng, shape)
+    item, ch = _values(rng, (1, *shape[1:])), _values(rng, (3, channels))
+    psub = _values(rng, (channels,))
+    with np.errstate(all="ignore"):
+        want = (((x + item) * ch[:, None, None, :]) - full).astype(np.float32)
+        bits = (want - psub) < 0
+    expect = np.zeros((*shape[:3], (channels + 31) // 32), np.uint32)
+    for c in range(channels):
+        expect[..., c // 32] |= bits[..., c].astype(np.uint32) << (c % 32)
+    for path in _packed.available_paths():
+        _packed.set_path(path)
+        try:
+            out, words = full.copy(), np.empty(expect.shape, np.int32)
+            got = _packed.ew_chain(x, b"ams", (item, ch, out), out, threads=threads,
+                                   pack_sub=psub, words=words)
+        finally:
+            _packed.set_path(None)
+        assert got is out
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan), path
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32)), path
+        assert np.array_equal(words.view(np.uint32), expect), path
+
+
+@pytest.mark.parametrize("channels", [32, 24])  # the in-register and the chunked path
 def test_a_negative_zero_scalar_stays_negative(channels):
     """-0 + -0 is -0: a scalar operand must reach the op as itself (found by hypothesis)."""
     x = np.full((1, 2, 3, channels), -0.0, np.float32)
