@@ -2,8 +2,9 @@
 
 Same inputs for every engine, batch 1, a ``cpu-base`` model (256 x 256; random weights, built
 with hidiff + export and cached, unless ``--model EXPORT [--model-dir DIR]``). Engines are timed
-round-robin (one run of each per round: the same machine load); minimum and median ms.
-Measured: each binary conv shape of the refiner (native packed kernel vs onnxruntime float
+round-robin (one run of each per round: the same machine load); minimum and median ms. The
+process keeps freed memory for every engine (``edge_runtime.memory.keep_freed_memory``, as
+``hidiff-edge predict`` does). Measured: each binary conv shape of the refiner (native packed kernel vs onnxruntime float
 ``Conv``, 1 thread); one refiner step (batch 1) and one image at the model's default sampling
 (segmentor once, steps x S chains, the S chains one batch) for torch eager, onnxruntime on the
 stock files (fp twin; binary through the function bodies), the edge ``onnxruntime`` and
@@ -271,6 +272,11 @@ def _ratios(step: dict, image: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    from edge_runtime.memory import keep_freed_memory
+
+    # every engine under the allocator policy hidiff-edge predict sets (edge_runtime.memory):
+    # otherwise where glibc settles, and with it ~15 ms per image, is a matter of chance
+    kept = keep_freed_memory()
     if args._rss:
         return rss_child(args)
     import onnxruntime
@@ -321,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                     "kernel_path": kernel.current_path(),
-                    "kernel_paths": list(kernel.available_paths())},
+                    "kernel_paths": list(kernel.available_paths()),
+                    "keep_freed_memory": kept},
         "model": {"preset": preset_name, "input_size": list(facts.input_size),
                   "sampling_steps": facts.sampling_steps,
                   "sampling_samples": facts.sampling_samples, "export": str(args.export)},

@@ -113,7 +113,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result['image_runs']} per image), minimum (median) ms. Load average at "
         f"start / end: {result['load_average_start_end'][0][0]:.1f} / "
         f"{result['load_average_start_end'][1][0]:.1f} (a shared 2-core machine: the minimum "
-        "is the comparable figure).", "",
+        "is the comparable figure)." + (
+            " Freed memory stays in the process for every engine (glibc thresholds raised by "
+            "`edge_runtime.memory.keep_freed_memory`, as `hidiff-edge predict` does)."
+            if m.get("keep_freed_memory") else ""), "",
         "## Binary convolutions of the refiner: packed kernel vs onnxruntime float Conv", "",
         "| layers (3x3) | input (NCHW) | Cout | stride | packed | pack + packed | ORT float "
         "| speedup | packed, bits out | speedup, bits out | G MAC/s packed / bits out / ORT |",

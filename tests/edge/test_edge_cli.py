@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from edge_runtime import memory
 from edge_runtime.cli import main
 
 BLOCKED = ("torch", "hidiff", "export")
@@ -44,13 +45,16 @@ def _run(capsys, argv) -> tuple[int, str, str]:
 
 
 @pytest.mark.data
-def test_predict_writes_masks_overlays_and_metrics(exported, kvasir_pair, tmp_path, capsys):
+def test_predict_writes_masks_overlays_and_metrics(exported, kvasir_pair, tmp_path, capsys,
+                                                   monkeypatch):
     images, masks = kvasir_pair
     out = tmp_path / "out" / "nested"
+    kept = []  # predict keeps freed memory in its process (edge_runtime.memory)
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: kept.append(True) or True)
     code, stdout, _ = _run(capsys, ["predict", "--model", exported, images, "-o", out,
                                     "--overlay", "--labels", masks, "--seed", "3",
                                     "--steps", "4", "--no-progress"])
-    assert code == 0
+    assert code == 0 and kept == [True]
     names = sorted(p.name for p in images.iterdir())
     for name in names:
         stem = Path(name).stem
