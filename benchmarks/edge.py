@@ -4,16 +4,16 @@ Same inputs for every engine, batch 1, a ``cpu-base`` model (256 x 256; random w
 with hidiff + export and cached, unless ``--model EXPORT [--model-dir DIR]``). Engines are timed
 round-robin (one run of each per round: the same machine load); minimum and median ms. The
 process keeps freed memory for every engine (``edge_runtime.memory.keep_freed_memory``, as
-``hidiff-edge predict`` does). Measured: each binary conv shape of the refiner (native packed kernel vs onnxruntime float
-``Conv``, 1 thread); one refiner step (batch 1) and one image at the model's default sampling
-(segmentor once, steps x S chains, the S chains one batch) for torch eager, onnxruntime on the
-stock files (fp twin; binary through the function bodies), the edge ``onnxruntime`` and
-``packed`` backends, at 1 thread and (where the process may use 2 CPUs) the fp twin and packed
-at 2 threads; the segmentor fp32 vs int8 (``hidiff-edge quantize``, calibrated on training
-images) and the packed image with the int8 segmentor; where the packed step's time goes (per
-executor and per onnxruntime piece); peak RSS of each engine in its own subprocess; bytes read
-from disk; mask agreement. ``--dice-model EXPORT`` (a trained Kvasir-SEG export) adds the int8
-segmentor's Dice change on the Kvasir-SEG test split.
+``hidiff-edge predict`` does). Measured: each binary conv shape of the refiner (native packed
+kernel vs onnxruntime float ``Conv``, 1 thread); one refiner step (batch 1) and one image at the
+model's default sampling (segmentor once, steps x S chains, the S chains one batch) for torch
+eager, onnxruntime on the stock files (fp twin; binary through the function bodies), the edge
+``onnxruntime`` and ``packed`` backends, at 1 thread and (where the process may use 2 CPUs) the
+fp twin and packed at 2 threads; the segmentor fp32 vs int8 (``hidiff-edge quantize``,
+calibrated on training images) and the packed image with the int8 segmentor; where the packed
+step's time goes (per executor and per onnxruntime piece); peak RSS of each engine in its own
+subprocess; bytes read from disk; mask agreement. ``--dice-model EXPORT`` (a trained Kvasir-SEG
+export) adds the int8 segmentor's Dice change on the Kvasir-SEG test split.
 
     python benchmarks/edge.py [--quick] [--json PATH] [--model EXPORT --model-dir DIR]
                               [--dice-model EXPORT]
