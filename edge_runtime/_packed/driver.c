@@ -335,7 +335,7 @@ int bconv_run(const bconv_args *a)
     if (a->thr)
         memset(a->out, 0, (size_t)a->n * a->ho * a->wo * j.out_pixel_bytes);
     j.epilogue = !a->thr && (a->res || a->zeta || a->slope || a->gamma);
-    if ((j.epilogue && !a->epilogue) || (a->pout && (a->thr || !a->pack)))
+    if ((j.epilogue && !a->epilogue && !a->fuses_epilogue) || (a->pout && (a->thr || !a->pack)))
         goto done; /* misuse: the glue never asks for this */
     status = run_all(&j);
 done:

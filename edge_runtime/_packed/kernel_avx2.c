@@ -207,6 +207,5 @@ T256 void pack_avx2(const float *x, uint32_t *out, size_t rows, int c, const flo
 }
 
 HIDIFF_DEFINE_PACK_NCHW(pack_nchw_avx2, T256)
-HIDIFF_DEFINE_EPILOGUE(epilogue_avx2, T256)
 
 #endif

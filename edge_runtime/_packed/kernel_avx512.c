@@ -187,6 +187,5 @@ T512 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c, const f
 }
 
 HIDIFF_DEFINE_PACK_NCHW(pack_nchw_avx512, T512)
-HIDIFF_DEFINE_EPILOGUE(epilogue_avx512, T512)
 
 #endif

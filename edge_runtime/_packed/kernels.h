@@ -92,7 +92,7 @@ typedef struct {
     row_fn row;
     pack_fn pack;
     pack_nchw_fn pack_nchw;
-    epilogue_fn epilogue;
+    epilogue_fn epilogue; /* NULL where the row function applies it (fuses_epilogue) */
     int lanes;
     int layout;
     int supported;
@@ -108,13 +108,9 @@ void epilogue_portable(float *io, const float *other, const float *zeta, const f
 void row_avx2(const conv_desc *d, const conv_row *r);
 void pack_avx2(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 void pack_nchw_avx2(const float *x, uint32_t *out, size_t n, int c, size_t hw);
-void epilogue_avx2(float *io, const float *other, const float *zeta, const float *slope,
-                     const float *gamma, int wo, int cout, int c0, int c1);
 void row_avx512(const conv_desc *d, const conv_row *r);
 void pack_avx512(const float *x, uint32_t *out, size_t rows, int c, const float *sub);
 void pack_nchw_avx512(const float *x, uint32_t *out, size_t n, int c, size_t hw);
-void epilogue_avx512(float *io, const float *other, const float *zeta, const float *slope,
-                     const float *gamma, int wo, int cout, int c0, int c1);
 #endif
 
 /* Weights prepared for one path (driver.c). */
@@ -150,9 +146,10 @@ typedef struct {
      *   y = y + zeta[c]                  per-channel vectors: NULL, or [n][cout] floats read
      *   y = y < 0 ? y * slope[c] : y       with stride *_bstride per batch item (0: shared)
      *   y = y + gamma[c]
-     * res may be out itself (the output takes the residual's buffer: the path then writes each
- * row into a scratch row first); and optionally, once a row is final, its sign words (y - pthr[c]) < 0 (pack_fn with sub)
-     * into pout, packed NHWC (n, ho, wo, ceil(cout/32)). */
+     * res may be out itself (the output takes the residual's buffer: a path without
+     * fuses_epilogue then writes each row into a scratch row first); and optionally, once a
+     * row is final, its sign words (y - pthr[c]) < 0 (pack_fn with sub) into pout, packed NHWC
+     * (n, ho, wo, ceil(cout/32)); paths with fuses_epilogue apply all of it as they store. */
     const float *res, *zeta, *slope, *gamma, *pthr;
     int zeta_bstride, gamma_bstride, pthr_bstride;
     uint32_t *pout;

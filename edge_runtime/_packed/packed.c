@@ -14,9 +14,8 @@
 
 path_desc PATHS[] = {
 #if HIDIFF_X86
-    {"avx512", row_avx512, pack_avx512, pack_nchw_avx512, epilogue_avx512, 16, LAYOUT_WORDS, 0,
-     1},
-    {"avx2", row_avx2, pack_avx2, pack_nchw_avx2, epilogue_avx2, 8, LAYOUT_WORDS, 0, 1},
+    {"avx512", row_avx512, pack_avx512, pack_nchw_avx512, NULL, 16, LAYOUT_WORDS, 0, 1},
+    {"avx2", row_avx2, pack_avx2, pack_nchw_avx2, NULL, 8, LAYOUT_WORDS, 0, 1},
 #endif
     {"portable", row_portable, pack_portable, pack_nchw_portable, epilogue_portable, 16,
      LAYOUT_LUT, 1, 0},
