@@ -3,7 +3,7 @@
 Same inputs for every engine, batch 1, a ``cpu-base`` model (256 x 256; random weights, built
 with hidiff + export and cached, unless ``--model EXPORT [--model-dir DIR]``). Engines are timed
 round-robin (one run of each per round: the same machine load); minimum and median ms. The
-process keeps freed memory for every engine (``edge_runtime.memory.keep_freed_memory``, as
+process keeps freed memory for every engine (``reference.memory.keep_freed_memory``, as
 ``hidiff-edge predict`` does). Measured: each binary conv shape of the refiner (native packed
 kernel vs onnxruntime float ``Conv``, 1 thread); one refiner step (batch 1) and one image at the
 model's default sampling (segmentor once, steps x S chains, the S chains one batch) for torch
@@ -272,9 +272,9 @@ def _ratios(step: dict, image: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from edge_runtime.memory import keep_freed_memory
+    from reference.memory import keep_freed_memory
 
-    # every engine under the allocator policy hidiff-edge predict sets (edge_runtime.memory):
+    # every engine under the allocator policy hidiff-edge predict sets (reference.memory):
     # otherwise where glibc settles, and with it ~15 ms per image, is a matter of chance
     kept = keep_freed_memory()
     if args._rss:

@@ -115,7 +115,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result['load_average_start_end'][1][0]:.1f} (a shared 2-core machine: the minimum "
         "is the comparable figure)." + (
             " Freed memory stays in the process for every engine (glibc thresholds raised by "
-            "`edge_runtime.memory.keep_freed_memory`, as `hidiff-edge predict` does)."
+            "`reference.memory.keep_freed_memory`, as `hidiff-edge predict` does)."
             if m.get("keep_freed_memory") else ""), "",
         "## Binary convolutions of the refiner: packed kernel vs onnxruntime float Conv", "",
         "| layers (3x3) | input (NCHW) | Cout | stride | packed | pack + packed | ORT float "

@@ -10,8 +10,7 @@ and checking an export folder), :mod:`~edge_runtime.graph` (static / step / dyna
 (cheaper equivalents of its real-valued layers), :mod:`~edge_runtime.plan` and
 :mod:`~edge_runtime.executor` (the packed backend), :mod:`~edge_runtime.packed` (the native
 XNOR-popcount kernel), :mod:`~edge_runtime.images` (image I/O and preprocessing),
-:mod:`~edge_runtime.memory` (glibc keeps freed memory between images), :mod:`~edge_runtime.cli`
-(``hidiff-edge``). Never imports torch, hidiff or export.
+:mod:`~edge_runtime.cli` (``hidiff-edge``). Never imports torch, hidiff or export.
 """
 
 from .errors import EdgeError, InputError, ModelError

@@ -19,7 +19,7 @@ overwritten, and an output file that already exists is refused unless ``--overwr
 ``--threads`` above the CPUs this process may use is capped, with a warning; with more than
 one, the packed backend's native passes keep worker threads that spin for 0.2 ms after each
 pass before they sleep (so that the next pass starts at once). ``predict`` keeps freed memory
-in the process (glibc, :func:`edge_runtime.memory.keep_freed_memory`): each image reuses the
+in the process (glibc, :func:`reference.memory.keep_freed_memory`): each image reuses the
 pages of the one before instead of faulting in fresh ones. Errors print
 ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
 
@@ -153,16 +153,16 @@ def _predict(args: argparse.Namespace) -> int:
 
     import reference
     from reference.files import make_folder, mask_pixels, remove_made_folders, write_png
+    from reference.memory import keep_freed_memory
 
     from . import images
     from .cli_io import collect_images, match_labels, metrics_line, overlay, read_labels
-    from .memory import keep_freed_memory
     from .session import HiDiffSession
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
-    keep_freed_memory()  # each image reuses the pages of the one before (edge_runtime.memory)
+    keep_freed_memory()  # each image reuses the pages of the one before (reference.memory)
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
                             refiner=args.refiner, segmentor=args.segmentor)
     session.sampler(args.steps, args.samples, estimate=args.estimate)  # validates them

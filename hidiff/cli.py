@@ -15,9 +15,11 @@ describe    :func:`hidiff.describe.describe`                  parameter / MAC ta
 Adding a subcommand is one function decorated with :func:`subcommand`: it receives the
 subparsers' ``add_parser`` result to fill in, and returns the handler ``(args) -> int``.
 
-Exit codes: 0 success; 2 user error (bad arguments, missing or unreadable files, invalid data:
-``ValueError`` incl. ``DataError``/``ModelDirError``, ``FileNotFoundError`` and the like), printed
-as ``hidiff <command>: error: <message>`` without a traceback; 130 on Ctrl-C.
+Every command first keeps freed memory in its process
+(:func:`reference.memory.keep_freed_memory`: each training iteration or image reuses the pages of
+the one before). Exit codes: 0 success; 2 user error (bad arguments, missing or unreadable files,
+invalid data: ``ValueError`` incl. ``DataError``/``ModelDirError``, ``FileNotFoundError`` and the
+like), printed as ``hidiff <command>: error: <message>`` without a traceback; 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+from reference.memory import keep_freed_memory
 from reference.sampling import ESTIMATES
 
 __all__ = ["build_parser", "main", "subcommand"]
@@ -257,6 +260,7 @@ def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    keep_freed_memory()  # each iteration / image reuses the pages of the one before
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:

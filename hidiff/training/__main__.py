@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     from hidiff.training.loop import train
+    from reference.memory import keep_freed_memory
+
+    keep_freed_memory()  # each iteration reuses the pages of the one before
 
     try:
         result = train(**train_kwargs(ns))

@@ -214,6 +214,26 @@ def test_describe_prints_a_table():
     assert "params 1-bit" in proc.stdout and "refiner step (cached)" in proc.stdout
 
 
+def test_commands_keep_freed_memory_first(monkeypatch, capsys, tmp_path):
+    """hidiff's commands (and python -m hidiff.training) set the allocator policy of
+    reference.memory before they work; a usage error exits before."""
+    from hidiff import cli
+    from hidiff.training import __main__ as training_main
+    from reference import memory
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("hidiff") or True)
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("training") or True)
+    assert cli.main(["predict", "somewhere"]) == 2 and calls == []
+    assert cli.main(["describe", "--preset", "tiny"]) == 0 and calls == ["hidiff"]
+    # a training run that stops at once on bad input still set the policy first
+    assert training_main.main(["--dataset", "kvasir-seg", "--data", str(tmp_path / "missing"),
+                               "--preset", "tiny", "--out", str(tmp_path / "run"),
+                               "--max-steps", "1"]) == 2
+    assert calls == ["hidiff", "training"]
+    capsys.readouterr()
+
+
 def test_usage_errors_and_interrupt_in_process(monkeypatch, capsys):
     from hidiff import cli
 

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from edge_runtime import memory
 from edge_runtime.cli import main
+from reference import memory
 
 BLOCKED = ("torch", "hidiff", "export")
 
@@ -49,7 +49,7 @@ def test_predict_writes_masks_overlays_and_metrics(exported, kvasir_pair, tmp_pa
                                                    monkeypatch):
     images, masks = kvasir_pair
     out = tmp_path / "out" / "nested"
-    kept = []  # predict keeps freed memory in its process (edge_runtime.memory)
+    kept = []  # predict keeps freed memory in its process (reference.memory)
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: kept.append(True) or True)
     code, stdout, _ = _run(capsys, ["predict", "--model", exported, images, "-o", out,
                                     "--overlay", "--labels", masks, "--seed", "3",

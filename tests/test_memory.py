@@ -1,4 +1,4 @@
-"""edge_runtime.memory: glibc keeps freed memory for the next allocation once asked to."""
+"""reference.memory: glibc keeps freed memory for the next allocation once asked to."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from edge_runtime import memory
+from reference import memory
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -19,7 +19,7 @@ GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 _RETURNED = textwrap.dedent("""
     import sys
     import numpy as np
-    from edge_runtime.memory import keep_freed_memory
+    from reference.memory import keep_freed_memory
     def rss_mib():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
