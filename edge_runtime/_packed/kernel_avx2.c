@@ -71,20 +71,11 @@ INL T256 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
 
     /* The epilogue, one stage at a time over the block's P pixels, as in the AVX-512 path:
      * the row's pointers read once, before any store; channels past cout masked. */
-    const int32_t *const corr = r->corr && (ow < r->zero0 || ow + P > r->zero1) ? r->corr : NULL;
-    const int32_t *const kval = r->kval + ow;
-    const float *const thr = d->thr;
-    const int fused = r->fused;
-    const float *const res = fused ? r->res : NULL;
-    uint32_t *const pout = fused ? r->pout : NULL;
-    const int fz = fused && r->zeta, fs = fused && r->slope, fg = fused && r->gamma,
-              fp = pout && r->pthr;
-    const int cout = d->cout, out_words = d->out_words;
-    void *const out = r->out;
+    const block_epilogue e = epilogue_of(d, r, ow, P);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int g = 0; g < G; g++) {
         const int c0 = (cv0 + g) * L;
-        const int left = cout - c0;
+        const int left = e.cout - c0;
         const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);
         const unsigned vbits = left >= L ? 0xFFu : (1u << left) - 1u;
         const __m256 sc = _mm256_loadu_ps(d->scale + c0);
@@ -92,58 +83,58 @@ INL T256 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
         __m256 v[PMAX];
         for (int p = 0; p < P; p++) {
             __m256i a = acc[p][g];
-            if (corr)
+            if (e.corr)
                 a = _mm256_sub_epi32(a, _mm256_loadu_si256((const __m256i *)(
-                                            corr + (size_t)(ow + p) * d->cpad + c0)));
+                                            e.corr + (size_t)(ow + p) * d->cpad + c0)));
             const __m256i yi =
-                _mm256_sub_epi32(_mm256_set1_epi32(kval[p]), _mm256_slli_epi32(a, 1));
+                _mm256_sub_epi32(_mm256_set1_epi32(e.kval[p]), _mm256_slli_epi32(a, 1));
             v[p] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(yi), sc), bi);
         }
-        if (thr) {
-            const __m256 t = _mm256_loadu_ps(thr + c0);
+        if (e.thr) {
+            const __m256 t = _mm256_loadu_ps(e.thr + c0);
             for (int p = 0; p < P; p++) {
                 const uint8_t byte =
                     (uint8_t)((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[p], t, _CMP_LT_OQ)) &
                               vbits);
-                memcpy((char *)((uint32_t *)out + (size_t)(ow + p) * out_words) + c0 / 8, &byte,
-                       1);
+                memcpy((char *)((uint32_t *)e.out + (size_t)(ow + p) * e.out_words) + c0 / 8,
+                       &byte, 1);
             }
             continue;
         }
         /* the fused epilogue of kernels.h, one float32 op per stage */
-        if (res)
+        if (e.res)
             for (int p = 0; p < P; p++)
                 v[p] = _mm256_add_ps(
-                    v[p], _mm256_maskload_ps(res + (size_t)(ow + p) * cout + c0, valid));
-        if (fz) {
-            const __m256 zeta = _mm256_maskload_ps(r->zeta + c0, valid);
+                    v[p], _mm256_maskload_ps(e.res + (size_t)(ow + p) * e.cout + c0, valid));
+        if (e.zeta) {
+            const __m256 zeta = _mm256_maskload_ps(e.zeta + c0, valid);
             for (int p = 0; p < P; p++)
                 v[p] = _mm256_add_ps(v[p], zeta);
         }
-        if (fs) {
-            const __m256 slope = _mm256_maskload_ps(r->slope + c0, valid);
+        if (e.slope) {
+            const __m256 slope = _mm256_maskload_ps(e.slope + c0, valid);
             for (int p = 0; p < P; p++)
                 v[p] = _mm256_blendv_ps(v[p], _mm256_mul_ps(v[p], slope),
                                         _mm256_cmp_ps(v[p], _mm256_setzero_ps(), _CMP_LT_OQ));
         }
-        if (fg) {
-            const __m256 gamma = _mm256_maskload_ps(r->gamma + c0, valid);
+        if (e.gamma) {
+            const __m256 gamma = _mm256_maskload_ps(e.gamma + c0, valid);
             for (int p = 0; p < P; p++)
                 v[p] = _mm256_add_ps(v[p], gamma);
         }
-        if (pout) { /* the next layer's sign bits of v - pthr */
+        if (e.pout) { /* the next layer's sign bits of v - pthr */
             const __m256 pthr =
-                fp ? _mm256_maskload_ps(r->pthr + c0, valid) : _mm256_setzero_ps();
+                e.pthr ? _mm256_maskload_ps(e.pthr + c0, valid) : _mm256_setzero_ps();
             for (int p = 0; p < P; p++) {
-                const __m256 dv = fp ? _mm256_sub_ps(v[p], pthr) : v[p];
+                const __m256 dv = e.pthr ? _mm256_sub_ps(v[p], pthr) : v[p];
                 const unsigned bits = (unsigned)_mm256_movemask_ps(
                                           _mm256_cmp_ps(dv, _mm256_setzero_ps(), _CMP_LT_OQ)) &
                                       vbits;
-                pout[(size_t)(ow + p) * out_words + c0 / 32] |= (uint32_t)bits << (c0 % 32);
+                e.pout[(size_t)(ow + p) * e.out_words + c0 / 32] |= (uint32_t)bits << (c0 % 32);
             }
         }
         for (int p = 0; p < P; p++) {
-            float *o = (float *)out + (size_t)(ow + p) * cout + c0;
+            float *o = (float *)e.out + (size_t)(ow + p) * e.cout + c0;
             if (left >= L)
                 _mm256_storeu_ps(o, v[p]);
             else

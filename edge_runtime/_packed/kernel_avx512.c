@@ -46,20 +46,11 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
     /* The epilogue, one stage at a time over the block's P pixels (fully unrolled: the
      * accumulators stay in registers, and each stage's test is made once per block, not per
      * pixel).  The row's pointers are read once, before any store. */
-    const int32_t *const corr = r->corr && (ow < r->zero0 || ow + P > r->zero1) ? r->corr : NULL;
-    const int32_t *const kval = r->kval + ow;
-    const float *const thr = d->thr;
-    const int fused = r->fused;
-    const float *const res = fused ? r->res : NULL;
-    uint32_t *const pout = fused ? r->pout : NULL;
-    const int fz = fused && r->zeta, fs = fused && r->slope, fg = fused && r->gamma,
-              fp = pout && r->pthr;
-    const int cout = d->cout, out_words = d->out_words;
-    void *const out = r->out;
+    const block_epilogue e = epilogue_of(d, r, ow, P);
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++) {
         const int c0 = (cv0 + g) * L;
-        const int left = cout - c0;
+        const int left = e.cout - c0;
         const __mmask16 valid = left >= L ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
         const __m512 sc = _mm512_loadu_ps(d->scale + c0);
         const __m512 bi = _mm512_loadu_ps(d->bias + c0);
@@ -67,65 +58,65 @@ INL T512 void block(const conv_desc *d, const conv_row *r, int ow, int cv0, cons
 #pragma GCC unroll 8
         for (int p = 0; p < P; p++) {
             __m512i a = acc[p][g];
-            if (corr)
-                a = _mm512_sub_epi32(
-                    a, _mm512_loadu_si512((const void *)(corr + (size_t)(ow + p) * d->cpad + c0)));
+            if (e.corr)
+                a = _mm512_sub_epi32(a, _mm512_loadu_si512((const void *)(
+                                            e.corr + (size_t)(ow + p) * d->cpad + c0)));
             const __m512i yi =
-                _mm512_sub_epi32(_mm512_set1_epi32(kval[p]), _mm512_slli_epi32(a, 1));
+                _mm512_sub_epi32(_mm512_set1_epi32(e.kval[p]), _mm512_slli_epi32(a, 1));
             v[p] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(yi), sc), bi);
         }
-        if (thr) {
-            const __m512 t = _mm512_loadu_ps(thr + c0);
+        if (e.thr) {
+            const __m512 t = _mm512_loadu_ps(e.thr + c0);
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++) {
                 const uint16_t bits =
                     (uint16_t)(_mm512_cmp_ps_mask(v[p], t, _CMP_LT_OQ) & valid);
-                memcpy((char *)((uint32_t *)out + (size_t)(ow + p) * out_words) + c0 / 8, &bits,
-                       sizeof bits);
+                memcpy((char *)((uint32_t *)e.out + (size_t)(ow + p) * e.out_words) + c0 / 8,
+                       &bits, sizeof bits);
             }
             continue;
         }
         /* the fused epilogue of kernels.h, one float32 op per stage */
-        if (res) {
+        if (e.res) {
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++)
                 v[p] = _mm512_add_ps(
-                    v[p], _mm512_maskz_loadu_ps(valid, res + (size_t)(ow + p) * cout + c0));
+                    v[p], _mm512_maskz_loadu_ps(valid, e.res + (size_t)(ow + p) * e.cout + c0));
         }
-        if (fz) {
-            const __m512 zeta = _mm512_maskz_loadu_ps(valid, r->zeta + c0);
+        if (e.zeta) {
+            const __m512 zeta = _mm512_maskz_loadu_ps(valid, e.zeta + c0);
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++)
                 v[p] = _mm512_add_ps(v[p], zeta);
         }
-        if (fs) {
-            const __m512 slope = _mm512_maskz_loadu_ps(valid, r->slope + c0);
+        if (e.slope) {
+            const __m512 slope = _mm512_maskz_loadu_ps(valid, e.slope + c0);
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++)
                 v[p] = _mm512_mask_blend_ps(
                     _mm512_cmp_ps_mask(v[p], _mm512_setzero_ps(), _CMP_LT_OQ), v[p],
                     _mm512_mul_ps(v[p], slope));
         }
-        if (fg) {
-            const __m512 gamma = _mm512_maskz_loadu_ps(valid, r->gamma + c0);
+        if (e.gamma) {
+            const __m512 gamma = _mm512_maskz_loadu_ps(valid, e.gamma + c0);
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++)
                 v[p] = _mm512_add_ps(v[p], gamma);
         }
-        if (pout) { /* the next layer's sign bits of v - pthr */
-            const __m512 pthr = fp ? _mm512_maskz_loadu_ps(valid, r->pthr + c0)
-                                   : _mm512_setzero_ps();
+        if (e.pout) { /* the next layer's sign bits of v - pthr */
+            const __m512 pthr =
+                e.pthr ? _mm512_maskz_loadu_ps(valid, e.pthr + c0) : _mm512_setzero_ps();
 #pragma GCC unroll 8
             for (int p = 0; p < P; p++) {
-                const __m512 dv = fp ? _mm512_sub_ps(v[p], pthr) : v[p];
+                const __m512 dv = e.pthr ? _mm512_sub_ps(v[p], pthr) : v[p];
                 const uint16_t bits = (uint16_t)(
                     _mm512_cmp_ps_mask(dv, _mm512_setzero_ps(), _CMP_LT_OQ) & valid);
-                pout[(size_t)(ow + p) * out_words + c0 / 32] |= (uint32_t)bits << (c0 % 32);
+                e.pout[(size_t)(ow + p) * e.out_words + c0 / 32] |= (uint32_t)bits << (c0 % 32);
             }
         }
 #pragma GCC unroll 8
         for (int p = 0; p < P; p++) {
-            float *o = (float *)out + (size_t)(ow + p) * cout + c0;
+            float *o = (float *)e.out + (size_t)(ow + p) * e.cout + c0;
             if (left >= L)
                 _mm512_storeu_ps(o, v[p]);
             else

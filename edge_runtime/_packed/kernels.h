@@ -67,6 +67,28 @@ typedef struct {
 } conv_row;
 
 typedef void (*row_fn)(const conv_desc *d, const conv_row *r);
+
+/* What the epilogue of a block of P pixels from `ow` reads of its row, taken once before any
+ * store (the stores could alias conv_row as far as the compiler knows): the padding correction
+ * where one of the pixels has one, and the fused stages (NULL when absent or not fused). */
+typedef struct {
+    const int32_t *corr, *kval;
+    const float *thr, *res, *zeta, *slope, *gamma, *pthr;
+    uint32_t *pout;
+    void *out;
+    int cout, out_words;
+} block_epilogue;
+
+static inline block_epilogue epilogue_of(const conv_desc *d, const conv_row *r, int ow, int P)
+{
+    const int f = r->fused;
+    block_epilogue e = {r->corr && (ow < r->zero0 || ow + P > r->zero1) ? r->corr : NULL,
+                        r->kval + ow, d->thr, f ? r->res : NULL, f ? r->zeta : NULL,
+                        f ? r->slope : NULL, f ? r->gamma : NULL, NULL, f ? r->pout : NULL,
+                        r->out, d->cout, d->out_words};
+    e.pthr = e.pout ? r->pthr : NULL;
+    return e;
+}
 /* Pack `rows` rows of `c` floats into rows of ceil(c / 32) words; with `sub` (c floats, else
  * NULL) the bit is (x[c] - sub[c]) < 0, the float32 subtraction rounded first (as ONNX Sub then
  * the sign). */
