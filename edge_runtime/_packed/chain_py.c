@@ -184,15 +184,16 @@ PyObject *py_ew_chain(PyObject *self, PyObject *args, PyObject *kw)
         PyObject *o_obj = main ? PyTuple_GET_ITEM(operands, held)
                                : PyTuple_GET_ITEM(PyTuple_GET_ITEM(sub_obj, 2), held - nsteps);
         chain_step *s = main ? &steps[held] : &sub_steps[held - nsteps];
+        /* messages name an op or operand by its place in its own chain */
+        const char *chain = main ? "operand" : "sub operand";
+        const int place = main ? held : held - nsteps;
         if (!strchr("asrmp", op)) {
-            PyErr_Format(PyExc_ValueError, "unknown op %c; allowed values: a, s, r, m, p", op);
+            PyErr_Format(PyExc_ValueError, "%s %d is %c; allowed values: a, s, r, m, p",
+                         main ? "op" : "sub op", place, op);
             goto done;
         }
         s->op = op;
         s->bstride = 0;
-        /* messages name an operand by its place in its own chain */
-        const char *chain = main ? "operand" : "sub operand";
-        const int place = main ? held : held - nsteps;
         if (o_obj == Py_None && main && sub_obj != Py_None) {
             s->kind = SUB, s->p = NULL;
             subs++;

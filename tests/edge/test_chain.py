@@ -91,7 +91,7 @@ def test_chain_equals_numpy_ops_one_by_one(ops, channels, batch, kinds, seed, in
 
 def test_chain_bad_arguments():
     x = np.zeros((1, 2, 2, 4), np.float32)
-    with pytest.raises(ValueError, match="allowed values: a, s, r, m, p"):
+    with pytest.raises(ValueError, match="op 0 is x; allowed values: a, s, r, m, p"):
         _packed.ew_chain(x, b"x", (np.zeros(4, np.float32),))
     with pytest.raises(ValueError, match="operand 0 has 3 values in 1 dimensions"):
         _packed.ew_chain(x, b"a", (np.zeros(3, np.float32),))

@@ -246,13 +246,15 @@ def test_pool_every_path_computes_the_formula(channels):
 
 
 def test_pool_threads_split_rows():
-    """Two threads (rows split mid-batch: enough rows for two chunks) give the one-thread bits."""
+    """Two threads over three items (the split falls inside the second item) and three threads
+    over one tall item give the one-thread bits."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 67, 70, 32)).astype(np.float32)
+    x = rng.standard_normal((3, 67, 70, 32)).astype(np.float32)  # 99 output rows: 50 + 49
     one = _packed.avg_pool2(x)
     assert np.array_equal(pool.average_pool_2x2(x, threads=2).view(np.uint32), one.view(np.uint32))
-    assert np.array_equal(_packed.avg_pool2(x[:1], threads=3).view(np.uint32),
-                          one[:1].view(np.uint32))
+    tall = rng.standard_normal((1, 200, 70, 32)).astype(np.float32)  # 100 rows: 3 chunks
+    assert np.array_equal(_packed.avg_pool2(tall, threads=3).view(np.uint32),
+                          _packed.avg_pool2(tall).view(np.uint32))
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         _packed.avg_pool2(x, threads=0)
 

@@ -183,6 +183,9 @@ def test_sub_arguments_are_checked():
                          sub=(table, b"aa", (np.float32(1), np.zeros(7, np.float32))))
     with pytest.raises(ValueError, match="sub operand 0 is None: only the main chain's"):
         _packed.ew_chain(y3, b"a", (None,), None, table, geometry, sub=(table, b"a", (None,)))
+    with pytest.raises(ValueError, match="sub op 1 is x; allowed values: a, s, r, m, p"):
+        _packed.ew_chain(y3, b"a", (None,), None, table, geometry,
+                         sub=(table, b"ax", (np.float32(1), np.float32(1))))
     with pytest.raises(ValueError, match="operand 1 is None without sub"):
         _packed.ew_chain(y3, b"aa", (np.float32(1), None), None, table, geometry)
     # an empty batch is checked like any other before it returns its empty result
