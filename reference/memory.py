@@ -26,7 +26,6 @@ which is why the libraries do not do it by themselves. Nothing here imports nump
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import sys
 
@@ -46,10 +45,9 @@ def keep_freed_memory() -> bool:
     set only once the mmap threshold is)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
-    path = ctypes.util.find_library("c")
-    if path is None:
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
+    if mallopt is None:
         return False
-    mallopt = ctypes.CDLL(path).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     if not any(mallopt(_M_MMAP_THRESHOLD, size) == 1 for size in _MMAP):
