@@ -9,11 +9,12 @@ kernel vs onnxruntime float ``Conv``, 1 thread); one refiner step (batch 1) and 
 model's default sampling (segmentor once, steps x S chains, the S chains one batch) for torch
 eager, onnxruntime on the stock files (fp twin; binary through the function bodies), the edge
 ``onnxruntime`` and ``packed`` backends, at 1 thread and (where the process may use 2 CPUs) the
-fp twin and packed at 2 threads; the segmentor fp32 vs int8 (``hidiff-edge quantize``,
-calibrated on training images) and the packed image with the int8 segmentor; where the packed
-step's time goes (per executor and per onnxruntime piece); peak RSS of each engine in its own
-subprocess; bytes read from disk; mask agreement. ``--dice-model EXPORT`` (a trained Kvasir-SEG
-export) adds the int8 segmentor's Dice change on the Kvasir-SEG test split.
+fp twin and packed at 2 threads; the segmentor and the refiner's per-image (static) part fp32
+vs int8 (``hidiff-edge quantize``, calibrated on training images) and the packed image with
+either or both in int8; where the packed step's time goes (per executor and per onnxruntime
+piece); peak RSS of each engine in its own subprocess; bytes read from disk; mask agreement
+(also packed vs onnxruntime on the same int8 graphs). ``--dice-model EXPORT`` (a trained
+Kvasir-SEG export) adds the int8 graphs' Dice change on the Kvasir-SEG test split.
 
     python benchmarks/edge.py [--quick] [--json PATH] [--model EXPORT --model-dir DIR]
                               [--dice-model EXPORT]
@@ -264,9 +265,12 @@ def _ratios(step: dict, image: dict) -> dict[str, float]:
                 table["ort_stock_fp_2t"]["min_ms"] / table["edge_packed_2t"]["min_ms"])
             out[f"{kind}: edge packed 1 thread / 2 threads"] = (
                 table["edge_packed"]["min_ms"] / table["edge_packed_2t"]["min_ms"])
-    if "edge_packed_int8" in image and "ort_stock_fp" in image:
-        out["image: ORT stock fp twin / edge packed with int8 segmentor"] = (
-            image["ort_stock_fp"]["min_ms"] / image["edge_packed_int8"]["min_ms"])
+    for key, what in (("edge_packed_int8", "int8 segmentor"),
+                      ("edge_packed_int8_static", "int8 refiner static part"),
+                      ("edge_packed_int8_all", "int8 segmentor and refiner static part")):
+        if key in image and "ort_stock_fp" in image:
+            out[f"image: ORT stock fp twin / edge packed with {what}"] = (
+                image["ort_stock_fp"]["min_ms"] / image[key]["min_ms"])
     return out
 
 
@@ -307,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     segmentor = round_robin({
         "fp32": lambda: packed.session.segment(args.x),
         "int8": lambda: real["edge_packed_int8"].session.segment(args.x)}, runs)
+    static_in = {"image": args.x, **packed.session.segment(args.x)}
+    static = round_robin({
+        "fp32": lambda: packed.session.refiner.prepare(static_in),
+        "int8": lambda: real["edge_packed_int8_all"].session.refiner.prepare(static_in)}, runs)
     seeds = (0, 1) if args.quick else (0, 1, 2, 3)
     agree = report.agreement({**real, "_model_dir": args.model_dir}, seeds)
     rss = measure_rss(args, QUICK_RSS if args.quick else names)
@@ -335,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick, "runs": runs, "image_runs": image_runs,
         "load_average_start_end": [load_start, os.getloadavg()],
         "layers": layers, "step": step, "image": image, "segmentor": segmentor,
+        "refiner_static": static,
         "engine_labels": {k: e.name for k, e in real.items()},
         "rss_mib": rss, "disk_bytes": {k: sum(f.stat().st_size for f in e.files)
                                        for k, e in real.items()},

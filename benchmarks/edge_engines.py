@@ -92,13 +92,14 @@ def _stock_ort_engine(export_dir: Path, role: str, x: np.ndarray, seed: int,
 
 
 def _edge_engine(export_dir: Path, backend: str, refiner: str, x: np.ndarray, seed: int,
-                 threads: int = 1, segmentor: str = "fp32", rewrite: bool = True) -> Engine:
+                 threads: int = 1, segmentor: str = "fp32", rewrite: bool = True,
+                 refiner_static: str = "fp32") -> Engine:
     from edge_runtime import HiDiffSession
     from edge_runtime.model import load_model
     from edge_runtime.refiner import RefinerRunner
 
     session = HiDiffSession(export_dir, backend=backend, refiner=refiner, threads=threads,
-                            segmentor=segmentor)
+                            segmentor=segmentor, refiner_static=refiner_static)
     role = "refiner_step_fp" if refiner == "fp" else "refiner_step"
     if not rewrite:  # the refiner step as exported, without edge_runtime.rewrite
         session.refiner = RefinerRunner(load_model(export_dir, roles=("segmentor", role))
@@ -111,12 +112,15 @@ def _edge_engine(export_dir: Path, backend: str, refiner: str, x: np.ndarray, se
     t_max = session.facts.num_steps
     extra = "".join([f", {threads} threads" if threads > 1 else "",
                      ", int8 segmentor" if segmentor == "int8" else "",
+                     ", int8 refiner static part" if refiner_static == "int8" else "",
                      ", graph as exported" if not rewrite else ""])
-    seg_file = "segmentor_int8.onnx" if segmentor == "int8" else "segmentor.onnx"
+    files = [export_dir / ("segmentor_int8.onnx" if segmentor == "int8" else "segmentor.onnx"),
+             export_dir / f"{role}.onnx"]
+    if refiner_static == "int8":
+        files.append(export_dir / "refiner_static_int8.onnx")
     engine = Engine(f"edge {backend} ({refiner}{extra})",
                     lambda: session.refiner(prepared, y, t_max),
-                    lambda: session.predict_batch(x, seed=seed),
-                    [export_dir / seg_file, export_dir / f"{role}.onnx"])
+                    lambda: session.predict_batch(x, seed=seed), files)
     engine.session = session
     engine.feeds = session.refiner.feeds(prepared, y, t_max)
     return engine
@@ -134,6 +138,11 @@ ENGINES = {
                                                rewrite=False),
     "edge_packed_int8": lambda a: _edge_engine(a.int8_export, "packed", "binary", a.x, a.seed,
                                                segmentor="int8"),
+    "edge_packed_int8_static": lambda a: _edge_engine(a.int8_export, "packed", "binary", a.x,
+                                                      a.seed, refiner_static="int8"),
+    "edge_packed_int8_all": lambda a: _edge_engine(a.int8_export, "packed", "binary", a.x,
+                                                   a.seed, segmentor="int8",
+                                                   refiner_static="int8"),
     "ort_stock_fp_2t": lambda a: _stock_ort_engine(a.export, "refiner_step_fp", a.x, a.seed,
                                                    threads=2),
     "edge_packed_2t": lambda a: _edge_engine(a.export, "packed", "binary", a.x, a.seed,
@@ -141,7 +150,8 @@ ENGINES = {
 }
 #: engines that need something the run may not have
 NEEDS = {"torch_binary": "model_dir", "torch_fp": "model_dir", "edge_packed_int8": "int8_export",
+         "edge_packed_int8_static": "int8_export", "edge_packed_int8_all": "int8_export",
          "ort_stock_fp_2t": "two_cpus", "edge_packed_2t": "two_cpus"}
 QUICK = ("ort_stock_fp", "edge_ort_fp", "edge_ort_binary", "edge_packed", "edge_packed_asis",
-         "edge_packed_int8")
+         "edge_packed_int8", "edge_packed_int8_all")
 QUICK_RSS = ("edge_ort_binary", "edge_packed")

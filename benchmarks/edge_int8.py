@@ -1,5 +1,5 @@
-"""The int8 segmentor in ``benchmarks/edge.py``: a quantized copy of the benchmark's export, the
-segmentor's time fp32 vs int8, and (``--dice-model``) the Dice change on a real test split.
+"""The int8 graphs in ``benchmarks/edge.py``: a quantized copy of the benchmark's export (int8
+segmentor and refiner static part) and (``--dice-model``) their Dice change on a real test split.
 
 Calibration always uses training images (the first ``CALIBRATION_IMAGES`` of the dataset's
 committed ``train`` subset, natural order), never the images scored.
@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CALIBRATION_IMAGES", "dice_change", "int8_copy", "split_files"]
+__all__ = ["CALIBRATION_IMAGES", "PRECISIONS", "dice_change", "int8_copy", "split_files"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_IMAGES = 32
+#: what ``dice_change`` scores: name -> (segmentor, refiner_static) precisions
+PRECISIONS = {"fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"),
+              "int8_static": ("fp32", "int8"), "int8_all": ("int8", "int8")}
 
 
 def split_files(data: Path, subset: str, dataset: str = "kvasir-seg") -> list[tuple[Path, Path]]:
@@ -31,11 +34,11 @@ def split_files(data: Path, subset: str, dataset: str = "kvasir-seg") -> list[tu
 
 
 def int8_copy(export: Path, data: Path, work: Path, max_images: int) -> Path:
-    """A copy of ``export`` with ``segmentor_int8.onnx`` calibrated on training images (random
-    images when the data is absent)."""
+    """A copy of ``export`` with ``segmentor_int8.onnx`` and ``refiner_static_int8.onnx``
+    calibrated on training images (random images when the data is absent)."""
     from PIL import Image
 
-    from edge_runtime.quantize import quantize_segmentor
+    from edge_runtime.quantize import quantize_model
 
     out = work / "export_int8"
     if out.exists():
@@ -53,13 +56,14 @@ def int8_copy(export: Path, data: Path, work: Path, max_images: int) -> Path:
         for i in range(max_images):
             Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
                 calib / f"random{i}.png")
-    quantize_segmentor(out, images_from=[calib], max_images=max_images, overwrite=True)
+    quantize_model(out, images_from=[calib], max_images=max_images, overwrite=True)
     return out
 
 
 def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int = 1) -> dict:
-    """Mean Dice (``reference.metrics``) of HiDiff and of its segmentor alone, fp32 vs int8
-    segmentor, over a committed subset of Kvasir-SEG (one ``predict`` per image, seed 0); and
+    """Mean Dice (``reference.metrics``) of HiDiff and of its segmentor alone, all fp32 against
+    the int8 segmentor, the int8 refiner static part and both (:data:`PRECISIONS`), over a
+    committed subset of Kvasir-SEG (one ``predict`` per image, seed 0); and
     HiDiff with the refiner step as exported (no :mod:`edge_runtime.rewrite`): its Dice and the
     mask pixels where it differs from the rewritten step's (float rounding only)."""
     import reference
@@ -77,8 +81,9 @@ def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int 
         out = {"export": str(export), "subset": subset, "cases": len(pairs),
                "calibration_images": CALIBRATION_IMAGES}
         masks: dict[str, list] = {"fp32": [], "as_exported": []}
-        for precision in ("fp32", "int8", "as_exported"):
-            session = HiDiffSession(quantized, segmentor=precision.replace("as_exported", "fp32"),
+        for precision in (*PRECISIONS, "as_exported"):
+            seg, static = PRECISIONS.get(precision, ("fp32", "fp32"))
+            session = HiDiffSession(quantized, segmentor=seg, refiner_static=static,
                                     threads=threads)
             if precision == "as_exported":  # the refiner step without edge_runtime.rewrite
                 session.refiner = RefinerRunner(load_model(quantized).protos["refiner_step"],
@@ -103,4 +108,6 @@ def dice_change(export: Path, data: Path, *, subset: str = "test", threads: int 
             int((a != b).sum()) for a, b in zip(masks["fp32"], masks["as_exported"], strict=True)))
         out["mask_pixels"] = int(sum(m.size for m in masks["fp32"]))
         out["change"] = {k: out["int8"][k] - out["fp32"][k] for k in ("hidiff", "segmentor")}
+        out["changes"] = {p: {k: out[p][k] - out["fp32"][k] for k in ("hidiff", "segmentor")}
+                          for p in PRECISIONS if p != "fp32"}
     return out

@@ -67,7 +67,7 @@ def step_breakdown(engine, repeats: int = 5) -> tuple[dict[str, float], list[dic
 
 def agreement(engines: dict, seeds: tuple[int, ...]) -> list[dict]:
     """Masks of edge packed vs edge onnxruntime (and torch where measured) per seed."""
-    rows, pipe = [], None
+    rows, pipe, ort8 = [], None, None
     packed, ort_e = engines["edge_packed"].session, engines["edge_ort_binary"].session
     x = engines["edge_packed"].x
     for seed in seeds:
@@ -76,6 +76,17 @@ def agreement(engines: dict, seeds: tuple[int, ...]) -> list[dict]:
         row = {"seed": seed, "pixels": mp.size,
                "packed_vs_ort_mask_mismatch": int((mp != mo).sum()),
                "packed_vs_ort_max_prob_diff": float(np.abs(pp - po).max())}
+        if "edge_packed_int8_all" in engines:  # the same int8 graphs on both backends
+            p8 = engines["edge_packed_int8_all"].session
+            if ort8 is None:
+                from edge_runtime import HiDiffSession
+
+                ort8 = HiDiffSession(p8.model.folder, backend="onnxruntime", segmentor="int8",
+                                     refiner_static="int8")
+            a, b = p8.predict_batch(x, seed=seed).prob, ort8.predict_batch(x, seed=seed).prob
+            row["int8_packed_vs_ort_mask_mismatch"] = int(
+                (reference.final_labels(a) != reference.final_labels(b)).sum())
+            row["int8_packed_vs_ort_max_prob_diff"] = float(np.abs(a - b).max())
         if "edge_packed_asis" in engines:  # the rewrites regroup float sums: rounding only
             pa = engines["edge_packed_asis"].session.predict_batch(x, seed=seed).prob
             row["rewritten_vs_as_exported_mask_mismatch"] = int(
@@ -155,7 +166,14 @@ def write_markdown(result: dict, path: Path) -> None:
               f"Segmentor alone (1 thread): fp32 {seg['fp32']['min_ms']:.1f} "
               f"({seg['fp32']['median_ms']:.1f}) ms, int8 {seg['int8']['min_ms']:.1f} "
               f"({seg['int8']['median_ms']:.1f}) ms: "
-              f"**{seg['fp32']['min_ms'] / seg['int8']['min_ms']:.2f}x**.", "",
+              f"**{seg['fp32']['min_ms'] / seg['int8']['min_ms']:.2f}x**.", ""]
+    static = result.get("refiner_static")
+    if static:
+        lines += [f"Refiner static part alone (once per image, 1 thread): fp32 "
+                  f"{static['fp32']['min_ms']:.1f} ({static['fp32']['median_ms']:.1f}) ms, int8 "
+                  f"{static['int8']['min_ms']:.1f} ({static['int8']['median_ms']:.1f}) ms: "
+                  f"**{static['fp32']['min_ms'] / static['int8']['min_ms']:.2f}x**.", ""]
+    lines += [
               "## Ratios (issue 12 targets: binary conv >= 16x; step >= 8x at 1 thread, >= 6x "
               "at 2 threads; image >= 6x and < 150 ms at 1 thread)", ""]
     for key, value in result["ratios"].items():
@@ -165,14 +183,18 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", "int8 segmentor, Dice change: not measured in this run (`--dice-model "
                   "EXPORT`, a trained Kvasir-SEG export)."]
     if dice:
-        lines += ["", "## int8 segmentor: Dice change", "",
+        lines += ["", "## int8 graphs: Dice change", "",
                   f"`--dice-model {dice['export']}`: {dice['cases']} Kvasir-SEG {dice['subset']} "
                   f"images, calibrated on {dice['calibration_images']} train images, seed 0, "
-                  "Dice at image size.", "",
-                  "| predictor | fp32 segmentor | int8 segmentor | change |", "|---|---|---|---|"]
+                  "Dice at image size (change against all fp32 in brackets).", ""]
+        kinds = [k for k in DICE_COLUMNS if k in dice]
+        lines += ["| predictor | " + " | ".join(DICE_COLUMNS[k] for k in kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
         for key, label in (("segmentor", "segmentor alone"), ("hidiff", "HiDiff binary")):
-            lines.append(f"| {label} | {dice['fp32'][key]:.4f} | {dice['int8'][key]:.4f} | "
-                         f"{dice['change'][key]:+.4f} |")
+            cells = [f"{dice[k][key]:.4f}" + (
+                f" ({dice[k][key] - dice['fp32'][key]:+.4f})" if k != "fp32" else "")
+                for k in kinds]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if "as_exported" in dice:
             lines += ["", f"The graph rewrites on the same images (fp32 segmentor): HiDiff binary "
                           f"Dice {dice['fp32']['hidiff']:.4f} rewritten, "
@@ -191,11 +213,14 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {p['ms']:.2f} | {', '.join(f'{op} x{n}' for op, n in p['ops'].items())} |"
             for p in rows]
     lines += ["", result["notes"], "", "## Mask agreement (model space, per seed)", "",
-              "| seed | pixels | packed vs onnxruntime | max prob diff | packed vs torch "
-              "| rewritten vs as exported (max prob diff) |",
-              "|---|---|---|---|---|---|"] + [
+              "| seed | pixels | packed vs onnxruntime | max prob diff | same, both int8 graphs "
+              "(max prob diff) | packed vs torch | rewritten vs as exported (max prob diff) |",
+              "|---|---|---|---|---|---|---|"] + [
         f"| {a['seed']} | {a['pixels']} | {a['packed_vs_ort_mask_mismatch']} | "
-        f"{a['packed_vs_ort_max_prob_diff']:.3g} | {a.get('packed_vs_torch_mask_mismatch', '-')} "
+        f"{a['packed_vs_ort_max_prob_diff']:.3g} | "
+        f"{a.get('int8_packed_vs_ort_mask_mismatch', '-')} "
+        f"({a.get('int8_packed_vs_ort_max_prob_diff', float('nan')):.3g}) | "
+        f"{a.get('packed_vs_torch_mask_mismatch', '-')} "
         f"| {a.get('rewritten_vs_as_exported_mask_mismatch', '-')} "
         f"({a.get('rewritten_vs_as_exported_max_prob_diff', float('nan')):.2g}) |"
         for a in result["agreement"]] + ["", TORCH_NOTE.format(**(result[
@@ -203,6 +228,9 @@ def write_markdown(result: dict, path: Path) -> None:
                                         "share_off_by_1e-2": float("nan")})), ""]
     path.write_text("\n".join(lines))
 
+
+DICE_COLUMNS = {"fp32": "all fp32", "int8": "int8 segmentor",
+                "int8_static": "int8 refiner static part", "int8_all": "both int8"}
 
 TORCH_NOTE = (
     "Packed and onnxruntime are bit-identical (every step's output). Torch (oneDNN) and "

@@ -2,11 +2,13 @@
 
     hidiff-edge predict --model DIR IMAGE_OR_FOLDER... -o OUT [--overlay] [--labels DIR]
                         [--backend packed|onnxruntime] [--refiner binary|fp]
-                        [--segmentor fp32|int8] [--steps N] [--samples S] [--estimate E]
-                        [--uncertainty]
+                        [--segmentor fp32|int8] [--refiner-static fp32|int8]
+                        [--steps N] [--samples S] [--estimate E] [--uncertainty]
                         [--seed S] [--threads T] [--overwrite] [--no-progress]
     hidiff-edge info --model DIR [--backend ...] [--refiner ...] [--segmentor ...]
-    hidiff-edge quantize --model DIR IMAGE_OR_FOLDER... [--max-images N] [--overwrite]
+                     [--refiner-static ...]
+    hidiff-edge quantize --model DIR IMAGE_OR_FOLDER... [--part segmentor|refiner_static]
+                         [--max-images N] [--overwrite]
 
 ``predict`` writes ``OUT/<stem>.png`` per image (0/255 for a binary model, label values for a
 multi-class one) at the image's size, and with ``--overlay`` ``OUT/<stem>_overlay.png``; with
@@ -23,8 +25,10 @@ in the process (glibc, :func:`reference.memory.keep_freed_memory`): each image r
 pages of the one before instead of faulting in fresh ones. Errors print
 ``hidiff-edge <command>: error: <message>`` on stderr and exit 2.
 
-``quantize`` adds ``segmentor_int8.onnx`` to the model folder (onnxruntime static quantization
-calibrated on the given images, :mod:`edge_runtime.quantize`); ``--segmentor int8`` uses it.
+``quantize`` adds ``segmentor_int8.onnx`` and ``refiner_static_int8.onnx`` (the binary refiner's
+per-image part) to the model folder, or the ``--part`` named (repeatable): onnxruntime static
+quantization calibrated on the given images, :mod:`edge_runtime.quantize`; ``--segmentor int8``
+and ``--refiner-static int8`` use them.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="the binary refiner (HiDiff, default) or the full-precision twin")
     p.add_argument("--segmentor", choices=("fp32", "int8"), default="fp32",
                    help="fp32 (default) or int8: the graph 'hidiff-edge quantize' adds")
+    p.add_argument("--refiner-static", choices=("fp32", "int8"), default="fp32",
+                   help="the binary refiner's per-image part: fp32 (default) or int8, the graph "
+                        "'hidiff-edge quantize' adds")
     p.add_argument("--threads", type=_positive, default=1, help="threads (default 1)")
 
 
@@ -108,16 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help=text, description=text)
     _common(i)
     i.set_defaults(handler=_info)
-    text = "add an int8 segmentor to an exported model, calibrated on your images"
+    text = ("add int8 graphs (the segmentor, the refiner's per-image part) to an exported "
+            "model, calibrated on your images")
     q = sub.add_parser("quantize", help=text, description=text)
     q.add_argument("--model", required=True, metavar="DIR",
                    help="exported model folder (manifest.json + ONNX graphs)")
     q.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="calibration images, like the ones the model will see")
+    q.add_argument("--part", action="append", choices=("segmentor", "refiner_static"),
+                   default=None, help="quantize only this part (repeatable; default both)")
     q.add_argument("--max-images", type=_positive, default=32,
                    help="calibrate on the first N images (natural order; default 32)")
     q.add_argument("--overwrite", action="store_true",
-                   help="replace the model's existing int8 segmentor")
+                   help="replace the model's existing int8 graphs")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(handler=_quantize)
     return parser
@@ -164,7 +174,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{out_dir}: output path exists and is not a folder")
     keep_freed_memory()  # each image reuses the pages of the one before (reference.memory)
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
-                            refiner=args.refiner, segmentor=args.segmentor)
+                            refiner=args.refiner, segmentor=args.segmentor,
+                            refiner_static=args.refiner_static)
     session.sampler(args.steps, args.samples, estimate=args.estimate)  # validates them
     facts = session.facts
     files = collect_images(args.inputs)
@@ -246,7 +257,8 @@ def _info(args: argparse.Namespace) -> int:
     from .session import HiDiffSession
 
     session = HiDiffSession(args.model, backend=args.backend, threads=args.threads,
-                            refiner=args.refiner, segmentor=args.segmentor)
+                            refiner=args.refiner, segmentor=args.segmentor,
+                            refiner_static=args.refiner_static)
     for line in info_lines(session):
         print(line)
     return 0
@@ -256,23 +268,30 @@ def _info(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .quantize import quantize_segmentor
+    from .quantize import PARTS, STATIC_INT8_ROLE, quantize_model
 
-    bar = tqdm(desc="calibrate", unit="image", leave=False, disable=args.no_progress,
-               file=sys.stderr)
+    bars: dict[str, tqdm] = {}
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+    def progress(part: str, done: int, total: int) -> None:
+        if part not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[part] = tqdm(desc=f"calibrate {part}", unit="image", total=total, leave=False,
+                              disable=args.no_progress, file=sys.stderr)
+        bars[part].update(done - bars[part].n)
 
     try:
-        path = quantize_segmentor(args.model, images_from=args.inputs,
-                                  max_images=args.max_images, overwrite=args.overwrite,
-                                  progress=progress)
+        paths = quantize_model(args.model, images_from=args.inputs,
+                               parts=tuple(args.part or PARTS), max_images=args.max_images,
+                               overwrite=args.overwrite, progress=progress)
     finally:
-        bar.close()
-    print(f"wrote {path} ({path.stat().st_size:,} bytes); use it with --segmentor int8",
-          file=sys.stderr)
+        for bar in bars.values():
+            bar.close()
+    for path in paths:
+        flag = ("--refiner-static int8" if path.name.startswith(STATIC_INT8_ROLE)
+                else "--segmentor int8")
+        print(f"wrote {path} ({path.stat().st_size:,} bytes); use it with {flag}",
+              file=sys.stderr)
     return 0
 
 

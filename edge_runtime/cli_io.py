@@ -124,11 +124,12 @@ def info_lines(session) -> list[str]:
         total += size
         ops = ", ".join(entry.get("custom_ops") or []) or "-"
         shown = _human(size) if path.is_file() else "missing"
-        lines.append(f"  {entry['name']:<22} {entry['role']:<16} {shown:>10}  "
+        lines.append(f"  {entry['name']:<25} {entry['role']:<20} {shown:>10}  "
                      f"custom ops: {ops}")
     lines.append(f"  total {_human(total)}")
     lines.append(f"backend          {session.backend}  refiner {session.refiner_name}  segmentor "
-                 f"{session.segmentor_name}  threads {session.threads}")
+                 f"{session.segmentor_name}  refiner static {session.refiner_static_name}  "
+                 f"threads {session.threads}")
     try:
         from . import packed
 

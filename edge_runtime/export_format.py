@@ -34,6 +34,7 @@ FILES = {
     "refiner_step_fp": "refiner_step_fp.onnx",
     # added to an export by ``hidiff-edge quantize`` (edge_runtime.quantize), never by export
     "segmentor_int8": "segmentor_int8.onnx",
+    "refiner_static_int8": "refiner_static_int8.onnx",
 }
 #: namespace of the ONNX ``metadata_props`` keys
 META_PREFIX = "hidiff."

@@ -2,16 +2,17 @@
 
 A folder holds ``manifest.json`` and the graphs ``segmentor.onnx``, ``refiner_step.onnx``,
 (optionally) ``refiner_step_fp.onnx`` and (added by ``hidiff-edge quantize``)
-``segmentor_int8.onnx``. Every ``.onnx`` file carries the model facts in its
-``metadata_props`` (``hidiff.*`` keys, JSON values except plain strings). :func:`load_model`
-refuses, with a :class:`~edge_runtime.errors.ModelError` naming the file:
+``segmentor_int8.onnx`` and ``refiner_static_int8.onnx``. Every ``.onnx`` file carries the
+model facts in its ``metadata_props`` (``hidiff.*`` keys, JSON values except plain strings).
+:func:`load_model` refuses, with a :class:`~edge_runtime.errors.ModelError` naming the file:
 
 - a missing folder, manifest or graph; a manifest that is not JSON or not a hidiff export;
 - an unknown ``format`` / ``format_version`` (manifest or graph);
 - a file that does not decode as ONNX (truncated, foreign bytes) or lacks the hidiff metadata
   (a foreign model), or whose ``graph_role`` is not the role it is listed under;
 - two graphs (or a graph and the manifest) that disagree on a model fact, e.g. T, K or the input
-  size; a refiner whose inputs do not match the segmentor's outputs;
+  size; a refiner whose inputs do not match the segmentor's outputs; an int8 refiner static
+  part made from another ``refiner_step.onnx`` or reading inputs the refiner does not have;
 - a file whose size or sha256 differs from the manifest's record.
 """
 
@@ -49,7 +50,9 @@ __all__ = [
 
 ROLES = FILES  # role -> file name
 _MISSING = {"refiner_step_fp": "no full-precision twin graph",
-            "segmentor_int8": "no int8 segmentor graph; make one with hidiff-edge quantize"}
+            "segmentor_int8": "no int8 segmentor graph; make one with hidiff-edge quantize",
+            "refiner_static_int8": "no int8 refiner static part; make one with hidiff-edge "
+                                   "quantize"}
 _FACT_WORDS = {"num_steps": "T (num_steps)", "num_classes": "K (num_classes)",
                "input_size": "the input size"}
 
@@ -248,6 +251,13 @@ def _check_signatures(files: dict[str, Path], protos: dict[str, Any], facts: Mod
                                           f"features..., step)")
         if len(protos[role].graph.output) != 1:
             raise ModelError(files[role], "the refiner step must have exactly one output")
+    if "refiner_static_int8" in protos:
+        names = _io_names(protos["refiner_static_int8"].graph.input)
+        allowed = [n for n in _io_names(protos["refiner_step"].graph.input)
+                   if n not in ("y_t", "step")] if "refiner_step" in protos else names
+        if not names or any(n not in allowed for n in names):
+            raise ModelError(files["refiner_static_int8"], f"inputs {names} are not among the "
+                                                           f"refiner's per-image inputs {allowed}")
     prior_dims = [d.dim_value for d in seg.graph.output[0].type.tensor_type.shape.dim]
     want = [facts.num_classes, *facts.input_size]
     if len(prior_dims) == 4 and prior_dims[1:] != want:
@@ -288,6 +298,11 @@ def load_model(folder: str | Path, *, roles: tuple[str, ...] | None = None,
             what = _MISSING.get(role, f"no {role} graph")
             raise ModelError(folder, f"this model has {what} ({ROLES[role]})")
     files = {role: folder / ROLES[role] for role in wanted}
+    if "refiner_static_int8" in wanted and (entries["refiner_static_int8"].get("refiner_sha256")
+                                            != entries["refiner_step"].get("sha256")):
+        raise ModelError(files["refiner_static_int8"], "made from another refiner_step.onnx than "
+                                                       "this folder's; run hidiff-edge quantize "
+                                                       "--overwrite again")
     protos = {role: _load_proto(files[role], role) for role in wanted}
     metas = {role: read_metadata(protos[role]) for role in wanted}
     for role in wanted:

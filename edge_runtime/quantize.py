@@ -1,29 +1,41 @@
-"""An int8 segmentor for an exported model folder (``hidiff-edge quantize``).
+"""int8 graphs for an exported model folder (``hidiff-edge quantize``).
 
-    from edge_runtime.quantize import quantize_segmentor
-    quantize_segmentor("exported/", images_from=["calibration/"], max_images=32)
-    HiDiffSession("exported/", segmentor="int8")
+    from edge_runtime.quantize import quantize_model
+    quantize_model("exported/", images_from=["calibration/"], max_images=32)
+    HiDiffSession("exported/", segmentor="int8", refiner_static="int8")
 
-The segmentor runs once per image and is most of an image's real-valued arithmetic, so it is the
-graph where int8 pays (x86 VNNI, ARM dot-product). :func:`quantize_segmentor` runs onnxruntime's
-static quantization (``onnxruntime.quantization.quantize_static``; QDQ format, unsigned 8-bit
-activations, signed 8-bit per-channel weights, min-max calibration) on ``segmentor.onnx`` with
-calibration batches made from the user's own images exactly as prediction makes them
-(:func:`reference.network_inputs`: resized, or cut into tiles, and normalised), and adds the
-result to the folder as ``segmentor_int8.onnx``:
+Two parts of an image's real-valued arithmetic run once per image and gain from int8 (x86 VNNI,
+ARM dot-product); :func:`quantize_model` adds one graph per part (``parts``):
 
-- the graph keeps every ``hidiff.*`` fact of the float segmentor (so the checks that tie the
-  graphs of one training together still hold), with ``graph_role`` ``segmentor_int8`` and a
-  ``hidiff.quantization`` record (method, calibration images);
+- ``segmentor``: ``segmentor_int8.onnx``, the segmentor (most of an image's multiply-adds);
+- ``refiner_static``: ``refiner_static_int8.onnx``, the binary refiner's per-image part (its
+  *static* part, :mod:`edge_runtime.graph`: the convolutions that inject the image and the
+  segmentor's features into each level), as the runtime splits it from the rewritten
+  ``refiner_step.onnx`` (:mod:`edge_runtime.rewrite`). Its convolutions are quantized except those
+  that feed the X-Former's attention (any whose output reaches a ``MatMul`` or ``Softmax``: the
+  attention's products amplify the 8-bit error, 18 % on the cpu-base projection in an earlier
+  measurement). The batch norms are folded into the convolutions first (onnxruntime's
+  quantization pre-processing, without its symbolic shape inference, which needs sympy).
+
+Each graph comes from onnxruntime's static quantization
+(``onnxruntime.quantization.quantize_static``; QDQ format, unsigned 8-bit activations, signed
+8-bit per-channel weights, min-max calibration), calibrated on the user's own images exactly as
+prediction makes them (:func:`reference.network_inputs`: resized, or cut into tiles, and
+normalised; the refiner's part on the fp32 segmentor's outputs for them):
+
+- the graph keeps every ``hidiff.*`` fact of the graph it comes from (so the checks that tie the
+  graphs of one training together still hold), with its own ``graph_role`` and a
+  ``hidiff.quantization`` record (method, calibration images; for the refiner's part the sha256
+  of the ``refiner_step.onnx`` it was made from and the convolutions quantized);
 - the manifest lists it like every other graph (bytes, sha256, signature); the file is written
   under a temporary name and renamed, the manifest rewritten the same way, the manifest last;
-- the refiners are untouched: the binary refiner's 1-bit layers gain nothing from int8, and the
-  packed and onnxruntime backends stay bit-identical given the same segmentor outputs.
+- the binary layers and the per-step work are untouched: the packed and onnxruntime backends stay
+  bit-identical given the same int8 graphs.
 
-The int8 prior and features differ from the float ones (a few per cent of the prior's range), so
-masks change a little; ``benchmarks/edge.py --dice-model`` measures the Dice change on real data.
-A folder with an int8 segmentor is read by runtimes that know the role (this one and later);
-earlier ones refuse its manifest's unknown role rather than guess.
+int8 values differ from the float ones (about 1 % of the refiner part's outputs, a few per cent
+of the prior's range), so masks change a little; ``benchmarks/edge.py --dice-model`` measures the
+Dice change on real data. A folder with int8 graphs is read by runtimes that know their roles
+(this one and later); earlier ones refuse its manifest's unknown role rather than guess.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +55,33 @@ from reference.files import atomic_write_bytes
 from . import images
 from .errors import ModelError
 from .export_format import FILES, MANIFEST, META_PREFIX
-from .model import load_model
+from .model import ExportedModel, load_model
 
-__all__ = ["INT8_ROLE", "QUANTIZATION", "quantize_segmentor"]
+__all__ = ["INT8_ROLE", "PARTS", "QUANTIZATION", "STATIC_INT8_ROLE", "quantize_model",
+           "quantize_segmentor"]
 
 INT8_ROLE = "segmentor_int8"
+STATIC_INT8_ROLE = "refiner_static_int8"
+#: part -> the role of its int8 graph
+PARTS = {"segmentor": INT8_ROLE, "refiner_static": STATIC_INT8_ROLE}
+_WHAT = {INT8_ROLE: "an int8 segmentor", STATIC_INT8_ROLE: "an int8 refiner static part"}
 #: what ``hidiff.quantization`` records (plus the calibration image count)
 QUANTIZATION = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                 "activations": "uint8", "weights": "int8 per channel", "calibration": "minmax"}
+#: ops whose inputs' convolutions stay float (the X-Former's attention)
+_ATTENTION_OPS = frozenset({"MatMul", "Softmax"})
 
 
-def _calibration_batches(files: Sequence[Path], facts,
-                         progress: Callable[[int, int], None] | None):
+def _network_inputs(files: Sequence[Path], facts,
+                    progress: Callable[[int, int], None] | None) -> Iterator[np.ndarray]:
+    """One (1, C, H, W) network input at a time (the graphs' batch is dynamic)."""
     for done, path in enumerate(files, 1):
         rgb = images.as_float_image(images.read_image(path, facts.in_channels), facts.in_channels)
         x = reference.network_inputs(rgb, facts.preprocessing).astype(np.float32)
         if progress is not None:
             progress(done, len(files))
-        for i in range(x.shape[0]):  # one network input at a time: the graph's batch is dynamic
-            yield {"image": np.ascontiguousarray(x[i:i + 1])}
+        for i in range(x.shape[0]):
+            yield np.ascontiguousarray(x[i:i + 1])
 
 
 class _QuietQuantizer(logging.Filter):
@@ -89,29 +109,8 @@ class _QuietQuantizer(logging.Filter):
             root.removeHandler(self._null)
 
 
-def quantize_segmentor(
-    model_dir: str | Path,
-    *,
-    images_from: Sequence[str | Path],
-    max_images: int = 32,
-    overwrite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Add ``segmentor_int8.onnx`` to the export folder ``model_dir`` (module docstring).
-
-    Args:
-        model_dir: a folder written by ``hidiff export``.
-        images_from: images or folders of images to calibrate on (the first ``max_images`` in
-            natural order); images like the ones the model will see.
-        max_images: how many images calibrate (>= 1).
-        overwrite: replace the int8 segmentor the manifest lists (a ``segmentor_int8.onnx`` the
-            manifest does not list is a leftover and always replaced).
-        progress: called as ``progress(done, total)`` after each calibration image is read.
-
-    Returns the path of the new graph. Raises ``ModelError`` / ``ValueError`` (the folder as it
-    was) for a bad folder, no images, an unreadable image, a graph onnxruntime cannot quantize
-    or a listed int8 graph without ``overwrite``.
-    """
+def _quantize(source, feeds: Iterator[dict[str, np.ndarray]], *, blamed: Path, **options):
+    """``quantize_static`` of ``source`` (path or proto) on ``feeds``: the int8 proto."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -120,61 +119,133 @@ def quantize_segmentor(
         quantize_static,
     )
 
-    from .cli_io import collect_images
-
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be an int >= 1; got {max_images!r}")
-    model = load_model(model_dir, roles=("segmentor",))
-    folder, facts = model.folder, model.facts
-    target = folder / FILES[INT8_ROLE]
-    if any(e.get("role") == INT8_ROLE for e in model.manifest["files"]) and not overwrite:
-        raise ValueError(f"{target}: this model already has an int8 segmentor; pass "
-                         f"--overwrite to replace it")
-    files = collect_images([Path(p) for p in images_from], unique_stems=False)[:max_images]
-    for path in files:  # decode every calibration image before the (slow) calibration
-        images.read_image(path, facts.in_channels)
-
     class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(_calibration_batches(files, facts, progress))
-
         def get_next(self):
-            return next(self._it, None)
+            return next(feeds, None)
 
     with tempfile.TemporaryDirectory(prefix="hidiff-quantize-") as tmp, _QuietQuantizer():
-        out = Path(tmp) / target.name
+        if not isinstance(source, (str, Path)):
+            import onnx
+
+            onnx.save(source, str(Path(tmp) / "source.onnx"))
+            source = Path(tmp) / "source.onnx"
+        out = Path(tmp) / "int8.onnx"
         try:
-            quantize_static(str(model.files["segmentor"]), str(out), _Reader(),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(str(source), str(out), _Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                            **options)
             # (not CalibMaxIntermediateOutputs: onnxruntime 1.32 then fails with "No data is
             # collected" when the run count is a multiple of it; calibration memory grows with
             # max_images x tiles per image)
         except (ValueError, FileNotFoundError):
             raise
         except Exception as err:  # noqa: BLE001 - onnxruntime's own errors, named for the user
-            raise ModelError(model.files["segmentor"], f"onnxruntime could not quantize this "
-                                                       f"graph ({type(err).__name__}: {err})"
-                             ) from err
+            raise ModelError(blamed, f"onnxruntime could not quantize this graph "
+                                     f"({type(err).__name__}: {err})") from err
         import onnx
 
-        proto = onnx.load(str(out))
-    record = dict(QUANTIZATION, calibration_images=len(files))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta[META_PREFIX + "graph_role"] = INT8_ROLE
+        return onnx.load(str(out))
+
+
+def _segmentor_int8(model: ExportedModel, files: Sequence[Path], progress):
+    feeds = ({"image": x} for x in _network_inputs(files, model.facts, progress))
+    proto = _quantize(model.files["segmentor"], feeds, blamed=model.files["segmentor"])
+    return proto, model.protos["segmentor"], {}, {}
+
+
+def _attention_inputs(graph) -> set[str]:
+    """Values from which a ``MatMul`` / ``Softmax`` of ``graph`` can be reached."""
+    producer = {o: n for n in graph.node for o in n.output}
+    todo = [i for n in graph.node if n.op_type in _ATTENTION_OPS for i in n.input]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None:
+            todo.extend(node.input)
+    return seen
+
+
+def static_part(proto):
+    """The static part of the binary refiner ``proto`` as the runtime splits it (rewritten by
+    :mod:`edge_runtime.rewrite`, then :func:`edge_runtime.graph.split_refiner`)."""
+    from .graph import split_refiner
+    from .rewrite import rewrite_refiner
+
+    return split_refiner(rewrite_refiner(proto)[0]).static
+
+
+def _refiner_static_int8(model: ExportedModel, files: Sequence[Path], progress):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .ortutil import make_session
+
+    refiner_file = model.files["refiner_step"]
+    part = static_part(model.protos["refiner_step"])
+    if part.model is None:
+        raise ModelError(refiner_file, "this refiner has no per-image part to quantize")
+    with tempfile.TemporaryDirectory(prefix="hidiff-quantize-") as tmp, _QuietQuantizer():
+        folded = Path(tmp) / "folded.onnx"
+        quant_pre_process(part.model, str(folded), skip_symbolic_shape=True)
+        import onnx
+
+        graph = onnx.load(str(folded)).graph
+        attention = _attention_inputs(graph)
+        convs = [n.name for n in graph.node if n.op_type == "Conv"]
+        chosen = [n.name for n in graph.node
+                  if n.op_type == "Conv" and n.output[0] not in attention]
+        if not chosen:
+            raise ModelError(refiner_file, "the refiner's per-image part has no convolution "
+                                           "outside the attention to quantize")
+        segmentor = make_session(model.files["segmentor"], 1)
+        names = [o.name for o in segmentor.get_outputs()]
+
+        def feeds():
+            for x in _network_inputs(files, model.facts, progress):
+                values = {"image": x, **dict(zip(names, segmentor.run(names, {"image": x}),
+                                                 strict=True))}
+                yield {n: values[n] for n in part.inputs}
+
+        proto = _quantize(folded, feeds(), blamed=refiner_file, op_types_to_quantize=["Conv"],
+                          nodes_to_quantize=chosen)
+    refiner_sha = next(e["sha256"] for e in model.manifest["files"]
+                       if e.get("role") == "refiner_step")
+    extra = {"refiner_sha256": refiner_sha, "convolutions": len(chosen),
+             "float_convolutions": len(convs) - len(chosen)}
+    entry = {"inputs": list(part.inputs), "outputs": list(part.outputs),
+             "refiner_sha256": refiner_sha}
+    return proto, model.protos["refiner_step"], extra, entry
+
+
+_MAKERS = {INT8_ROLE: _segmentor_int8, STATIC_INT8_ROLE: _refiner_static_int8}
+
+
+def _write(model: ExportedModel, role: str, proto, source, record: dict, entry_extra: dict,
+           ) -> Path:
+    """Add ``proto`` to the folder under ``role`` (module docstring: metadata, manifest, order)."""
+    folder, target = model.folder, model.folder / FILES[role]
+    meta = {p.key: p.value for p in source.metadata_props}
+    meta[META_PREFIX + "graph_role"] = role
     meta[META_PREFIX + "quantization"] = json.dumps(record, sort_keys=True)
     del proto.metadata_props[:]
     for key, value in sorted(meta.items()):
         proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString(deterministic=True)
 
-    seg_entry = next(e for e in model.manifest["files"] if e.get("role") == "segmentor")
-    manifest = dict(model.manifest)
-    entry = {k: v for k, v in seg_entry.items() if k in ("inputs", "outputs", "custom_ops")}
-    entry.update(role=INT8_ROLE, name=target.name, bytes=len(data),
+    manifest = json.loads((folder / MANIFEST).read_text())  # as the previous part left it
+    if role == INT8_ROLE:
+        seg_entry = next(e for e in manifest["files"] if e.get("role") == "segmentor")
+        entry = {k: v for k, v in seg_entry.items() if k in ("inputs", "outputs", "custom_ops")}
+    else:
+        entry = {}
+    entry.update(entry_extra)
+    entry.update(role=role, name=target.name, bytes=len(data),
                  sha256=hashlib.sha256(data).hexdigest(), quantization=record)
-    manifest["files"] = [e for e in manifest["files"] if e.get("role") != INT8_ROLE] + [entry]
+    manifest["files"] = [e for e in manifest["files"] if e.get("role") != role] + [entry]
     old = target.read_bytes() if target.is_file() else None
     try:
         atomic_write_bytes(target, data)
@@ -187,6 +258,70 @@ def quantize_segmentor(
         else:
             atomic_write_bytes(target, old)
         if isinstance(err, OSError):
-            raise ModelError(folder, f"cannot write the int8 segmentor ({err})") from err
+            raise ModelError(folder, f"cannot write {target.name} ({err})") from err
         raise
     return target
+
+
+def quantize_model(
+    model_dir: str | Path,
+    *,
+    images_from: Sequence[str | Path],
+    parts: Sequence[str] = tuple(PARTS),
+    max_images: int = 32,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Add the int8 graphs of ``parts`` to the export folder ``model_dir`` (module docstring).
+
+    Args:
+        model_dir: a folder written by ``hidiff export``.
+        images_from: images or folders of images to calibrate on (the first ``max_images`` in
+            natural order); images like the ones the model will see.
+        parts: any of ``"segmentor"``, ``"refiner_static"`` (default both), made in that order.
+        max_images: how many images calibrate (>= 1).
+        overwrite: replace int8 graphs the manifest lists (a file the manifest does not list
+            is a leftover and always replaced).
+        progress: called as ``progress(part, done, total)`` after each calibration image is
+            read.
+
+    Returns the paths of the new graphs. Raises ``ModelError`` / ``ValueError`` / ``InputError``
+    for a bad folder, no images, an unreadable image, a graph onnxruntime cannot quantize or a
+    listed int8 graph without ``overwrite``; all of these before anything is written, except
+    onnxruntime failing on the second part (the first part's graph is then complete and
+    listed).
+    """
+    from .cli_io import collect_images
+
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images must be an int >= 1; got {max_images!r}")
+    if isinstance(parts, str) or not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"parts must be a non-empty sequence of {', '.join(PARTS)}; "
+                         f"got {parts!r}")
+    parts = [p for p in PARTS if p in parts]
+    model = load_model(model_dir, roles=("segmentor", "refiner_step"))
+    roles = [PARTS[p] for p in parts]
+    listed = {e.get("role") for e in model.manifest["files"]}
+    for role in roles:
+        if role in listed and not overwrite:
+            raise ValueError(f"{model.folder / FILES[role]}: this model already has "
+                             f"{_WHAT[role]}; pass --overwrite to replace it")
+    files = collect_images([Path(p) for p in images_from], unique_stems=False)[:max_images]
+    for path in files:  # decode every calibration image before the (slow) calibration
+        images.read_image(path, model.facts.in_channels)
+    written = []
+    for part, role in zip(parts, roles, strict=True):
+        step = None if progress is None else (lambda d, t, p=part: progress(p, d, t))
+        proto, source, extra, entry = _MAKERS[role](model, files, step)
+        record = dict(QUANTIZATION, calibration_images=len(files), **extra)
+        written.append(_write(model, role, proto, source, record, entry))
+    return written
+
+
+def quantize_segmentor(model_dir: str | Path, *, images_from: Sequence[str | Path],
+                       max_images: int = 32, overwrite: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> Path:
+    """:func:`quantize_model` of the segmentor alone (``progress(done, total)``)."""
+    step = None if progress is None else (lambda part, d, t: progress(d, t))
+    return quantize_model(model_dir, images_from=images_from, parts=("segmentor",),
+                          max_images=max_images, overwrite=overwrite, progress=step)[0]

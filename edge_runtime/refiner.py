@@ -6,7 +6,8 @@ as exported), splits it
 (:func:`edge_runtime.graph.split_refiner`) and runs
 
 - the *static* part once per image chunk (``prepare``): image/prior/feature-only work such as
-  the image half of the stem convolution and the feature-injection convolutions;
+  the image half of the stem convolution and the feature-injection convolutions (or, given
+  ``static_graph``, the int8 graph of that part made by :mod:`edge_runtime.quantize`);
 - the *step* part once per (original step, batch size), cached across images: the folded
   per-step tables gathered by ``step``;
 - the *dynamic* part at every reverse step: with the ``onnxruntime`` backend one ORT session,
@@ -37,13 +38,30 @@ BACKENDS = ("packed", "onnxruntime")
 CHUNK_BYTES = 16 << 20
 
 
+def _replacement(graph: Any, part: Any) -> Any:
+    """``graph`` (an int8 static part) checked against this runtime's static ``part``."""
+    inputs = sorted(i.name for i in graph.graph.input)
+    outputs = sorted(o.name for o in graph.graph.output)
+    if part.model is None or (inputs, outputs) != (sorted(part.inputs), sorted(part.outputs)):
+        raise ValueError(f"its signature {inputs} -> {outputs} is not this runtime's static part "
+                         f"{sorted(part.inputs)} -> {sorted(part.outputs)} (made by another "
+                         f"version); run hidiff-edge quantize --overwrite again")
+    copy = type(graph)()
+    copy.CopyFrom(graph)  # with_channels_last edits the graph it is given
+    return copy
+
+
 class RefinerRunner:
     """The refiner step of one exported graph for one backend (see the module docstring)."""
 
     def __init__(self, proto: Any, *, backend: str, threads: int = 1,
-                 keep_specs: bool = False, rewrite: bool = True) -> None:
+                 keep_specs: bool = False, rewrite: bool = True,
+                 static_graph: Any = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if static_graph is not None and not rewrite:
+            raise ValueError("static_graph is a part of the rewritten graph; it needs "
+                             "rewrite=True")
         self.backend = backend
         self.threads = threads
         self.rewrites = RewriteStats()
@@ -60,6 +78,8 @@ class RefinerRunner:
             # transposed once per image (3 ms of 21 per cpu-base image)
             executor.nhwc_feeds = executor.nhwc_capable & set(split.static.outputs)
         static = split.static.model
+        if static_graph is not None:
+            static = _replacement(static_graph, split.static)
         self._static_names = list(split.static.outputs)
         if static is not None and executor is not None and executor.nhwc_feeds:
             static = with_channels_last(static, set(), set(executor.nhwc_feeds),

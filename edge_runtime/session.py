@@ -34,16 +34,19 @@ import numpy as np
 import reference
 
 from . import images
-from .errors import EdgeError
+from .errors import EdgeError, ModelError
 from .model import ExportedModel, load_model
 from .ortutil import make_session
 from .refiner import BACKENDS, RefinerRunner
 
-__all__ = ["BACKENDS", "SEGMENTORS", "EdgePrediction", "HiDiffSession", "default_backend"]
+__all__ = ["BACKENDS", "REFINER_STATICS", "SEGMENTORS", "EdgePrediction", "HiDiffSession",
+           "default_backend"]
 
 REFINERS = {"binary": "refiner_step", "fp": "refiner_step_fp"}
 #: segmentor precision -> graph role (``int8``: made by ``hidiff-edge quantize``)
 SEGMENTORS = {"fp32": "segmentor", "int8": "segmentor_int8"}
+#: precision of the refiner's per-image (static) part -> graph role (None: the refiner's own)
+REFINER_STATICS = {"fp32": None, "int8": "refiner_static_int8"}
 
 
 #: one image's result at its own size (mask, prob, prior, spread): the reference's
@@ -91,11 +94,15 @@ class HiDiffSession:
         refiner: ``"binary"`` (HiDiff) or ``"fp"`` (the full-precision twin, when exported).
         segmentor: ``"fp32"`` (default) or ``"int8"`` (the graph ``hidiff-edge quantize``
             adds; see :mod:`edge_runtime.quantize`).
+        refiner_static: ``"fp32"`` (default) or ``"int8"``: the binary refiner's per-image part
+            (its feature-injection convolutions) from the int8 graph ``hidiff-edge quantize``
+            adds; the per-step work is the same either way.
         tile_batch: tiles per network run for tile-policy models.
     """
 
     def __init__(self, model_dir: str | Path, *, backend: str | None = None, threads: int = 1,
                  refiner: str = "binary", segmentor: str = "fp32",
+                 refiner_static: str = "fp32",
                  tile_batch: int = reference.DEFAULT_TILE_BATCH) -> None:
         backend = default_backend() if backend is None else backend
         if backend not in BACKENDS:
@@ -105,6 +112,13 @@ class HiDiffSession:
         if segmentor not in SEGMENTORS:
             raise EdgeError(f"segmentor must be one of {', '.join(SEGMENTORS)}; "
                             f"got {segmentor!r}")
+        if refiner_static not in REFINER_STATICS:
+            raise EdgeError(f"refiner_static must be one of {', '.join(REFINER_STATICS)}; "
+                            f"got {refiner_static!r}")
+        static_role = REFINER_STATICS[refiner_static]
+        if static_role is not None and refiner != "binary":
+            raise EdgeError(f"refiner_static={refiner_static!r} is a part of the binary "
+                            f"refiner; it needs refiner='binary', not {refiner!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EdgeError(f"threads must be an int >= 1; got {threads!r}")
         threads = cap_threads(threads)
@@ -113,17 +127,25 @@ class HiDiffSession:
                             "(build it: python setup.py build_ext --inplace)")
         role = REFINERS[refiner]
         seg_role = SEGMENTORS[segmentor]
-        self.model: ExportedModel = load_model(model_dir, roles=(seg_role, role))
+        roles = (seg_role, role) if static_role is None else (seg_role, role, static_role)
+        self.model: ExportedModel = load_model(model_dir, roles=roles)
         self.facts = facts = self.model.facts
         if facts.policy == "tile" and tuple(facts.input_size) != (facts.tile, facts.tile):
             raise EdgeError(f"{self.model.folder}: tile policy with tile {facts.tile} but the "
                             f"graphs take {facts.input_size}")
         self.backend, self.threads, self.refiner_name = backend, threads, refiner
-        self.segmentor_name = segmentor
+        self.segmentor_name, self.refiner_static_name = segmentor, refiner_static
         self.tile_batch = max(1, int(tile_batch))
         self._segmentor = make_session(self.model.files[seg_role], threads)
         self._seg_outputs = [o.name for o in self._segmentor.get_outputs()]
-        self.refiner = RefinerRunner(self.model.protos[role], backend=backend, threads=threads)
+        try:
+            self.refiner = RefinerRunner(
+                self.model.protos[role], backend=backend, threads=threads,
+                static_graph=None if static_role is None else self.model.protos[static_role])
+        except ValueError as err:
+            if static_role is None or isinstance(err, EdgeError):
+                raise
+            raise ModelError(self.model.files[static_role], str(err)) from None
         self.model.protos.clear()  # the sessions hold what they need
         self._schedule = reference.make_schedule(facts.schedule, facts.num_steps)
 
@@ -212,7 +234,8 @@ class HiDiffSession:
     def describe(self) -> dict:
         """What runs where (for ``hidiff-edge info``)."""
         info = {"backend": self.backend, "refiner": self.refiner_name,
-                "segmentor": self.segmentor_name, "threads": self.threads}
+                "segmentor": self.segmentor_name, "refiner_static": self.refiner_static_name,
+                "threads": self.threads}
         info["rewrites"] = self.refiner.rewrites.counts()
         if self.refiner.executor is not None:
             info["plan"] = self.refiner.executor.stats

@@ -1,7 +1,7 @@
-"""``hidiff-edge quantize`` / ``segmentor="int8"``: a real int8 graph from onnxruntime's static
-quantization of a real export, calibrated on real image files; listed in the manifest and checked
-like every graph; both backends bit-identical on it; every user error exits 2 with nothing
-written."""
+"""``hidiff-edge quantize`` / ``segmentor="int8"`` / ``refiner_static="int8"``: real int8 graphs
+from onnxruntime's static quantization of a real export, calibrated on real image files; listed in
+the manifest and checked like every graph; both backends bit-identical on them; every user error
+exits 2 with nothing written."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import onnx
 import pytest
 from PIL import Image
 
+import reference
 from edge_runtime import HiDiffSession
 from edge_runtime.cli import main
 from edge_runtime.errors import EdgeError, ModelError
+from edge_runtime.images import as_float_image
 from edge_runtime.model import load_model, read_metadata
-from edge_runtime.quantize import INT8_ROLE, quantize_segmentor
+from edge_runtime.quantize import INT8_ROLE, STATIC_INT8_ROLE, quantize_model, quantize_segmentor
 
 BLOCKED = ("torch", "hidiff", "export")
 
@@ -40,11 +42,11 @@ def _images(folder: Path, count: int, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(tiny_export, tmp_path_factory) -> Path:
-    """A copy of the tiny export with an int8 segmentor calibrated on 6 images."""
+    """A copy of the tiny export with both int8 graphs calibrated on 6 images."""
     out = tmp_path_factory.mktemp("int8") / "model"
     shutil.copytree(tiny_export[1], out)
     calib = _images(tmp_path_factory.mktemp("calib"), 6)
-    quantize_segmentor(out, images_from=[calib], max_images=6)
+    quantize_model(out, images_from=[calib], max_images=6)
     return out
 
 
@@ -163,7 +165,8 @@ def test_reexport_removes_a_stale_int8_segmentor(quantized, tiny_export, tmp_pat
     shutil.copytree(quantized, copy)
     export_model_dir(tiny_export[0], copy)
     assert not (copy / "segmentor_int8.onnx").exists()
-    assert INT8_ROLE not in {e["role"] for e in json.loads(
+    assert not (copy / "refiner_static_int8.onnx").exists()
+    assert not {INT8_ROLE, STATIC_INT8_ROLE} & {e["role"] for e in json.loads(
         (copy / "manifest.json").read_text())["files"]}
 
 
@@ -180,3 +183,171 @@ def test_quantize_takes_repeated_stems_replaces_leftovers_and_reports_progress(t
     HiDiffSession(model, segmentor="int8")  # the listed graph is the new one (hash checked)
     assert path.read_bytes() != b"left over by a killed run"
     assert not [p for p in model.iterdir() if p.name.startswith(".")]
+
+
+# -- the refiner's per-image (static) part in int8 -------------------------------------------------
+def _rewrite_graph(folder: Path, role: str, edit) -> None:
+    """Edit the graph of ``role`` with ``edit(proto)`` and record its new bytes and sha256 (so
+    that only the check under test can refuse it)."""
+    path = folder / f"{role}.onnx"
+    proto = onnx.load(str(path))
+    edit(proto)
+    data = proto.SerializeToString()
+    path.write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["role"] == role:
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_static_int8_graph_quantizes_the_level_convs_and_keeps_attention_float(quantized):
+    manifest = json.loads((quantized / "manifest.json").read_text())
+    entries = {e["role"]: e for e in manifest["files"]}
+    entry = entries[STATIC_INT8_ROLE]
+    data = (quantized / "refiner_static_int8.onnx").read_bytes()
+    assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["refiner_sha256"] == entries["refiner_step"]["sha256"]
+    record = entry["quantization"]
+    assert record["calibration_images"] == 6 and record["refiner_sha256"] == entry[
+        "refiner_sha256"]
+    proto = onnx.load(str(quantized / "refiner_static_int8.onnx"))
+    meta = read_metadata(proto)
+    assert meta["graph_role"] == STATIC_INT8_ROLE and meta["quantization"] == record
+    assert meta["model_id"] == read_metadata(onnx.load(str(quantized / "refiner_step.onnx")))[
+        "model_id"]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    int8 = [n for n in convs if n.input[1] in producer
+            and producer[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(int8) == record["convolutions"] >= 1
+    assert len(convs) - len(int8) == record["float_convolutions"]
+    # the float ones are exactly those feeding the X-Former's attention
+    feeding = set()
+    todo = [i for n in proto.graph.node if n.op_type in ("MatMul", "Softmax") for i in n.input]
+    while todo:
+        name = todo.pop()
+        if name not in feeding:
+            feeding.add(name)
+            todo.extend(producer[name].input if name in producer else [])
+    assert {n.name for n in convs if n.output[0] in feeding} == {
+        n.name for n in convs if n not in int8}
+    assert record["float_convolutions"] >= 1  # the tiny refiner has an X-Former projection
+
+
+def test_static_int8_backends_bit_identical_and_close_to_fp32(quantized, tmp_path):
+    rgb = np.asarray(Image.open(_images(tmp_path / "new", 1, seed=9) / "img0.png"))
+    packed = HiDiffSession(quantized, backend="packed", segmentor="int8", refiner_static="int8")
+    ort = HiDiffSession(quantized, backend="onnxruntime", segmentor="int8",
+                        refiner_static="int8")
+    a, b = packed.predict(rgb, seed=5), ort.predict(rgb, seed=5)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.prob, b.prob)
+    assert packed.describe()["refiner_static"] == "int8"
+    # the static part's values: a quantization error away from the fp32 graph's, not others
+    fp = HiDiffSession(quantized, backend="onnxruntime")
+    x = reference.network_inputs(as_float_image(rgb, 3), fp.facts.preprocessing).astype(
+        np.float32)  # an image like the calibration ones (int8 clips outside their ranges)
+    values = {"image": x, **fp.segment(x)}
+    want, got = fp.refiner.prepare(values), ort.refiner.prepare(values)
+    changed = 0
+    for name in fp.refiner.split.static.outputs:
+        u, v = want[name], got[name]
+        scale = np.abs(u).max()
+        # 8-bit activations over min-max ranges of 6 calibration images: 1-1.5 % of the value's
+        # range measured on this random tiny network; 5 % allowed
+        assert np.abs(u - v).max() <= 0.05 * scale + 1e-6, name
+        changed += not np.array_equal(u, v)
+    assert changed >= 1
+
+
+def test_static_int8_choice_and_missing_graph_are_refused(quantized, tiny_export):
+    with pytest.raises(EdgeError, match="refiner_static must be one of fp32, int8; got 'int4'"):
+        HiDiffSession(quantized, refiner_static="int4")
+    with pytest.raises(EdgeError, match="needs refiner='binary', not 'fp'"):
+        HiDiffSession(quantized, refiner="fp", refiner_static="int8")
+    with pytest.raises(ModelError, match="no int8 refiner static part; make one with "
+                                         "hidiff-edge quantize"):
+        HiDiffSession(tiny_export[1], refiner_static="int8")
+
+
+def test_static_int8_from_another_refiner_or_split_is_refused(quantized, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(quantized, stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["role"] == STATIC_INT8_ROLE:
+            entry["refiner_sha256"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="refiner_static_int8.onnx: made from another "
+                                         "refiner_step.onnx"):
+        HiDiffSession(stale, refiner_static="int8")
+    HiDiffSession(stale)  # the fp32 path does not read it
+
+    other = tmp_path / "other"
+    shutil.copytree(quantized, other)
+
+    def rename_output(proto):  # as a runtime that splits the graph differently would name it
+        old = proto.graph.output[0].name
+        for node in proto.graph.node:
+            node.output[:] = [o + "_x" if o == old else o for o in node.output]
+            node.input[:] = [i + "_x" if i == old else i for i in node.input]
+        proto.graph.output[0].name = old + "_x"
+
+    _rewrite_graph(other, STATIC_INT8_ROLE, rename_output)
+    with pytest.raises(ModelError, match="refiner_static_int8.onnx: its signature .* is not "
+                                         "this runtime's static part"):
+        HiDiffSession(other, refiner_static="int8")
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(quantized, foreign)
+    _rewrite_graph(foreign, STATIC_INT8_ROLE,
+                   lambda proto: setattr(proto.graph.input[0], "name", "y_t"))
+    with pytest.raises(ModelError, match="refiner_static_int8.onnx: inputs .* are not among the "
+                                         "refiner's per-image inputs"):
+        HiDiffSession(foreign, refiner_static="int8")
+
+
+def test_cli_quantize_parts_predict_and_all_or_nothing_refusal(tiny_export, tmp_path,
+                                                               run_edge_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export[1], model)
+    calib = _images(tmp_path / "calib", 3)
+    first = run_edge_cli(["quantize", "--model", model, calib, "--part", "segmentor",
+                          "--no-progress"], blocked=BLOCKED)
+    assert first.returncode == 0, first.stderr
+    assert not (model / "refiner_static_int8.onnx").exists()
+    before = _digest(model)
+    # both parts asked, one already there: refused before the other is made
+    again = run_edge_cli(["quantize", "--model", model, calib, "--no-progress"],
+                         blocked=BLOCKED)
+    assert again.returncode == 2
+    assert "segmentor_int8.onnx: this model already has an int8 segmentor" in again.stderr
+    assert _digest(model) == before
+    second = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner_static",
+                           "--no-progress"], blocked=BLOCKED)
+    assert second.returncode == 0, second.stderr
+    assert "refiner_static_int8.onnx" in second.stderr and "--refiner-static int8" in \
+        second.stderr
+    roles = [e["role"] for e in json.loads((model / "manifest.json").read_text())["files"]]
+    assert roles.count(INT8_ROLE) == roles.count(STATIC_INT8_ROLE) == 1
+    info = run_edge_cli(["info", "--model", model, "--refiner-static", "int8"], blocked=BLOCKED)
+    assert info.returncode == 0, info.stderr
+    assert "refiner static int8" in info.stdout and "refiner_static_int8.onnx" in info.stdout
+    out = tmp_path / "out"
+    done = run_edge_cli(["predict", "--model", model, calib / "img0.png", "-o", out,
+                         "--segmentor", "int8", "--refiner-static", "int8", "--no-progress"],
+                        blocked=BLOCKED)
+    assert done.returncode == 0, done.stderr
+    assert (out / "img0.png").is_file()
+    bad = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner"],
+                       blocked=BLOCKED)
+    assert bad.returncode == 2 and "invalid choice: 'refiner'" in bad.stderr
+
+
+def test_quantize_model_checks_its_arguments(quantized):
+    with pytest.raises(ValueError, match="parts must be a non-empty sequence of segmentor, "
+                                         "refiner_static; got"):
+        quantize_model(quantized, images_from=[quantized], parts=("prior",))
+    with pytest.raises(ValueError, match="parts must be"):
+        quantize_model(quantized, images_from=[quantized], parts="segmentor")
