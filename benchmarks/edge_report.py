@@ -180,7 +180,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"- {key}: **{value:.2f}x**")
     dice = result.get("int8_dice")
     if not dice:
-        lines += ["", "int8 segmentor, Dice change: not measured in this run (`--dice-model "
+        lines += ["", "int8 graphs, Dice change: not measured in this run (`--dice-model "
                   "EXPORT`, a trained Kvasir-SEG export)."]
     if dice:
         lines += ["", "## int8 graphs: Dice change", "",

@@ -268,7 +268,8 @@ def _info(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .quantize import PARTS, STATIC_INT8_ROLE, quantize_model
+    from .export_format import FILES
+    from .quantize import INT8_ROLE, PARTS, STATIC_INT8_ROLE, quantize_model
 
     bars: dict[str, tqdm] = {}
 
@@ -287,10 +288,9 @@ def _quantize(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
+    flags = {FILES[INT8_ROLE]: "--segmentor int8", FILES[STATIC_INT8_ROLE]: "--refiner-static int8"}
     for path in paths:
-        flag = ("--refiner-static int8" if path.name.startswith(STATIC_INT8_ROLE)
-                else "--segmentor int8")
-        print(f"wrote {path} ({path.stat().st_size:,} bytes); use it with {flag}",
+        print(f"wrote {path} ({path.stat().st_size:,} bytes); use it with {flags[path.name]}",
               file=sys.stderr)
     return 0
 

@@ -25,8 +25,8 @@ import onnx
 from onnx import helper
 
 __all__ = [
-    "DYNAMIC_INPUT", "STEP_INPUT", "GraphPart", "RefinerSplit", "classify", "split_refiner",
-    "submodel", "with_channels_last",
+    "DYNAMIC_INPUT", "STEP_INPUT", "GraphPart", "RefinerSplit", "classify", "content_digest",
+    "split_refiner", "submodel", "with_channels_last",
 ]
 
 DYNAMIC_INPUT = "y_t"
@@ -243,3 +243,35 @@ def with_channels_last(model: onnx.ModelProto, inputs: set[str], outputs: set[st
     del graph.output[:]
     graph.output.extend(kept)
     return model
+
+
+def _node_digest(digest, nodes) -> None:
+    for node in nodes:
+        digest.update(repr((node.domain, node.op_type, list(node.input),
+                            list(node.output))).encode())
+        for attr in sorted(node.attribute, key=lambda a: a.name):
+            digest.update(attr.SerializeToString(deterministic=True))
+
+
+def content_digest(model: onnx.ModelProto) -> str:
+    """sha256 of what ``model`` computes: its interface, nodes (domain, op, wiring, attributes),
+    initializers (name, dtype, shape, values) and model-local functions; not node names, doc
+    strings or how the file happens to be serialized. Two parts split from the same graph by
+    the same runtime have the same digest."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    digest = hashlib.sha256()
+    graph = model.graph
+    digest.update(repr(([i.name for i in graph.input], [o.name for o in graph.output])).encode())
+    _node_digest(digest, graph.node)
+    for init in sorted(graph.initializer, key=lambda i: i.name):
+        array = numpy_helper.to_array(init)
+        digest.update(repr((init.name, array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    for function in sorted(model.functions, key=lambda f: (f.domain, f.name)):
+        digest.update(repr((function.domain, function.name, list(function.input),
+                            list(function.output))).encode())
+        _node_digest(digest, function.node)
+    return digest.hexdigest()

@@ -12,10 +12,11 @@ ARM dot-product); :func:`quantize_model` adds one graph per part (``parts``):
   *static* part, :mod:`edge_runtime.graph`: the convolutions that inject the image and the
   segmentor's features into each level), as the runtime splits it from the rewritten
   ``refiner_step.onnx`` (:mod:`edge_runtime.rewrite`). Its convolutions are quantized except those
-  that feed the X-Former's attention (any whose output reaches a ``MatMul`` or ``Softmax``: the
-  attention's products amplify the 8-bit error, 18 % on the cpu-base projection in an earlier
-  measurement). The batch norms are folded into the convolutions first (onnxruntime's
-  quantization pre-processing, without its symbolic shape inference, which needs sympy).
+  that feed the X-Former (any whose output reaches one of :data:`_ATTENTION_OPS`: its layer norm,
+  ``BinaryLinear`` projections, ``MatMul``, ``Softmax``; an 8-bit X-Former projection was 18 %
+  off on cpu-base in an earlier measurement). The batch norms are folded into the convolutions
+  first (onnxruntime's quantization pre-processing, without its symbolic shape inference, which
+  needs sympy).
 
 Each graph comes from onnxruntime's static quantization
 (``onnxruntime.quantization.quantize_static``; QDQ format, unsigned 8-bit activations, signed
@@ -26,9 +27,12 @@ normalised; the refiner's part on the fp32 segmentor's outputs for them):
 - the graph keeps every ``hidiff.*`` fact of the graph it comes from (so the checks that tie the
   graphs of one training together still hold), with its own ``graph_role`` and a
   ``hidiff.quantization`` record (method, calibration images; for the refiner's part the sha256
-  of the ``refiner_step.onnx`` it was made from and the convolutions quantized);
-- the manifest lists it like every other graph (bytes, sha256, signature); the file is written
-  under a temporary name and renamed, the manifest rewritten the same way, the manifest last;
+  of the ``refiner_step.onnx`` it was made from, the digest of the fp32 part it replaces,
+  :func:`edge_runtime.graph.content_digest`, which a runtime splitting the refiner otherwise
+  refuses, and how many convolutions are int8 / float);
+- the manifest lists it like every other graph (bytes, sha256, signature); every graph asked
+  for is made before any is written; each is written under a temporary name and renamed, the
+  manifest rewritten the same way, the manifest last;
 - the binary layers and the per-step work are untouched: the packed and onnxruntime backends stay
   bit-identical given the same int8 graphs.
 
@@ -46,6 +50,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,8 +73,10 @@ _WHAT = {INT8_ROLE: "an int8 segmentor", STATIC_INT8_ROLE: "an int8 refiner stat
 #: what ``hidiff.quantization`` records (plus the calibration image count)
 QUANTIZATION = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                 "activations": "uint8", "weights": "int8 per channel", "calibration": "minmax"}
-#: ops whose inputs' convolutions stay float (the X-Former's attention)
-_ATTENTION_OPS = frozenset({"MatMul", "Softmax"})
+#: the X-Former's ops: convolutions whose outputs reach one stay float. The static part holds
+#: the X-Former's key / value side (layer norm, then ``BinaryLinear`` projections, inlined into
+#: ``MatMul`` by the pre-processing); the attention's own ops are listed for graphs that hold it
+_ATTENTION_OPS = frozenset({"LayerNormalization", "BinaryLinear", "MatMul", "Softmax"})
 
 
 def _network_inputs(files: Sequence[Path], facts,
@@ -151,11 +158,31 @@ def _quantize(source, feeds: Iterator[dict[str, np.ndarray]], *, blamed: Path, *
 def _segmentor_int8(model: ExportedModel, files: Sequence[Path], progress):
     feeds = ({"image": x} for x in _network_inputs(files, model.facts, progress))
     proto = _quantize(model.files["segmentor"], feeds, blamed=model.files["segmentor"])
-    return proto, model.protos["segmentor"], {}, {}
+    return proto, model.protos["segmentor"], {}, _signature_entry(proto)
+
+
+def _signature_entry(proto) -> dict:
+    """The manifest's ``inputs`` / ``outputs`` of ``proto`` (as ``hidiff export`` writes them)."""
+    import onnx
+
+    def values(infos):
+        out = []
+        for v in infos:
+            t = v.type.tensor_type
+            out.append({"name": v.name,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": [d.dim_param if d.dim_param else int(d.dim_value)
+                                  for d in t.shape.dim]})
+        return out
+
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node
+                     if n.domain not in ("", "ai.onnx")})
+    return {"inputs": values(proto.graph.input), "outputs": values(proto.graph.output),
+            "custom_ops": custom}
 
 
 def _attention_inputs(graph) -> set[str]:
-    """Values from which a ``MatMul`` / ``Softmax`` of ``graph`` can be reached."""
+    """Values from which the X-Former (a node in :data:`_ATTENTION_OPS`) can be reached."""
     producer = {o: n for n in graph.node for o in n.output}
     todo = [i for n in graph.node if n.op_type in _ATTENTION_OPS for i in n.input]
     seen: set[str] = set()
@@ -170,6 +197,16 @@ def _attention_inputs(graph) -> set[str]:
     return seen
 
 
+def _unique_names(graph) -> None:
+    """Name every node of ``graph`` uniquely (quantize_static selects nodes by name; inlined
+    functions leave nodes unnamed or named alike)."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}__{i}"
+        seen.add(node.name)
+
+
 def static_part(proto):
     """The static part of the binary refiner ``proto`` as the runtime splits it (rewritten by
     :mod:`edge_runtime.rewrite`, then :func:`edge_runtime.graph.split_refiner`)."""
@@ -180,28 +217,37 @@ def static_part(proto):
 
 
 def _refiner_static_int8(model: ExportedModel, files: Sequence[Path], progress):
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from .graph import content_digest
     from .ortutil import make_session
 
     refiner_file = model.files["refiner_step"]
-    part = static_part(model.protos["refiner_step"])
-    if part.model is None:
-        raise ModelError(refiner_file, "this refiner has no per-image part to quantize")
     with tempfile.TemporaryDirectory(prefix="hidiff-quantize-") as tmp, _QuietQuantizer():
-        folded = Path(tmp) / "folded.onnx"
-        quant_pre_process(part.model, str(folded), skip_symbolic_shape=True)
-        import onnx
-
-        graph = onnx.load(str(folded)).graph
-        attention = _attention_inputs(graph)
-        convs = [n.name for n in graph.node if n.op_type == "Conv"]
-        chosen = [n.name for n in graph.node
-                  if n.op_type == "Conv" and n.output[0] not in attention]
+        try:
+            part = static_part(model.protos["refiner_step"])
+            if part.model is None:
+                raise ModelError(refiner_file, "this refiner has no per-image part to quantize")
+            digest = content_digest(part.model)
+            source, folded = Path(tmp) / "static.onnx", Path(tmp) / "folded.onnx"
+            onnx.save(part.model, str(source))  # (given a proto, it moves its weights out)
+            quant_pre_process(str(source), str(folded), skip_symbolic_shape=True)
+            proto = onnx.load(str(folded))
+            segmentor = make_session(model.files["segmentor"], 1)
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - onnx / onnxruntime errors, named for the user
+            raise ModelError(refiner_file, f"cannot prepare its per-image part for quantization "
+                                           f"({type(err).__name__}: {err})") from err
+        _unique_names(proto.graph)
+        attention = _attention_inputs(proto.graph)
+        convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+        chosen = [n.name for n in convs if n.output[0] not in attention]
         if not chosen:
             raise ModelError(refiner_file, "the refiner's per-image part has no convolution "
-                                           "outside the attention to quantize")
-        segmentor = make_session(model.files["segmentor"], 1)
+                                           "outside the X-Former to quantize")
+        onnx.save(proto, str(folded))
         names = [o.name for o in segmentor.get_outputs()]
 
         def feeds():
@@ -214,59 +260,56 @@ def _refiner_static_int8(model: ExportedModel, files: Sequence[Path], progress):
                           nodes_to_quantize=chosen)
     refiner_sha = next(e["sha256"] for e in model.manifest["files"]
                        if e.get("role") == "refiner_step")
-    extra = {"refiner_sha256": refiner_sha, "convolutions": len(chosen),
-             "float_convolutions": len(convs) - len(chosen)}
-    entry = {"inputs": list(part.inputs), "outputs": list(part.outputs),
-             "refiner_sha256": refiner_sha}
-    return proto, model.protos["refiner_step"], extra, entry
+    extra = {"refiner_sha256": refiner_sha, "static_part_sha256": digest,
+             "convolutions": len(chosen), "float_convolutions": len(convs) - len(chosen)}
+    return proto, model.protos["refiner_step"], extra, {**_signature_entry(proto),
+                                                        "refiner_sha256": refiner_sha}
 
 
 _MAKERS = {INT8_ROLE: _segmentor_int8, STATIC_INT8_ROLE: _refiner_static_int8}
 
 
-def _write(model: ExportedModel, role: str, proto, source, record: dict, entry_extra: dict,
-           ) -> Path:
-    """Add ``proto`` to the folder under ``role`` (module docstring: metadata, manifest, order)."""
-    folder, target = model.folder, model.folder / FILES[role]
-    meta = {p.key: p.value for p in source.metadata_props}
-    meta[META_PREFIX + "graph_role"] = role
-    meta[META_PREFIX + "quantization"] = json.dumps(record, sort_keys=True)
-    del proto.metadata_props[:]
-    for key, value in sorted(meta.items()):
-        proto.metadata_props.add(key=key, value=value)
-    data = proto.SerializeToString(deterministic=True)
-
-    manifest = json.loads((folder / MANIFEST).read_text())  # as the previous part left it
-    if role == INT8_ROLE:
-        seg_entry = next(e for e in manifest["files"] if e.get("role") == "segmentor")
-        entry = {k: v for k, v in seg_entry.items() if k in ("inputs", "outputs", "custom_ops")}
-    else:
-        entry = {}
-    entry.update(entry_extra)
-    entry.update(role=role, name=target.name, bytes=len(data),
-                 sha256=hashlib.sha256(data).hexdigest(), quantization=record)
-    manifest["files"] = [e for e in manifest["files"] if e.get("role") != role] + [entry]
-    old = target.read_bytes() if target.is_file() else None
+def _write(model: ExportedModel, made: list[tuple[str, Any, Any, dict, dict]]) -> list[Path]:
+    """Add each ``(role, proto, source, record, entry)`` of ``made`` to the folder (module
+    docstring: metadata, manifest, order); on any failure the folder is as it was."""
+    folder = model.folder
+    manifest = json.loads((folder / MANIFEST).read_text())
+    datas: dict[str, bytes] = {}
+    for role, proto, source, record, entry in made:
+        meta = {p.key: p.value for p in source.metadata_props}
+        meta[META_PREFIX + "graph_role"] = role
+        meta[META_PREFIX + "quantization"] = json.dumps(record, sort_keys=True)
+        del proto.metadata_props[:]
+        for key, value in sorted(meta.items()):
+            proto.metadata_props.add(key=key, value=value)
+        datas[role] = data = proto.SerializeToString(deterministic=True)
+        entry = dict(entry, role=role, name=FILES[role], bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest(), quantization=record)
+        manifest["files"] = [e for e in manifest["files"] if e.get("role") != role] + [entry]
+    old = {role: (folder / FILES[role]).read_bytes() if (folder / FILES[role]).is_file()
+           else None for role in datas}
     try:
-        atomic_write_bytes(target, data)
+        for role, data in datas.items():
+            atomic_write_bytes(folder / FILES[role], data)
         atomic_write_bytes(folder / MANIFEST,
                            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     except BaseException as err:
-        # the manifest still lists what it listed: put the graph it lists back
-        if old is None:
-            target.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(target, old)
+        # the manifest still lists what it listed: put the graphs it lists back
+        for role, data in old.items():
+            if data is None:
+                (folder / FILES[role]).unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(folder / FILES[role], data)
         if isinstance(err, OSError):
-            raise ModelError(folder, f"cannot write {target.name} ({err})") from err
+            raise ModelError(folder, f"cannot write the int8 graphs ({err})") from err
         raise
-    return target
+    return [folder / FILES[role] for role in datas]
 
 
 def quantize_model(
     model_dir: str | Path,
     *,
-    images_from: Sequence[str | Path],
+    images_from: Sequence[str | Path] | str | Path,
     parts: Sequence[str] = tuple(PARTS),
     max_images: int = 32,
     overwrite: bool = False,
@@ -285,22 +328,25 @@ def quantize_model(
         progress: called as ``progress(part, done, total)`` after each calibration image is
             read.
 
-    Returns the paths of the new graphs. Raises ``ModelError`` / ``ValueError`` / ``InputError``
-    for a bad folder, no images, an unreadable image, a graph onnxruntime cannot quantize or a
-    listed int8 graph without ``overwrite``; all of these before anything is written, except
-    onnxruntime failing on the second part (the first part's graph is then complete and
-    listed).
+    Returns the paths of the new graphs. Raises ``ModelError`` / ``ValueError`` /
+    ``InputError`` for a bad folder, no images, an unreadable image, a graph onnxruntime cannot
+    quantize or a listed int8 graph without ``overwrite``; every graph is made before any is
+    written, so on any error the folder is as it was.
     """
     from .cli_io import collect_images
 
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ValueError(f"max_images must be an int >= 1; got {max_images!r}")
-    if isinstance(parts, str) or not parts or any(p not in PARTS for p in parts):
+    asked = (parts,) if isinstance(parts, str) else tuple(parts)
+    if not asked or any(p not in PARTS for p in asked) or isinstance(parts, str):
         raise ValueError(f"parts must be a non-empty sequence of {', '.join(PARTS)}; "
                          f"got {parts!r}")
-    parts = [p for p in PARTS if p in parts]
-    model = load_model(model_dir, roles=("segmentor", "refiner_step"))
+    if isinstance(images_from, (str, Path)):
+        images_from = [images_from]
+    parts = [p for p in PARTS if p in asked]
     roles = [PARTS[p] for p in parts]
+    model = load_model(model_dir, roles=("segmentor", "refiner_step") if STATIC_INT8_ROLE in roles
+                       else ("segmentor",))
     listed = {e.get("role") for e in model.manifest["files"]}
     for role in roles:
         if role in listed and not overwrite:
@@ -309,13 +355,13 @@ def quantize_model(
     files = collect_images([Path(p) for p in images_from], unique_stems=False)[:max_images]
     for path in files:  # decode every calibration image before the (slow) calibration
         images.read_image(path, model.facts.in_channels)
-    written = []
+    made = []
     for part, role in zip(parts, roles, strict=True):
         step = None if progress is None else (lambda d, t, p=part: progress(p, d, t))
         proto, source, extra, entry = _MAKERS[role](model, files, step)
         record = dict(QUANTIZATION, calibration_images=len(files), **extra)
-        written.append(_write(model, role, proto, source, record, entry))
-    return written
+        made.append((role, proto, source, record, entry))
+    return _write(model, made)
 
 
 def quantize_segmentor(model_dir: str | Path, *, images_from: Sequence[str | Path],

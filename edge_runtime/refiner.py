@@ -17,15 +17,17 @@ as exported), splits it
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
-from .graph import STEP_INPUT, split_refiner, with_channels_last
+from .export_format import META_PREFIX
+from .graph import STEP_INPUT, content_digest, split_refiner, with_channels_last
 from .ortutil import make_session
 from .rewrite import RewriteStats, rewrite_refiner
 
-__all__ = ["BACKENDS", "RefinerRunner"]
+__all__ = ["BACKENDS", "RefinerRunner", "StaticGraphError"]
 
 BACKENDS = ("packed", "onnxruntime")
 
@@ -38,14 +40,32 @@ BACKENDS = ("packed", "onnxruntime")
 CHUNK_BYTES = 16 << 20
 
 
+class StaticGraphError(ValueError):
+    """An int8 static part (``static_graph``) that this runtime cannot use in place of its own:
+    made from another split of the refiner, or not loadable."""
+
+
 def _replacement(graph: Any, part: Any) -> Any:
-    """``graph`` (an int8 static part) checked against this runtime's static ``part``."""
+    """``graph`` (an int8 static part) checked against this runtime's static ``part``: the same
+    interface, and made from a part computing what this one computes (its
+    ``hidiff.quantization`` record's ``static_part_sha256``,
+    :func:`edge_runtime.graph.content_digest`)."""
+    again = "run hidiff-edge quantize --overwrite again"
     inputs = sorted(i.name for i in graph.graph.input)
     outputs = sorted(o.name for o in graph.graph.output)
     if part.model is None or (inputs, outputs) != (sorted(part.inputs), sorted(part.outputs)):
-        raise ValueError(f"its signature {inputs} -> {outputs} is not this runtime's static part "
-                         f"{sorted(part.inputs)} -> {sorted(part.outputs)} (made by another "
-                         f"version); run hidiff-edge quantize --overwrite again")
+        raise StaticGraphError(f"its signature {inputs} -> {outputs} is not this runtime's "
+                               f"static part {sorted(part.inputs)} -> {sorted(part.outputs)} "
+                               f"(made by another version); {again}")
+    meta = {p.key: p.value for p in graph.metadata_props}
+    try:
+        recorded = json.loads(meta.get(META_PREFIX + "quantization", "{}")).get(
+            "static_part_sha256")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded != content_digest(part.model):
+        raise StaticGraphError(f"it was made from a static part that computes something else "
+                               f"than this runtime's (static_part_sha256 {recorded!r}); {again}")
     copy = type(graph)()
     copy.CopyFrom(graph)  # with_channels_last edits the graph it is given
     return copy
@@ -86,7 +106,13 @@ class RefinerRunner:
                                         set(executor.nhwc_feeds))
             self._static_names = [n + "__nhwc" if n in executor.nhwc_feeds else n
                                   for n in split.static.outputs]
-        self._static = make_session(static, threads) if static is not None else None
+        try:
+            self._static = make_session(static, threads) if static is not None else None
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own errors
+            if static_graph is None:
+                raise
+            raise StaticGraphError(f"onnxruntime cannot load it ({type(err).__name__}: "
+                                   f"{err})") from err
         self._step = (make_session(split.step.model, threads)
                       if split.step.model is not None else None)
         self._step_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}

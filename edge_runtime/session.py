@@ -37,7 +37,7 @@ from . import images
 from .errors import EdgeError, ModelError
 from .model import ExportedModel, load_model
 from .ortutil import make_session
-from .refiner import BACKENDS, RefinerRunner
+from .refiner import BACKENDS, RefinerRunner, StaticGraphError
 
 __all__ = ["BACKENDS", "REFINER_STATICS", "SEGMENTORS", "EdgePrediction", "HiDiffSession",
            "default_backend"]
@@ -142,10 +142,8 @@ class HiDiffSession:
             self.refiner = RefinerRunner(
                 self.model.protos[role], backend=backend, threads=threads,
                 static_graph=None if static_role is None else self.model.protos[static_role])
-        except ValueError as err:
-            if static_role is None or isinstance(err, EdgeError):
-                raise
-            raise ModelError(self.model.files[static_role], str(err)) from None
+        except StaticGraphError as err:
+            raise ModelError(self.model.files[static_role], str(err)) from err
         self.model.protos.clear()  # the sessions hold what they need
         self._schedule = reference.make_schedule(facts.schedule, facts.num_steps)
 

@@ -118,6 +118,7 @@ def test_cli_quantize_torch_free_then_refuses_again_without_overwrite(tiny_expor
     done = run_edge_cli(["quantize", "--model", model, calib, "--no-progress"], blocked=BLOCKED)
     assert done.returncode == 0, done.stderr
     assert "segmentor_int8.onnx" in done.stderr and "--segmentor int8" in done.stderr
+    assert "refiner_static_int8.onnx" in done.stderr and "--refiner-static int8" in done.stderr
     info = run_edge_cli(["info", "--model", model, "--segmentor", "int8"], blocked=BLOCKED)
     assert info.returncode == 0, info.stderr
     assert "segmentor int8" in info.stdout and "segmentor_int8.onnx" in info.stdout
@@ -130,11 +131,10 @@ def test_cli_quantize_torch_free_then_refuses_again_without_overwrite(tiny_expor
     forced = run_edge_cli(["quantize", "--model", model, calib, "--max-images", "2",
                            "--overwrite", "--no-progress"], blocked=BLOCKED)
     assert forced.returncode == 0, forced.stderr
-    entry = next(e for e in json.loads((model / "manifest.json").read_text())["files"]
-                 if e["role"] == INT8_ROLE)
-    assert entry["quantization"]["calibration_images"] == 2
-    assert sum(e["role"] == INT8_ROLE for e in json.loads(
-        (model / "manifest.json").read_text())["files"]) == 1
+    files = json.loads((model / "manifest.json").read_text())["files"]
+    for role in (INT8_ROLE, STATIC_INT8_ROLE):  # both replaced, each listed once
+        entries = [e for e in files if e["role"] == role]
+        assert len(entries) == 1 and entries[0]["quantization"]["calibration_images"] == 2
 
 
 @pytest.mark.parametrize("problem", ["empty", "bad_image", "no_model"])
@@ -232,7 +232,8 @@ def test_static_int8_graph_quantizes_the_level_convs_and_keeps_attention_float(q
             todo.extend(producer[name].input if name in producer else [])
     assert {n.name for n in convs if n.output[0] in feeding} == {
         n.name for n in convs if n not in int8}
-    assert record["float_convolutions"] >= 1  # the tiny refiner has an X-Former projection
+    # by name: the X-Former's projection, and only it
+    assert {n.name for n in convs if n not in int8} == {"/refiner/xformer_proj/Conv"}
 
 
 def test_static_int8_backends_bit_identical_and_close_to_fp32(quantized, tmp_path):
@@ -298,6 +299,28 @@ def test_static_int8_from_another_refiner_or_split_is_refused(quantized, tmp_pat
     with pytest.raises(ModelError, match="refiner_static_int8.onnx: its signature .* is not "
                                          "this runtime's static part"):
         HiDiffSession(other, refiner_static="int8")
+    HiDiffSession(other)
+
+    def record_other_part(proto):  # made from a part that computes something else
+        meta = {p.key: p for p in proto.metadata_props}
+        record = json.loads(meta["hidiff.quantization"].value)
+        meta["hidiff.quantization"].value = json.dumps(dict(record, static_part_sha256="0" * 64))
+
+    changed = tmp_path / "changed"
+    shutil.copytree(quantized, changed)
+    _rewrite_graph(changed, STATIC_INT8_ROLE, record_other_part)
+    with pytest.raises(ModelError, match="refiner_static_int8.onnx: it was made from a static "
+                                         "part that computes something else"):
+        HiDiffSession(changed, refiner_static="int8")
+    HiDiffSession(changed)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized, broken)
+    _rewrite_graph(broken, STATIC_INT8_ROLE,  # a node reading a value nothing makes
+                   lambda proto: proto.graph.node[-1].input.append("nowhere"))
+    with pytest.raises(ModelError, match="refiner_static_int8.onnx: onnxruntime cannot load it"):
+        HiDiffSession(broken, refiner_static="int8")
+    HiDiffSession(broken)
 
     foreign = tmp_path / "foreign"
     shutil.copytree(quantized, foreign)
@@ -306,6 +329,7 @@ def test_static_int8_from_another_refiner_or_split_is_refused(quantized, tmp_pat
     with pytest.raises(ModelError, match="refiner_static_int8.onnx: inputs .* are not among the "
                                          "refiner's per-image inputs"):
         HiDiffSession(foreign, refiner_static="int8")
+    HiDiffSession(foreign)
 
 
 def test_cli_quantize_parts_predict_and_all_or_nothing_refusal(tiny_export, tmp_path,
@@ -324,11 +348,20 @@ def test_cli_quantize_parts_predict_and_all_or_nothing_refusal(tiny_export, tmp_
     assert again.returncode == 2
     assert "segmentor_int8.onnx: this model already has an int8 segmentor" in again.stderr
     assert _digest(model) == before
-    second = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner_static",
+    static = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner_static",
                            "--no-progress"], blocked=BLOCKED)
-    assert second.returncode == 0, second.stderr
-    assert "refiner_static_int8.onnx" in second.stderr and "--refiner-static int8" in \
-        second.stderr
+    assert static.returncode == 0, static.stderr
+    before = _digest(model)
+    refused = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner_static",
+                            "--no-progress"], blocked=BLOCKED)
+    assert refused.returncode == 2 and _digest(model) == before
+    assert "refiner_static_int8.onnx: this model already has an int8 refiner static part; " \
+           "pass --overwrite" in refused.stderr
+    replaced = run_edge_cli(["quantize", "--model", model, calib, "--part", "refiner_static",
+                             "--overwrite", "--no-progress"], blocked=BLOCKED)
+    assert replaced.returncode == 0, replaced.stderr
+    assert "refiner_static_int8.onnx" in replaced.stderr and "--refiner-static int8" in \
+        replaced.stderr
     roles = [e["role"] for e in json.loads((model / "manifest.json").read_text())["files"]]
     assert roles.count(INT8_ROLE) == roles.count(STATIC_INT8_ROLE) == 1
     info = run_edge_cli(["info", "--model", model, "--refiner-static", "int8"], blocked=BLOCKED)
@@ -351,3 +384,58 @@ def test_quantize_model_checks_its_arguments(quantized):
         quantize_model(quantized, images_from=[quantized], parts=("prior",))
     with pytest.raises(ValueError, match="parts must be"):
         quantize_model(quantized, images_from=[quantized], parts="segmentor")
+
+
+def test_a_failing_second_part_leaves_the_folder_as_it_was(tiny_export, tmp_path, monkeypatch):
+    from edge_runtime import quantize
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export[1], model)
+    calib = _images(tmp_path / "calib", 2)
+    before = _digest(model)
+    calls = []
+
+    def failing(model_, files, progress):  # the refiner's part fails after the segmentor's
+        raise ModelError(model_.files["refiner_step"], "injected failure")
+
+    monkeypatch.setitem(quantize._MAKERS, STATIC_INT8_ROLE, failing)
+    with pytest.raises(ModelError, match="injected failure"):
+        quantize_model(model, images_from=calib, progress=lambda *a: calls.append(a))
+    assert calls == [("segmentor", 1, 2), ("segmentor", 2, 2)]  # the first part was made
+    assert _digest(model) == before  # and nothing written
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]
+
+
+def test_static_int8_on_a_tile_policy_export(tiny_tile_export, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tile_export[1], model)
+    calls = []
+    paths = quantize_model(model, images_from=[_images(tmp_path / "calib", 2)],
+                           parts=("refiner_static",), progress=lambda *a: calls.append(a))
+    assert [p.name for p in paths] == ["refiner_static_int8.onnx"]
+    assert calls == [("refiner_static", 1, 2), ("refiner_static", 2, 2)]
+    rgb = np.asarray(Image.open(_images(tmp_path / "new", 1, seed=4) / "img0.png"))
+    a = HiDiffSession(model, backend="packed", refiner_static="int8").predict(rgb, seed=2)
+    b = HiDiffSession(model, backend="onnxruntime", refiner_static="int8").predict(rgb, seed=2)
+    np.testing.assert_array_equal(a.prob, b.prob)  # tiles, overlap: the same int8 values
+
+
+def test_content_digest_follows_what_the_part_computes(tiny_export):
+    from onnx import numpy_helper
+
+    from edge_runtime.graph import content_digest
+    from edge_runtime.quantize import static_part
+
+    proto = load_model(tiny_export[1]).protos["refiner_step"]
+    part = static_part(proto).model
+    digest = content_digest(part)
+    assert content_digest(static_part(proto).model) == digest  # the same split, again
+    renamed = onnx.load_from_string(part.SerializeToString())  # a serialization round trip
+    for i, node in enumerate(renamed.graph.node):
+        node.name, node.doc_string = f"other{i}", "words"
+    assert content_digest(renamed) == digest  # names and doc strings do not count
+    init = max(renamed.graph.initializer, key=lambda t: t.ByteSize())
+    array = numpy_helper.to_array(init).copy()
+    array.flat[0] = np.nextafter(array.flat[0], np.float32(np.inf))  # one ulp of one weight
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    assert content_digest(renamed) != digest
